@@ -1,0 +1,731 @@
+"""BIDS input and derivative output.
+
+Input
+    :func:`collect_pairs` finds, for every selected subject, each PET series of the chosen tracer
+    and the T1w that goes with it. **Pairing rule** (``--pairing``):
+
+    * ``same-session``: a PET is processed only when its session has a T1w.
+    * ``nearest`` (default): the T1w of the PET's own session when there is one; otherwise the
+      T1w of the session nearest in time, where time is ``acq_time`` from
+      ``sub-<label>_sessions.tsv`` when both sessions have it, else the number in the session
+      label (``ses-m06`` -> 6, ``ses-02`` -> 2) when every session label of the subject holds
+      one, else the sessions' sorted order. A tie goes to the earlier session. The plan and the
+      log say which T1w was borrowed.
+
+    Several T1w runs in one session: the lowest ``run`` (then the first in sorted order) is used
+    and the others are listed as ignored; pick another with ``--bids-filter-file``
+    (``{"t1w": {"run": 2}}``). Each PET file of the tracer is its own pair (runs,
+    reconstructions). Sessions with a T1w but no PET, and subjects without any T1w, are skipped
+    and listed with the reason.
+
+    :func:`read_participants` reads the diagnosis labels from ``participants.tsv``.
+
+Output
+    :func:`build_path` names derivatives the NiPreps way (entity order of the BIDS schema),
+    :func:`save_image`/:func:`save_table`/:func:`save_json` write them atomically (a temporary
+    file in the same folder, then :func:`os.replace`), and :func:`ensure_dataset_description`
+    writes ``dataset_description.json`` once, safely when many jobs start together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._version import __version__
+from .errors import (
+    CannotWriteError,
+    DataError,
+    InvalidBIDSError,
+    NoInputError,
+    NothingSelectedError,
+)
+
+LOGGER = logging.getLogger("bids_siamfuse.bids")
+
+PIPELINE_NAME = "bids_siamfuse"
+CODE_URL = "https://github.com/bids-siamfuse/bids_siamfuse"
+
+#: Folders never indexed in the input dataset.
+IGNORE_INPUT = ("code", "derivatives", "sourcedata", "stimuli", "models", "logs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input: validation, layout, pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def check_bids_root(bids_dir: Path) -> Path:
+    """The input folder exists and looks like a BIDS dataset (exit 66 / 16 otherwise)."""
+    bids_dir = Path(bids_dir).absolute()
+    if not bids_dir.exists():
+        raise NoInputError(f"BIDS dataset {bids_dir}: no such directory")
+    if not bids_dir.is_dir():
+        raise NoInputError(f"BIDS dataset {bids_dir}: not a directory")
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        raise InvalidBIDSError(f"{bids_dir}: no dataset_description.json, so not a BIDS dataset")
+    try:
+        json.loads(description.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidBIDSError(f"{description}: not valid JSON ({exc})") from None
+    return bids_dir
+
+
+def validate_dataset(bids_dir: Path, timeout: float = 600) -> list[str]:
+    """Run the BIDS validator (``bids-validator-deno``); raise InvalidBIDSError on errors.
+
+    Returns the warning codes, for the log. The validator reads only the dataset (no network)
+    and skips ``derivatives/``.
+    """
+    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
+    if exe is None:
+        raise InvalidBIDSError(
+            "the BIDS validator is not installed (pip install bids-validator-deno); "
+            "install it or pass --skip-bids-validation"
+        )
+    cmd = [exe, str(bids_dir), "--format", "json", "--ignoreNiftiHeaders"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise InvalidBIDSError(
+            f"the BIDS validator did not finish in {timeout:.0f} s; use --skip-bids-validation"
+        ) from None
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise InvalidBIDSError(f"the BIDS validator failed: {tail[0]}") from None
+    issues = report.get("issues", {}).get("issues", [])
+    errors = [i for i in issues if i.get("severity") == "error"]
+    if errors:
+        first = errors[0]
+        where = first.get("location", "")
+        codes = sorted({e.get("code", "?") for e in errors})
+        raise InvalidBIDSError(
+            f"{bids_dir} is not valid BIDS: {len(errors)} error(s) ({', '.join(codes)}), "
+            f"first: {first.get('code')} {where}".rstrip()
+            + "; run bids-validator-deno for details or pass --skip-bids-validation"
+        )
+    return sorted({i.get("code", "?") for i in issues if i.get("severity") == "warning"})
+
+
+def load_layout(bids_dir: Path):
+    """A pybids layout of the raw dataset (derivatives and code folders not indexed)."""
+    from bids.layout import BIDSLayout, BIDSLayoutIndexer
+
+    ignore = [re.compile(rf"^/{name}(/|$)") for name in IGNORE_INPUT]
+    ignore.append(re.compile(r"/\."))  # hidden files and folders
+    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
+    try:
+        return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
+    except (ValueError, OSError) as exc:
+        raise InvalidBIDSError(f"{bids_dir}: pybids cannot read it ({exc})") from None
+
+
+@dataclass
+class SessionPair:
+    """One PET series and the T1w processed with it."""
+
+    subject: str
+    session: str | None
+    pet: Path
+    t1w: Path
+    t1w_session: str | None
+    pet_meta: dict = field(default_factory=dict)
+    pet_entities: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """``sub-01_ses-01_trc-FDG`` (plus run/rec entities when present)."""
+        return build_name({"subject": self.subject, "session": self.session, **self.pet_entities})
+
+    @property
+    def source_entities(self) -> dict:
+        """Entities derivatives of this pair inherit (subject, session, PET's own)."""
+        return {"subject": self.subject, "session": self.session, **self.pet_entities}
+
+
+@dataclass
+class Plan:
+    pairs: list[SessionPair]
+    skipped: list[tuple[str, str | None, str]]
+
+    def describe(self) -> str:
+        lines = [f"{len(self.pairs)} PET/T1w pair(s) to process:"]
+        for pair in self.pairs:
+            ses = f"ses-{pair.session}" if pair.session else "(no session)"
+            lines.append(f"  sub-{pair.subject} {ses}")
+            lines.append(f"    PET: {pair.pet}")
+            lines.append(f"    T1w: {pair.t1w}")
+            lines.extend(f"    note: {note}" for note in pair.notes)
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} skipped:")
+            for sub, ses, why in self.skipped:
+                where = f"sub-{sub}" + (f" ses-{ses}" if ses else "")
+                lines.append(f"  {where}: {why}")
+        return "\n".join(lines)
+
+
+_PET_KEEP = ("tracer", "acquisition", "reconstruction", "run")
+
+
+def collect_pairs(
+    layout,
+    *,
+    participant_label: list[str] | None = None,
+    session_label: list[str] | None = None,
+    tracer: str = "FDG",
+    bids_filters: dict | None = None,
+    pairing: str = "nearest",
+) -> Plan:
+    """Find the PET/T1w pairs to process (see the module docstring for the pairing rule)."""
+    bids_filters = bids_filters or {}
+    subjects = sorted(layout.get_subjects())
+    if not subjects:
+        raise NothingSelectedError(f"{layout.root}: the dataset has no subjects")
+    if participant_label:
+        missing = sorted(set(participant_label) - set(subjects))
+        if missing:
+            raise NothingSelectedError(
+                "no such participant(s) in the dataset: " + ", ".join(f"sub-{m}" for m in missing)
+            )
+        subjects = [s for s in subjects if s in set(participant_label)]
+
+    pairs: list[SessionPair] = []
+    skipped: list[tuple[str, str | None, str]] = []
+    all_sessions = set()
+    for subject in subjects:
+        base = {"subject": subject, "extension": [".nii", ".nii.gz"], "return_type": "object"}
+        t1ws = layout.get(**base, datatype="anat", suffix="T1w", **bids_filters.get("t1w", {}))
+        pet_query = {"datatype": "pet", "suffix": "pet", "tracer": tracer}
+        pet_query.update(bids_filters.get("pet", {}))
+        pets = layout.get(**base, **pet_query)
+        t1w_by_session: dict[str | None, list] = {}
+        for f in t1ws:
+            t1w_by_session.setdefault(f.entities.get("session"), []).append(f)
+        pet_sessions = {f.entities.get("session") for f in pets}
+        subject_sessions = set(t1w_by_session) | pet_sessions
+        all_sessions |= {s for s in subject_sessions if s}
+        if session_label:
+            wanted = set(session_label)
+            pets = [f for f in pets if f.entities.get("session") in wanted]
+            subject_sessions = {s for s in subject_sessions if s in wanted}
+        if not t1ws:
+            skipped.append((subject, None, "no T1w image in any session"))
+            continue
+        for ses in sorted(s for s in subject_sessions if s not in pet_sessions and s):
+            skipped.append((subject, ses, f"T1w but no PET with trc-{tracer}"))
+        if not pets:
+            if not pet_sessions:
+                skipped.append((subject, None, f"no PET with trc-{tracer}"))
+            continue
+        order = _session_order(layout, subject, set(t1w_by_session) | pet_sessions)
+        for pet in sorted(pets, key=lambda f: f.path):
+            ses = pet.entities.get("session")
+            notes = []
+            if ses in t1w_by_session:
+                t1w_ses = ses
+            elif pairing == "same-session":
+                skipped.append(
+                    (subject, ses, "PET but no T1w in this session (--pairing same-session)")
+                )
+                continue
+            else:
+                t1w_ses = min(t1w_by_session, key=lambda s: (abs(order[s] - order[ses]), order[s]))
+                notes.append(f"no T1w in this session: using the T1w of ses-{t1w_ses} (nearest)")
+            candidates = sorted(
+                t1w_by_session[t1w_ses],
+                key=lambda f: (int(f.entities.get("run", 0) or 0), f.path),
+            )
+            if len(candidates) > 1:
+                notes.append(
+                    "several T1w: using "
+                    + Path(candidates[0].path).name
+                    + ", ignoring "
+                    + ", ".join(Path(c.path).name for c in candidates[1:])
+                )
+            try:
+                meta = pet.get_metadata()
+            except (ValueError, OSError) as exc:
+                raise DataError(f"{pet.path}: cannot read its JSON sidecar ({exc})") from None
+            entities = {k: pet.entities[k] for k in _PET_KEEP if pet.entities.get(k) is not None}
+            pairs.append(
+                SessionPair(
+                    subject=subject,
+                    session=ses,
+                    pet=Path(pet.path),
+                    t1w=Path(candidates[0].path),
+                    t1w_session=t1w_ses,
+                    pet_meta=dict(meta),
+                    pet_entities=entities,
+                    notes=notes,
+                )
+            )
+    if session_label:
+        missing = sorted(set(session_label) - all_sessions)
+        if missing and not pairs:
+            raise NothingSelectedError(
+                "no such session(s) in the selected subjects: "
+                + ", ".join(f"ses-{m}" for m in missing)
+            )
+    if not pairs:
+        reasons = "; ".join(f"sub-{s}{' ses-' + e if e else ''}: {w}" for s, e, w in skipped[:5])
+        raise NothingSelectedError(
+            f"nothing to process: no subject/session has both a T1w and a trc-{tracer} PET"
+            + (f" ({reasons})" if reasons else "")
+        )
+    return Plan(pairs=pairs, skipped=skipped)
+
+
+def _session_order(layout, subject: str, sessions: set) -> dict:
+    """A number per session giving its place in time (see the pairing rule)."""
+    sessions = sorted(sessions, key=lambda s: (s is not None, s or ""))
+    times = {}
+    tsv = Path(layout.root) / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
+    if tsv.is_file():
+        import pandas as pd
+
+        try:
+            table = pd.read_csv(tsv, sep="\t", dtype=str)
+            if "acq_time" in table and "session_id" in table:
+                for sid, when in zip(table["session_id"], table["acq_time"]):
+                    stamp = pd.to_datetime(when, errors="coerce")
+                    if not pd.isna(stamp):
+                        times[str(sid).removeprefix("ses-")] = stamp.timestamp()
+        except (ValueError, OSError) as exc:
+            LOGGER.warning("%s: cannot read acq_time (%s); ordering sessions by label", tsv, exc)
+    if all(s in times for s in sessions if s is not None) and times:
+        return {s: times.get(s, 0.0) for s in sessions}
+    numbers = {s: re.findall(r"\d+", s) for s in sessions if s is not None}
+    if all(numbers.values()):
+        return {s: (float(numbers[s][-1]) if s is not None else 0.0) for s in sessions}
+    return {s: float(i) for i, s in enumerate(sessions)}
+
+
+def read_participants(bids_dir: Path, label_column: str = "diagnosis", *, required: bool = True):
+    """``participants.tsv`` as a DataFrame indexed by label (without ``sub-``).
+
+    Raises DataError when the file is missing (and ``required``), has no ``participant_id``
+    column, lists a participant twice, or lacks ``label_column``.
+    """
+    import pandas as pd
+
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        if required:
+            raise DataError(f"{path}: missing; group level needs a '{label_column}' column there")
+        return pd.DataFrame(columns=[label_column]).rename_axis("participant_id")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+    if "participant_id" not in table:
+        raise DataError(f"{path}: no 'participant_id' column")
+    table["participant_id"] = table["participant_id"].str.strip().str.removeprefix("sub-")
+    duplicated = sorted(set(table["participant_id"][table["participant_id"].duplicated()]))
+    if duplicated:
+        raise DataError(f"{path}: participant(s) listed twice: {', '.join(duplicated)}")
+    if label_column not in table:
+        raise DataError(
+            f"{path}: no '{label_column}' column (columns: {', '.join(table.columns)}); "
+            "choose one with --label-column"
+        )
+    table[label_column] = table[label_column].str.strip()
+    return table.set_index("participant_id")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: names, atomic writes, dataset_description.json
+# ----------------------------------------------------------------------------------------------
+
+#: Entity keys in filename order (BIDS schema order, NiPreps' from/to/mode before space).
+ENTITY_ORDER = (
+    ("subject", "sub"),
+    ("session", "ses"),
+    ("task", "task"),
+    ("acquisition", "acq"),
+    ("ceagent", "ce"),
+    ("tracer", "trc"),
+    ("reconstruction", "rec"),
+    ("run", "run"),
+    ("from", "from"),
+    ("to", "to"),
+    ("mode", "mode"),
+    ("space", "space"),
+    ("segmentation", "seg"),
+    ("resolution", "res"),
+    ("label", "label"),
+    ("desc", "desc"),
+)
+_KEYS = dict(ENTITY_ORDER)
+_KEYS.update({short: short for _, short in ENTITY_ORDER})
+_ALIASES = {
+    "seg": "segmentation",
+    "res": "resolution",
+    "trc": "tracer",
+    "acq": "acquisition",
+    "rec": "reconstruction",
+    "ses": "session",
+    "sub": "subject",
+    "ce": "ceagent",
+}
+
+
+def _normalize_entities(entities: dict) -> dict:
+    out = {}
+    for key, value in entities.items():
+        if value is None or value == "":
+            continue
+        key = _ALIASES.get(key, key)
+        if key not in _KEYS:
+            raise ValueError(f"unknown entity {key!r}")
+        if key == "run":
+            value = str(int(value)) if str(value).isdigit() else str(value)
+        out[key] = str(value)
+    return out
+
+
+def build_name(entities: dict, suffix: str | None = None, extension: str = "") -> str:
+    """``sub-01_ses-01_trc-FDG_space-X_desc-preproc_pet.nii.gz`` from entities."""
+    entities = _normalize_entities(entities)
+    parts = [f"{short}-{entities[key]}" for key, short in ENTITY_ORDER if key in entities]
+    if suffix:
+        parts.append(suffix)
+    return "_".join(parts) + extension
+
+
+def build_path(entities: dict, *, datatype: str, suffix: str, extension: str) -> Path:
+    """The derivative's path relative to the output root."""
+    ent = _normalize_entities(entities)
+    if "subject" not in ent:
+        raise ValueError("a derivative needs a subject")
+    folder = Path(f"sub-{ent['subject']}")
+    if "session" in ent:
+        folder /= f"ses-{ent['session']}"
+    return folder / datatype / build_name(ent, suffix, extension)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    The temporary name starts with a dot (ignored by pybids and the validator) and keeps the
+    extension so writers that look at it (nibabel's ``.nii.gz``) behave.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CannotWriteError(f"cannot create {path.parent}: {exc.strerror}") from None
+    ext = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_json(path: Path, data: dict) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def save_image(path: Path, img, *, dtype=None, space_code: int | None = None) -> Path:
+    """Write a nibabel image atomically; ``dtype`` coerces the data, sform/qform codes set."""
+    import nibabel as nb
+    import numpy as np
+
+    img = nb.Nifti1Image(
+        np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype),
+        img.affine,
+        img.header,
+    )
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+        img.header.set_slope_inter(1.0, 0.0)
+    code = space_code if space_code is not None else int(img.header["sform_code"]) or 1
+    img.set_sform(img.affine, code)
+    img.set_qform(img.affine, code)
+    img.header.set_xyzt_units("mm", img.header.get_xyzt_units()[1])
+    with atomic_path(path) as tmp:
+        img.to_filename(str(tmp))
+    return Path(path)
+
+
+def save_table(path: Path, table) -> Path:
+    """Write a DataFrame as a BIDS TSV (n/a for missing values) atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+    return Path(path)
+
+
+def save_derivative(
+    out_dir: Path,
+    obj,
+    *,
+    source: dict,
+    datatype: str,
+    suffix: str,
+    extension: str,
+    meta: dict | None = None,
+    dtype=None,
+    **entities,
+) -> Path:
+    """Name and write one derivative (image, table, dict or existing file) with its sidecar.
+
+    ``source`` holds the entities inherited from the input (subject, session, tracer...);
+    ``entities`` adds or overrides (space, res, label, desc...). The sidecar JSON is written
+    before the data, so a data file present on disk always has its metadata.
+    """
+    import nibabel as nb
+
+    ent = {**source, **entities}
+    rel = build_path(ent, datatype=datatype, suffix=suffix, extension=extension)
+    path = Path(out_dir) / rel
+    if meta is not None:
+        save_json(path.with_name(rel.name[: -len(extension)] + ".json"), meta)
+    space = ent.get("space")
+    if isinstance(obj, (str, Path)):
+        src = Path(obj)
+        if extension.startswith(".nii"):
+            obj = nb.load(str(src))
+        else:
+            with atomic_path(path) as tmp:
+                shutil.copyfile(src, tmp)
+            return path
+    if isinstance(obj, nb.spatialimages.SpatialImage):
+        code = 4 if space and space.startswith("MNI") else (2 if space else 1)
+        save_image(path, obj, dtype=dtype, space_code=code)
+    elif hasattr(obj, "to_csv"):
+        save_table(path, obj)
+    elif isinstance(obj, dict):
+        save_json(path, obj)
+    else:
+        raise TypeError(f"cannot save a {type(obj).__name__} as a derivative")
+    return path
+
+
+def dataset_description(bids_dir: Path | None) -> dict:
+    desc = {
+        "Name": "bids_siamfuse derivatives",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": PIPELINE_NAME,
+                "Version": __version__,
+                "CodeURL": CODE_URL,
+                "Description": "T1w/FDG-PET preprocessing, AAL116 regions and a siamese-attention"
+                " classifier (Arco et al.)",
+            }
+        ],
+        "HowToAcknowledge": "Cite the software (CITATION.cff) and the method paper; see "
+        "logs/CITATION.md for the methods boilerplate.",
+    }
+    if bids_dir is not None:
+        bids_dir = Path(bids_dir).absolute()
+        source = {"URL": bids_dir.as_uri()}
+        with contextlib.suppress(OSError, ValueError, json.JSONDecodeError):
+            raw = json.loads((bids_dir / "dataset_description.json").read_text())
+            if raw.get("DatasetDOI"):
+                source["DOI"] = raw["DatasetDOI"]
+        desc["SourceDatasets"] = [source]
+    return desc
+
+
+def ensure_dataset_description(out_dir: Path, bids_dir: Path | None) -> Path:
+    """Write ``dataset_description.json`` unless a valid one is there (race-free).
+
+    Many participant jobs may start at once on one output folder: each writes a private
+    temporary file and *links* it into place, which fails for all but the first, so readers
+    never see a partial file and no job overwrites another's.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / "dataset_description.json"
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+            names = [g.get("Name") for g in current.get("GeneratedBy", [])]
+            if PIPELINE_NAME not in names:
+                LOGGER.warning(
+                    "%s was written by %s, not %s; leaving it alone", path, names, PIPELINE_NAME
+                )
+            return path
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            LOGGER.warning("%s is not valid JSON; replacing it", path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".dataset_description.", suffix=".json", dir=out_dir)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(dataset_description(bids_dir), handle, indent=2)
+            handle.write("\n")
+        os.chmod(tmp, 0o644 & ~_umask())
+        if path.exists():  # corrupt one found above: replace it
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another job won the race; its file is complete
+            except OSError:  # file systems without hard links: last writer wins, atomically
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# What the pipeline writes: one table used by the workflows' data sinks, the synthetic
+# cohort's --preprocessed writer and the group-level loader, so names cannot drift apart.
+# ----------------------------------------------------------------------------------------------
+
+
+def _outputs() -> dict[str, dict]:
+    from .data.templates import RES_LABEL, SPACE
+
+    mni = {"space": SPACE, "resolution": RES_LABEL}
+    xfm = {"datatype": "anat", "suffix": "xfm", "mode": "image"}
+    return {
+        # anatomical (named after the T1w's subject/session)
+        "t1w_preproc": {
+            "datatype": "anat",
+            "suffix": "T1w",
+            "extension": ".nii.gz",
+            "desc": "preproc",
+        },
+        "t1w_mask": {
+            "datatype": "anat",
+            "suffix": "mask",
+            "extension": ".nii.gz",
+            "desc": "brain",
+        },
+        "t1w_dseg": {"datatype": "anat", "suffix": "dseg", "extension": ".nii.gz"},
+        "t1w_gm": {"datatype": "anat", "suffix": "probseg", "extension": ".nii.gz", "label": "GM"},
+        "t1w_wm": {"datatype": "anat", "suffix": "probseg", "extension": ".nii.gz", "label": "WM"},
+        "t1w_csf": {
+            "datatype": "anat",
+            "suffix": "probseg",
+            "extension": ".nii.gz",
+            "label": "CSF",
+        },
+        "gm_mni": {
+            "datatype": "anat",
+            "suffix": "probseg",
+            "extension": ".nii.gz",
+            "label": "GM",
+            **mni,
+        },
+        "gm_mni_modulated": {
+            "datatype": "anat",
+            "suffix": "probseg",
+            "extension": ".nii.gz",
+            "label": "GM",
+            "desc": "modulated",
+            **mni,
+        },
+        "t1w2mni_xfm": {**xfm, "extension": ".h5", "from": "T1w", "to": SPACE},
+        "mni2t1w_xfm": {**xfm, "extension": ".h5", "from": SPACE, "to": "T1w"},
+        "gm_morph": {
+            "datatype": "anat",
+            "suffix": "morph",
+            "extension": ".tsv",
+            "segmentation": "AAL116",
+            "desc": "gm",
+        },
+        # PET (named after the PET's subject/session/tracer/run)
+        "pet_ref": {"datatype": "pet", "suffix": "petref", "extension": ".nii.gz"},
+        "pet2t1w_xfm": {
+            "datatype": "pet",
+            "suffix": "xfm",
+            "extension": ".txt",
+            "from": "petref",
+            "to": "T1w",
+            "mode": "image",
+        },
+        "pet_confounds": {
+            "datatype": "pet",
+            "suffix": "motion",
+            "extension": ".tsv",
+            "desc": "realign",
+        },
+        "pet_mni": {
+            "datatype": "pet",
+            "suffix": "pet",
+            "extension": ".nii.gz",
+            "desc": "preproc",
+            **mni,
+        },
+        "regions": {
+            "datatype": "pet",
+            "suffix": "regions",
+            "extension": ".npz",
+            "segmentation": "AAL116",
+            **mni,
+        },
+        "pet_stats": {
+            "datatype": "pet",
+            "suffix": "stats",
+            "extension": ".tsv",
+            "segmentation": "AAL116",
+            "desc": "pet",
+        },
+    }
+
+
+OUTPUTS = _outputs()
+
+
+def output_path(out_dir: Path, key: str, source: dict) -> Path:
+    """Where output ``key`` of :data:`OUTPUTS` goes for these source entities."""
+    spec = dict(OUTPUTS[key])
+    datatype, suffix, extension = spec.pop("datatype"), spec.pop("suffix"), spec.pop("extension")
+    rel = build_path({**source, **spec}, datatype=datatype, suffix=suffix, extension=extension)
+    return Path(out_dir) / rel
+
+
+def save_output(
+    out_dir: Path, key: str, obj, *, source: dict, meta: dict | None = None, dtype=None
+) -> Path:
+    """Write output ``key`` of :data:`OUTPUTS` (see :func:`save_derivative`)."""
+    spec = dict(OUTPUTS[key])
+    return save_derivative(out_dir, obj, source=source, meta=meta, dtype=dtype, **spec)

@@ -1,0 +1,392 @@
+"""Command-line parser (BIDS-Apps conventions, fMRIPrep/PETPrep flag names).
+
+The parser only parses: it turns ``argv`` into a :class:`~bids_siamfuse.config.Settings`
+(defaults, then ``--config-file``, then the flags given). Checks that need the file system
+(does the dataset exist, can the output be written) happen in :mod:`bids_siamfuse.cli.run`.
+
+Flags are grouped by what they control; each group has its own ``_add_*`` function so a new
+capability adds its flags in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..config import Settings, load_toml
+from ..errors import EXIT_USAGE, NoInputError, UsageError
+
+LEVELS = ("participant", "group")
+_LABEL = re.compile(r"^[a-zA-Z0-9]+$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the BIDS-Apps usage exit code (64) and a one-line message."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        sys.stderr.write(f"bids_siamfuse: error: {message} (see bids_siamfuse --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _label(prefix: str):
+    def parse(value: str) -> str:
+        value = value.strip()
+        if value.startswith(f"{prefix}-"):
+            value = value[len(prefix) + 1 :]
+        if not _LABEL.match(value):
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not a BIDS label (letters and digits only)"
+            )
+        return value
+
+    return parse
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be 1 or more")
+    return number
+
+
+def _nonnegative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more")
+    return number
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must lie between 0 and 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+    return number
+
+
+def _memory_mb(value: str) -> int:
+    """Accept ``8000``, ``8000MB``, ``8GB``, ``8G`` (fMRIPrep's forms)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[bB]?\s*", value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount of memory")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
+    return int(number * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bids_siamfuse",
+        description=(
+            "Fuse T1w MRI and FDG-PET with region-wise siamese networks and an attention "
+            "module (Arco et al.). 'participant' preprocesses each subject/session (and applies "
+            "a trained model with --model); 'group' trains and cross-validates the model on the "
+            "participant derivatives found in OUTPUT_DIR."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the root of the BIDS dataset")
+    parser.add_argument(
+        "output_dir",
+        type=Path,
+        help="where derivatives are written (e.g. BIDS_DIR/derivatives/bids_siamfuse)",
+    )
+    parser.add_argument(
+        "analysis_level", metavar="{participant,group}", help="the processing stage to run"
+    )
+    parser.add_argument("--version", action="version", version=f"bids_siamfuse {__version__}")
+    _add_selection_args(parser)
+    _add_performance_args(parser)
+    _add_workflow_args(parser)
+    _add_model_args(parser)
+    _add_other_args(parser)
+    return parser
+
+
+def _add_selection_args(parser):
+    g = parser.add_argument_group("Selecting the data")
+    g.add_argument(
+        "--participant-label",
+        "--participant_label",
+        dest="participant_label",
+        nargs="+",
+        type=_label("sub"),
+        metavar="LABEL",
+        help="subjects to process, with or without 'sub-' (default: all)",
+    )
+    g.add_argument(
+        "--session-label",
+        "--session_label",
+        dest="session_label",
+        nargs="+",
+        type=_label("ses"),
+        metavar="LABEL",
+        help="sessions to process, with or without 'ses-' (default: all)",
+    )
+    g.add_argument(
+        "--tracer-label",
+        "--tracer_label",
+        dest="tracer_label",
+        type=_label("trc"),
+        metavar="LABEL",
+        help="the PET tracer entity to use (trc-<label>); default FDG",
+    )
+    g.add_argument(
+        "--bids-filter-file",
+        "--bids_filter_file",
+        dest="bids_filter_file",
+        type=Path,
+        metavar="FILE",
+        help='JSON of extra pybids filters per query, e.g. {"t1w": {"acquisition": "mprage"}, '
+        '"pet": {"reconstruction": "acdyn"}}',
+    )
+    g.add_argument(
+        "--label-column",
+        dest="label_column",
+        metavar="COLUMN",
+        help="participants.tsv column holding the diagnosis (default: diagnosis)",
+    )
+    g.add_argument(
+        "--pairing",
+        choices=("nearest", "same-session"),
+        help="which T1w goes with a PET: 'same-session' only, or 'nearest' (the same session "
+        "when it has one, else the T1w of the nearest session in time; default)",
+    )
+    g.add_argument(
+        "--skip-bids-validation",
+        "--skip_bids_validation",
+        dest="skip_bids_validation",
+        action="store_true",
+        help="do not run the BIDS validator on the input",
+    )
+
+
+def _add_performance_args(parser):
+    g = parser.add_argument_group("Resources")
+    g.add_argument(
+        "--nprocs",
+        "--nthreads",
+        "--n-cpus",
+        "--n_cpus",
+        dest="nprocs",
+        type=_positive_int,
+        help="processes the workflow engine may run at once (default: all CPUs)",
+    )
+    g.add_argument(
+        "--omp-nthreads",
+        "--omp_nthreads",
+        dest="omp_nthreads",
+        type=_positive_int,
+        help="threads per process for ANTs/ITK and torch (default: min(8, nprocs))",
+    )
+    g.add_argument(
+        "--mem-mb",
+        "--mem_mb",
+        "--mem",
+        dest="mem_mb",
+        type=_memory_mb,
+        metavar="MB",
+        help="memory the workflow engine may plan for (e.g. 16000, 16GB)",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="where the model (and GPU registration) runs; auto picks cuda when available",
+    )
+    g.add_argument(
+        "--gpus",
+        type=_nonnegative_int,
+        help="at most this many GPUs for group training (0: all visible)",
+    )
+
+
+def _add_workflow_args(parser):
+    g = parser.add_argument_group("Participant workflow")
+    g.add_argument(
+        "--backend",
+        choices=("ants", "spm"),
+        help="registration/segmentation engine: ants (antspyx, default) or spm "
+        "(SPM12 standalone + MATLAB Runtime)",
+    )
+    g.add_argument(
+        "--spm-cmd",
+        "--spm_cmd",
+        dest="spm_cmd",
+        metavar="CMD",
+        help="command that runs SPM12 standalone (default: from SPMSTANDALONE_HOME/MCR_HOME)",
+    )
+    g.add_argument(
+        "--pet-ref-region",
+        "--pet_ref_region",
+        dest="pet_ref_region",
+        choices=("none", "cerebellum"),
+        help="'none': the paper's normalization (mean of the top 0.1%% voxels); 'cerebellum': "
+        "SUVR to AAL cerebellar grey matter",
+    )
+    g.add_argument(
+        "--sloppy",
+        action="store_true",
+        help="fast, low-accuracy settings for tests and quick looks (never for analysis)",
+    )
+    g.add_argument(
+        "--model",
+        type=Path,
+        metavar="BUNDLE",
+        help="participant level: apply this trained model bundle to every processed session",
+    )
+
+
+def _add_model_args(parser):
+    g = parser.add_argument_group("Group-level model")
+    g.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="LABEL",
+        help="diagnoses to classify, first is the reference (default: CN AD)",
+    )
+    g.add_argument("--folds", type=_positive_int, help="cross-validation folds (default: 5)")
+    g.add_argument(
+        "--repeats", type=_positive_int, help="repetitions of the whole CV (default: 1)"
+    )
+    g.add_argument("--epochs", type=_positive_int, help="maximum training epochs (default: 200)")
+    g.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=_positive_int, help="batch size"
+    )
+    g.add_argument(
+        "--learning-rate",
+        "--learning_rate",
+        dest="learning_rate",
+        type=_positive_float,
+        help="Adam learning rate",
+    )
+    g.add_argument(
+        "--val-fraction",
+        "--val_fraction",
+        dest="val_fraction",
+        type=_fraction,
+        help="share of each training fold held out for early stopping",
+    )
+    g.add_argument(
+        "--permutation-tests",
+        "--permutation_tests",
+        dest="permutation_tests",
+        type=_nonnegative_int,
+        help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
+    )
+
+
+def _add_other_args(parser):
+    g = parser.add_argument_group("Other options")
+    g.add_argument(
+        "-w",
+        "--work-dir",
+        "--work_dir",
+        dest="work_dir",
+        type=Path,
+        help="nipype working directory; reuse it to resume an interrupted run",
+    )
+    g.add_argument(
+        "--config-file",
+        "--config_file",
+        dest="config_file",
+        type=Path,
+        metavar="FILE",
+        help="TOML settings (as written to OUTPUT_DIR/logs); flags given here win",
+    )
+    g.add_argument(
+        "--stop-on-first-crash",
+        dest="stop_on_first_crash",
+        action="store_true",
+        help="stop at the first failing subject instead of finishing the others",
+    )
+    g.add_argument(
+        "--reports-only",
+        dest="reports_only",
+        action="store_true",
+        help="rebuild the reports from existing derivatives, computing nothing",
+    )
+    g.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="print what would be processed (and what is skipped, and why), then exit",
+    )
+    g.add_argument("--random-seed", dest="random_seed", type=int, help="seed for everything")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbose_count",
+        action="count",
+        help="more messages (-vv: debug)",
+    )
+    g.add_argument(
+        "-q", "--quiet", dest="quiet", action="store_true", help="only warnings and errors"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Parse ``argv`` into Settings; exits 64 on a usage error (0 for --help/--version)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    file_values = {}
+    config_file = args.pop("config_file", None)
+    if config_file is not None:
+        if not config_file.exists():
+            raise NoInputError(f"--config-file {config_file}: no such file")
+        file_values = load_toml(config_file)
+    filter_file = args.pop("bids_filter_file", None)
+    if filter_file is not None:
+        args["bids_filters"] = load_bids_filters(filter_file)
+    verbose = args.pop("verbose_count", 0)
+    quiet = args.pop("quiet", False)
+    if verbose or quiet:
+        args["verbosity"] = -1 if quiet else verbose
+    return Settings.from_sources(file_values, args)
+
+
+FILTER_QUERIES = ("t1w", "pet")
+
+
+def load_bids_filters(path: Path) -> dict:
+    """Read a ``--bids-filter-file``: ``{"t1w": {...}, "pet": {...}}`` of pybids filters."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoInputError(f"--bids-filter-file {path}: no such file")
+    try:
+        filters = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--bids-filter-file {path}: not valid JSON ({exc})") from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(
+            f"--bids-filter-file {path}: expected an object of objects, "
+            'e.g. {"t1w": {"acquisition": "mprage"}}'
+        )
+    unknown = sorted(set(filters) - set(FILTER_QUERIES))
+    if unknown:
+        raise UsageError(
+            f"--bids-filter-file {path}: unknown queries {unknown}; use {list(FILTER_QUERIES)}"
+        )
+    return filters

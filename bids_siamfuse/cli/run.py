@@ -1,0 +1,221 @@
+"""``bids_siamfuse BIDS_DIR OUTPUT_DIR {participant,group}``: validate, build, run, report.
+
+Every failure a user can cause ends here as a one-line message and the documented exit code
+(:mod:`bids_siamfuse.errors`); an unexpected failure writes its traceback to
+``OUTPUT_DIR/logs/crash-<run>.txt`` and exits 1 with a one-line pointer to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .. import __version__
+from ..errors import (
+    EXIT_FAILURE,
+    CannotWriteError,
+    NoInputError,
+    SiamFuseError,
+    UnknownLevelError,
+    UsageError,
+)
+from .parser import LEVELS, parse_args
+
+LOGGER = logging.getLogger("bids_siamfuse")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bids_siamfuse`` command; returns the exit code."""
+    try:
+        settings = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors (64)
+        return int(exc.code or 0)
+    except SiamFuseError as exc:
+        _say(exc)
+        return exc.exit_code
+    _setup_logging(settings.execution.verbosity)
+    try:
+        return run(settings)
+    except SiamFuseError as exc:
+        _say(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("bids_siamfuse: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line out, details to a file
+        where = _write_crash(settings, exc)
+        sys.stderr.write(
+            f"bids_siamfuse: error: unexpected {type(exc).__name__}: {exc} (details in {where})\n"
+        )
+        return EXIT_FAILURE
+
+
+def _say(exc: SiamFuseError) -> None:
+    sys.stderr.write(f"bids_siamfuse: error: {exc}\n")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        datefmt="%y%m%d-%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    if verbosity < 2:
+        for noisy in (
+            "nipype.workflow",
+            "nipype.interface",
+            "nipype.utils",
+            "bids",
+            "bidsschematools",
+        ):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _write_crash(settings, exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    out = settings.execution.output_dir
+    candidates = []
+    if out is not None:
+        candidates.append(Path(out) / "logs")
+    candidates.append(Path(tempfile.gettempdir()))
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{settings.execution.run_uuid}.txt"
+            path.write_text(f"bids_siamfuse {__version__}\n{text}")
+            return str(path)
+        except OSError:
+            continue
+    return "stderr"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_paths(settings) -> None:
+    """Refuse output/work folders that would write into the input dataset."""
+    ex = settings.execution
+    bids_dir = Path(ex.bids_dir).resolve()
+    out = Path(ex.output_dir).resolve()
+    if out == bids_dir:
+        raise UsageError("the output directory must differ from the BIDS directory")
+    if _is_within(out, bids_dir) and not _is_within(out, bids_dir / "derivatives"):
+        raise UsageError(
+            f"output directory {out} lies inside the BIDS dataset; use a folder outside it "
+            f"or under {bids_dir / 'derivatives'}"
+        )
+    if _is_within(bids_dir, out):
+        raise UsageError(f"the BIDS dataset {bids_dir} lies inside the output directory {out}")
+    if ex.work_dir is not None:
+        work = Path(ex.work_dir).resolve()
+        if _is_within(work, bids_dir):
+            raise UsageError(f"work directory {work} lies inside the BIDS dataset {bids_dir}")
+    model = settings.workflow.model
+    if model is not None and not Path(model).exists():
+        raise NoInputError(f"--model {model}: no such file")
+
+
+def prepare_output(settings) -> Path:
+    """Create the output and log folders and prove they are writable (exit 73 otherwise)."""
+    out = Path(settings.execution.output_dir)
+    logs = out / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        probe = logs / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CannotWriteError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    return logs
+
+
+def resolve_work_dir(settings) -> Path:
+    """``-w`` when given, else ``./work`` (fMRIPrep's default), else a temporary folder."""
+    ex = settings.execution
+    if ex.work_dir is not None:
+        work = Path(ex.work_dir)
+    else:
+        work = Path.cwd() / "work"
+        if not os.access(Path.cwd(), os.W_OK):
+            work = Path(tempfile.gettempdir()) / "bids_siamfuse_work"
+            LOGGER.warning("current folder not writable: work directory is %s", work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CannotWriteError(f"cannot create work directory {work}: {exc.strerror}") from None
+    ex.work_dir = work.absolute()
+    return ex.work_dir
+
+
+def plan_participants(settings):
+    """Validate the dataset and find the PET/T1w pairs selected by the filters."""
+    from .. import bids
+
+    ex = settings.execution
+    bids.check_bids_root(ex.bids_dir)
+    if not ex.skip_bids_validation:
+        warnings = bids.validate_dataset(ex.bids_dir)
+        if warnings:
+            LOGGER.info("BIDS validator warnings: %s", ", ".join(warnings))
+    layout = bids.load_layout(ex.bids_dir)
+    return bids.collect_pairs(
+        layout,
+        participant_label=ex.participant_label,
+        session_label=ex.session_label,
+        tracer=ex.tracer_label,
+        bids_filters=ex.bids_filters,
+        pairing=ex.pairing,
+    )
+
+
+def run(settings) -> int:
+    ex = settings.execution
+    if ex.analysis_level not in LEVELS:
+        raise UnknownLevelError(
+            f"unknown analysis level {ex.analysis_level!r}; use one of {', '.join(LEVELS)}"
+        )
+    from .. import bids
+
+    bids.check_bids_root(ex.bids_dir)
+    check_paths(settings)
+    if ex.analysis_level == "participant":
+        plan = plan_participants(settings)
+        if ex.dry_run:
+            print(plan.describe())
+            return 0
+        logs = prepare_output(settings)
+        resolve_work_dir(settings)
+        settings.write(logs)
+        bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
+        from ..workflows.base import run_participant
+
+        return run_participant(settings, plan)
+    # group level
+    from ..workflows.model import plan_group, run_group
+
+    group_plan = plan_group(settings)
+    if ex.dry_run:
+        print(group_plan.describe())
+        return 0
+    logs = prepare_output(settings)
+    settings.write(logs)
+    return run_group(settings, group_plan)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""Run settings: one place for everything a run can be told.
+
+Settings come from three sources, each overriding the one before:
+
+1. the defaults below;
+2. a TOML file given with ``--config-file`` (keys either flat, ``folds = 10``, or under their
+   section, ``[model]`` / ``folds = 10``);
+3. the command line.
+
+The top layer (:mod:`bids_siamfuse.cli.run`) builds one :class:`Settings` and passes the
+values down as plain arguments; nothing below it reads the configuration on its own. Every run
+writes the settings it used to ``<output_dir>/logs/config-<run_uuid>.toml``, which can be fed
+back with ``--config-file`` to repeat the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ExecutionSettings:
+    """What to run on, where to write, and how the engine behaves."""
+
+    bids_dir: Path | None = None
+    output_dir: Path | None = None
+    analysis_level: str = "participant"
+    work_dir: Path | None = None
+    participant_label: list[str] = field(default_factory=list)
+    session_label: list[str] = field(default_factory=list)
+    tracer_label: str = "FDG"
+    bids_filters: dict = field(default_factory=dict)
+    label_column: str = "diagnosis"
+    pairing: str = "nearest"
+    skip_bids_validation: bool = False
+    dry_run: bool = False
+    reports_only: bool = False
+    stop_on_first_crash: bool = False
+    nprocs: int = 0
+    omp_nthreads: int = 0
+    mem_mb: int = 0
+    random_seed: int = 42
+    device: str = "auto"
+    verbosity: int = 0
+    run_uuid: str = ""
+
+
+@dataclass
+class WorkflowSettings:
+    """Participant-level processing choices."""
+
+    backend: str = "ants"
+    sloppy: bool = False
+    pet_ref_region: str = "none"
+    spm_cmd: str = ""
+    model: Path | None = None
+
+
+@dataclass
+class ModelSettings:
+    """Group-level training and evaluation."""
+
+    classes: list[str] = field(default_factory=lambda: ["CN", "AD"])
+    folds: int = 5
+    repeats: int = 1
+    epochs: int = 200
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    early_stop_loss: float = 0.01
+    patience: int = 20
+    val_fraction: float = 0.2
+    permutation_tests: int = 0
+    gpus: int = 0
+
+
+SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index = {}
+    for section, klass in SECTIONS.items():
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            index[f.name] = (section, hints[f.name])
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a TOML/CLI value to the type the field declares, or raise UsageError."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and args:
+        hint, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
+    try:
+        if hint is Path:
+            return Path(os.path.expanduser(str(value))).absolute()
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [value]
+            return [str(v) for v in value]
+        if hint is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"setting '{name}': cannot use {value!r} ({exc})") from None
+    return value
+
+
+@dataclass
+class Settings:
+    """All settings of one run, grouped in the sections written to the TOML file."""
+
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+
+    @classmethod
+    def from_sources(cls, file_values: dict | None = None, cli_values: dict | None = None):
+        """Merge defaults, then the config file, then the command line."""
+        settings = cls()
+        from_file = _flatten(file_values or {})
+        from_file.pop("run_uuid", None)  # a repeated run is a new run
+        for source in (from_file, cli_values or {}):
+            for name, value in source.items():
+                settings.set(name, value)
+        if not settings.execution.run_uuid:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            settings.execution.run_uuid = f"{stamp}_{uuid.uuid4().hex[:8]}"
+        return settings
+
+    def set(self, name: str, value: Any) -> None:
+        if name not in FIELDS:
+            raise UsageError(f"unknown setting '{name}'")
+        section, hint = FIELDS[name]
+        setattr(getattr(self, section), name, _coerce(name, value, hint))
+
+    def get(self, name: str) -> Any:
+        return getattr(getattr(self, FIELDS[name][0]), name)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for section in SECTIONS:
+            values = {}
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if value is None:
+                    continue  # TOML has no null: absent means "default"
+                values[key] = str(value) if isinstance(value, Path) else value
+            out[section] = values
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        header = "# bids_siamfuse run settings; feed back with --config-file to repeat this run\n"
+        return header + tomli_w.dumps(self.as_dict())
+
+    def write(self, log_dir: Path) -> Path:
+        """Write the settings as ``config-<run_uuid>.toml`` (atomically) and return its path."""
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"config-{self.execution.run_uuid}.toml"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_toml())
+        os.replace(tmp, path)
+        return path
+
+
+def _flatten(values: dict) -> dict:
+    """Accept both ``{"model": {"folds": 3}}`` and ``{"folds": 3}``."""
+    flat = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[sub.replace("-", "_")] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_toml(path: Path) -> dict:
+    """Read a settings file, turning every problem into a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config-file {path}: no such file")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config-file {path}: not valid TOML ({exc})") from None

@@ -1,0 +1,1 @@
+"""Numerical work of the participant pipeline (no nipype here: interfaces wrap these)."""
