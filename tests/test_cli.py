@@ -185,3 +185,26 @@ def test_invalid_bids_is_16(synth_raw, tmp_path, capsys):
     code, out = run_cli(ds, tmp_path / "o", "participant", "--dry-run", capsys=capsys)
     assert code == 16
     assert "not valid BIDS" in out.err
+
+
+def test_unusable_pair_is_refused(synth_raw, tmp_path, capsys):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(synth_raw, ds, ignore=shutil.ignore_patterns("derivatives"))
+    sidecar = sorted(ds.glob("sub-*/ses-01/pet/*_pet.json"))[0]
+    meta = json.loads(sidecar.read_text())
+    meta["FrameDuration"] = [600, 600, 600]
+    meta["FrameTimesStart"] = [0, 600, 1200]
+    sidecar.write_text(json.dumps(meta))
+    sub = sidecar.name.split("_")[0]
+    code, out = run_cli(ds, tmp_path / "o", "participant", "--dry-run", capsys=capsys)
+    assert code == 0  # the other pairs can still run
+    assert "refused" in out.out and "lists 3 frame(s), the image has 1" in out.out
+    code, out = run_cli(ds, tmp_path / "o", "participant", "--dry-run", "--session-label",
+                        "01", "--participant-label", sub, capsys=capsys)
+    assert code == 65
+    code, out = run_cli(ds, tmp_path / "o", "participant", "--session-label", "01",
+                        "--participant-label", sub, "--skip-bids-validation", capsys=capsys)
+    assert code == 65 and sidecar.name.replace(".json", ".nii.gz") in out.err
+    assert not (tmp_path / "o").exists()

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import (
+    EXIT_DATAERR,
     EXIT_FAILURE,
     CannotWriteError,
+    DataError,
     NoInputError,
     SiamFuseError,
     UnknownLevelError,
@@ -173,7 +175,7 @@ def plan_participants(settings):
         if warnings:
             LOGGER.info("BIDS validator warnings: %s", ", ".join(warnings))
     layout = bids.load_layout(ex.bids_dir)
-    return bids.collect_pairs(
+    plan = bids.collect_pairs(
         layout,
         participant_label=ex.participant_label,
         session_label=ex.session_label,
@@ -181,6 +183,25 @@ def plan_participants(settings):
         bids_filters=ex.bids_filters,
         pairing=ex.pairing,
     )
+    return screen_pairs(plan)
+
+
+def screen_pairs(plan):
+    """Header checks of every pair: unusable ones move to ``plan.invalid`` (exit 65 later)."""
+    from ..checks import check_pair_headers
+    from ..errors import DataError
+
+    valid = []
+    for pair in plan.pairs:
+        try:
+            check_pair_headers(pair)
+        except DataError as exc:
+            LOGGER.error("%s: %s", pair.key, exc)
+            plan.invalid.append((pair, str(exc)))
+        else:
+            valid.append(pair)
+    plan.pairs = valid
+    return plan
 
 
 def run(settings) -> int:
@@ -197,14 +218,24 @@ def run(settings) -> int:
         plan = plan_participants(settings)
         if ex.dry_run:
             print(plan.describe())
-            return 0
+            return 0 if plan.pairs else EXIT_DATAERR
+        if not plan.pairs:
+            raise DataError(plan.invalid[0][1])
         logs = prepare_output(settings)
         resolve_work_dir(settings)
         settings.write(logs)
         bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
         from ..workflows.base import run_participant
 
-        return run_participant(settings, plan)
+        code = run_participant(settings, plan)
+        if plan.invalid:
+            sys.stderr.write(
+                f"bids_siamfuse: {len(plan.invalid)} pair(s) refused as unusable input: "
+                + "; ".join(why for _, why in plan.invalid)
+                + "\n"
+            )
+            code = code or EXIT_DATAERR
+        return code
     # group level
     from ..workflows.model import plan_group, run_group
 
