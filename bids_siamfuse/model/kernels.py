@@ -1,0 +1,355 @@
+"""Fused Triton kernels for the two convolutions and the pooling of all region networks (CUDA).
+
+The portable engine (:meth:`.siamese.SiameseBank.pooled`) materialises im2col patches, runs one
+batched product per bucket and lets autograd handle the backward: ~300 kernels and ~12 GB of
+memory traffic per training step of 16 subjects on the full atlas, dominated by the patch
+tensors (layer 1: 28 values per output row, layer 2: 216) and their gradients. Here the same
+function is four kernels that never write a patch:
+
+``_conv1_fwd``
+    per block of layer-1 rows (one region per block) and group of samples: gather the 27 taps
+    (+ the constant ONE that carries the bias) straight from the compact data, multiply by the
+    region's (32 x 8) weights on the tensor cores, ReLU, store layer 1 (channels last);
+``_conv2_fwd``
+    per block of layer-2 rows: gather 27 x 8 values from layer 1, (BR x 256) @ (256 x 16), bias,
+    ReLU, and the adaptive pooling fused in: the block's (64 x BR) pooling weights times its
+    output, atomically added to the pooled features (S, R, 16, 64) in float32;
+``_conv2_bwd``
+    recomputes layer 2's pre-activation, pulls the pooled gradient back through the pooling
+    weights, and accumulates dW2/db2 over its samples in registers (one atomic add per block);
+    writes the gradient of the layer-2 patches (BR x 256 per sample);
+``_conv1_bwd``
+    per block of layer-1 rows: sums the patch gradients that read each row (the transposed
+    gather table: at most 8 for kernel 3 / stride 2, no atomics), recomputes layer 1's
+    pre-activation for the ReLU mask and accumulates dW1.
+
+Rows are *ragged*: each region's rows are padded to a multiple of the block size only (no
+buckets), so one launch serves all 116 regions. Padded rows read only the ZERO slot, hence
+produce exactly 0 and zero gradients. Inputs are bfloat16 (the CUDA AMP path); products
+accumulate in float32. Checked against the portable engine and the per-region loop in
+``tests/test_model_siamese.py`` (GPU) and ``benchmarks/bench_train.py``.
+
+Imported only on CUDA machines with Triton (which ships with PyTorch's CUDA builds); everything
+else uses the portable engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import Geometry, conv_out
+
+BR1 = 128  # layer-1 rows per block
+BR2 = 64  # layer-2 rows per block
+TAPS = 32  # 27 kernel taps (+ ONE for layer 1), padded to a power of two
+C1, C2, NP1 = 8, 16, 16  # channels; layer 1's 8 output channels padded to 16 for tl.dot
+SB = 8  # samples per program
+
+
+@dataclass
+class RaggedTables:
+    """Block-ragged tables (engine region order) for the fused kernels."""
+
+    tab1: torch.Tensor  # (rows1, 32) int32 into [compact data, ZERO, ONE]
+    blk1: torch.Tensor  # (rows1 / BR1,) int32 region of each block
+    tab2: torch.Tensor  # (rows2, 32) int32 layer-1 rows (zero row for padding)
+    blk2: torch.Tensor  # (rows2 / BR2,) int32
+    pool2: torch.Tensor  # (rows2, 64) float32 pooling weights (0 on padded rows)
+    sc1: torch.Tensor  # (rows1, W) int32 flat layer-2 patch positions reading each row
+    rows1: int
+    rows2: int
+    pool3: int
+
+    def to(self, device) -> RaggedTables:
+        out = {}
+        for k, v in self.__dict__.items():
+            out[k] = v.to(device) if torch.is_tensor(v) else v
+        return RaggedTables(**out)
+
+
+def _pad_to(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def ragged_tables(geom: Geometry) -> RaggedTables:
+    """Build the kernels' tables from the engine's geometry (same region order)."""
+    grid = geom.grid
+    k, s, p, pool = geom.kernel, geom.stride, geom.padding, geom.pool
+    if k**3 + 1 > TAPS:
+        raise ValueError("the fused kernels support kernels up to 3^3 taps")
+    zero, one = grid.n_voxels, grid.n_voxels + 1
+    from .geometry import _region_tables
+
+    order = geom.order
+    per = [_region_tables(grid, int(r), k, s, p, pool) for r in order]
+    n1 = [int(np.prod(q[0])) for q in per]
+    n2 = [int(np.prod(q[1])) for q in per]
+    pad1 = [_pad_to(n, BR1) for n in n1]
+    pad2 = [_pad_to(n, BR2) for n in n2]
+    start1 = np.concatenate([[0], np.cumsum(pad1)])
+    start2 = np.concatenate([[0], np.cumsum(pad2)])
+    rows1 = int(start1[-1]) + BR1  # + one block of zero rows
+    rows2 = int(start2[-1]) + BR2  # + one block of zero rows (a zero gradient slot)
+    zero_row1 = rows1 - BR1
+    k3 = k**3
+    tab1 = np.full((rows1, TAPS), zero, dtype=np.int64)
+    tab2 = np.full((rows2, TAPS), zero_row1, dtype=np.int64)
+    pool2 = np.zeros((rows2, pool**3), dtype=np.float32)
+    blk1 = np.zeros(rows1 // BR1, dtype=np.int64)
+    blk2 = np.zeros(rows2 // BR2, dtype=np.int64)
+    for j, (_, _, t1, t2, pm) in enumerate(per):
+        a1, a2 = int(start1[j]), int(start2[j])
+        tab1[a1 : a1 + n1[j], :k3] = t1
+        tab1[a1 : a1 + n1[j], k3] = one
+        tab2[a2 : a2 + n2[j], :k3] = np.where(t2 < 0, zero_row1, t2 + a1)
+        pool2[a2 : a2 + n2[j]] = pm
+        blk1[a1 // BR1 : (a1 + pad1[j]) // BR1] = j
+        blk2[a2 // BR2 : (a2 + pad2[j]) // BR2] = j
+    # transposed layer-2 gather: positions (row2 * TAPS + tap) reading each layer-1 row
+    flat = tab2[:, :k3].reshape(-1)
+    pos = (np.arange(rows2)[:, None] * TAPS + np.arange(k3)[None, :]).reshape(-1)
+    real = flat != zero_row1
+    flat, pos = flat[real], pos[real]
+    order_ = np.argsort(flat, kind="stable")
+    flat, pos = flat[order_], pos[order_]
+    counts = np.bincount(flat, minlength=rows1)
+    width = max(1, int(counts.max()))
+    width = 1 << (width - 1).bit_length()
+    zero_pos = (rows2 - 1) * TAPS  # a tap of the last (zero) layer-2 row: zero gradient
+    sc1 = np.full((rows1, width), zero_pos, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sc1[flat, np.arange(flat.size) - first[flat]] = pos
+    as32 = lambda a: torch.as_tensor(a.astype(np.int32))  # noqa: E731
+    return RaggedTables(
+        tab1=as32(tab1),
+        blk1=as32(blk1),
+        tab2=as32(tab2),
+        blk2=as32(blk2),
+        pool2=torch.as_tensor(pool2),
+        sc1=as32(sc1),
+        rows1=rows1,
+        rows2=rows2,
+        pool3=pool**3,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+
+# Every operand is loaded in the layout its product needs: no tl.trans and no tl.reshape of
+# loaded tiles (Triton 3.6 on sm_90 miscompiled a dot on a transposed, reshaped gather into an
+# out-of-bounds shared-memory read; compute-sanitizer caught it). Layer 2's (rows x 256) patch
+# tile reads its tap table with ``k // C1`` (each entry 8 times, from L1) instead.
+
+
+@triton.jit
+def _conv1_fwd(
+    x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, h_ptr, n_rows, S,
+    BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
+    NP: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    s0 = tl.program_id(1) * SB
+    region = tl.load(blk_ptr + pid).to(tl.int64)
+    rows = pid * BR + tl.arange(0, BR)
+    taps = tl.arange(0, TAPS)
+    cols = tl.arange(0, NP)
+    idx = tl.load(tab_ptr + rows[:, None] * TAPS + taps[None, :]).to(tl.int64)
+    w = tl.load(w_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :])
+    out_mask = cols[None, :] < C1
+    for i in range(SB):
+        s = s0 + i
+        if s < S:
+            s64 = s.to(tl.int64)
+            v = tl.load(x_ptr + s64 * x_stride + idx)
+            acc = tl.maximum(tl.dot(v, w), 0.0)
+            ptrs = h_ptr + (s64 * n_rows + rows[:, None]) * C1 + cols[None, :]
+            tl.store(ptrs, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _conv2_fwd(
+    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, out_ptr, S, R,
+    BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
+    C2: tl.constexpr, P3: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    s0 = tl.program_id(1) * SB
+    region = tl.load(blk_ptr + pid).to(tl.int64)
+    rows = pid * BR + tl.arange(0, BR)
+    k = tl.arange(0, TAPS * C1)
+    c2 = tl.arange(0, C2)
+    p3 = tl.arange(0, P3)
+    # (BR, 256) patch offsets: tap k // C1, channel k % C1
+    idx = tl.load(tab_ptr + rows[:, None] * TAPS + (k // C1)[None, :]).to(tl.int64)
+    offs = idx * C1 + (k % C1)[None, :]
+    w = tl.load(w_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :])
+    b = tl.load(b_ptr + region * C2 + c2)
+    pw_t = tl.load(pool_ptr + rows[None, :] * P3 + p3[:, None])  # (P3, BR) float32
+    for i in range(SB):
+        s = s0 + i
+        if s < S:
+            s64 = s.to(tl.int64)
+            v = tl.load(h_ptr + s64 * n_rows1 * C1 + offs)
+            h2 = tl.maximum(tl.dot(v, w) + b[None, :], 0.0)  # (BR, C2) float32
+            contrib = tl.dot(pw_t, h2)  # (P3, C2)
+            ptrs = out_ptr + ((s64 * R + region) * C2 + c2[None, :]) * P3 + p3[:, None]
+            tl.atomic_add(ptrs, contrib, sem="relaxed")
+
+
+@triton.jit
+def _conv2_bwd(
+    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, dp_ptr, dw_ptr,
+    db_ptr, n_rows2, S, R,
+    BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
+    C2: tl.constexpr, P3: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    s0 = tl.program_id(1) * SB
+    region = tl.load(blk_ptr + pid).to(tl.int64)
+    rows = pid * BR + tl.arange(0, BR)
+    k = tl.arange(0, TAPS * C1)
+    c2 = tl.arange(0, C2)
+    p3 = tl.arange(0, P3)
+    idx = tl.load(tab_ptr + rows[:, None] * TAPS + (k // C1)[None, :]).to(tl.int64)
+    offs = idx * C1 + (k % C1)[None, :]  # (BR, 256)
+    idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + (k // C1)[:, None]).to(tl.int64)
+    offs_t = idx_t * C1 + (k % C1)[:, None]  # (256, BR)
+    wbase = w_ptr + region * TAPS * C1 * C2
+    w = tl.load(wbase + k[:, None] * C2 + c2[None, :])  # (256, C2)
+    w_t = tl.load(wbase + k[None, :] * C2 + c2[:, None])  # (C2, 256)
+    b = tl.load(b_ptr + region * C2 + c2)
+    pw = tl.load(pool_ptr + rows[:, None] * P3 + p3[None, :])  # (BR, P3)
+    acc_w = tl.zeros((TAPS * C1, C2), dtype=tl.float32)
+    acc_b = tl.zeros((C2,), dtype=tl.float32)
+    for i in range(SB):
+        s = s0 + i
+        if s < S:
+            s64 = s.to(tl.int64)
+            hs = h_ptr + s64 * n_rows1 * C1
+            v = tl.load(hs + offs)
+            pre = tl.dot(v, w) + b[None, :]
+            g = tl.load(dout_ptr + ((s64 * R + region) * C2 + c2[None, :]) * P3 + p3[:, None])
+            dh2 = tl.dot(pw, g)  # (BR, C2)
+            dpre = tl.where(pre > 0, dh2, 0.0)
+            dpre_lo = dpre.to(v.dtype)
+            v_t = tl.load(hs + offs_t)
+            acc_w += tl.dot(v_t, dpre_lo)
+            acc_b += tl.sum(dpre, axis=0)
+            dp = tl.dot(dpre_lo, w_t)  # (BR, 256)
+            ptrs = dp_ptr + (s64 * n_rows2 + rows[:, None]) * (TAPS * C1) + k[None, :]
+            tl.store(ptrs, dp.to(dp_ptr.dtype.element_ty))
+    tl.atomic_add(dw_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :], acc_w)
+    tl.atomic_add(db_ptr + region * C2 + c2, acc_b)
+
+
+@triton.jit
+def _conv1_bwd(
+    x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, sc_ptr, dp_ptr, n_rows2, dw_ptr, S,
+    BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
+    NP: tl.constexpr, SCW: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    s0 = tl.program_id(1) * SB
+    region = tl.load(blk_ptr + pid).to(tl.int64)
+    rows = pid * BR + tl.arange(0, BR)
+    taps = tl.arange(0, TAPS)
+    cols = tl.arange(0, NP)
+    idx = tl.load(tab_ptr + rows[:, None] * TAPS + taps[None, :]).to(tl.int64)  # (BR, TAPS)
+    idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + taps[:, None]).to(tl.int64)  # (TAPS, BR)
+    w = tl.load(w_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :])
+    sc = tl.load(sc_ptr + rows[:, None] * SCW + tl.arange(0, SCW)[None, :]).to(tl.int64)
+    dp_offs = sc[:, :, None] * C1 + cols[None, None, :]  # (BR, SCW, NP)
+    dp_mask = cols[None, None, :] < C1
+    acc = tl.zeros((TAPS, NP), dtype=tl.float32)
+    for i in range(SB):
+        s = s0 + i
+        if s < S:
+            s64 = s.to(tl.int64)
+            xs = x_ptr + s64 * x_stride
+            pre = tl.dot(tl.load(xs + idx), w)
+            base = dp_ptr + s64 * n_rows2 * TAPS * C1
+            dh = tl.sum(tl.load(base + dp_offs, mask=dp_mask, other=0.0).to(tl.float32), axis=1)
+            dpre = tl.where(pre > 0, dh, 0.0)
+            v_t = tl.load(xs + idx_t)
+            acc += tl.dot(v_t, dpre.to(v_t.dtype))
+    tl.atomic_add(dw_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :], acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(x, w1, w2, b2, t: RaggedTables, n_regions: int):
+    s_count = x.shape[0]
+    dev = x.device
+    h1 = torch.empty((s_count, t.rows1, C1), device=dev, dtype=x.dtype)
+    grid1 = (t.rows1 // BR1, triton.cdiv(s_count, SB))
+    _conv1_fwd[grid1](
+        x, x.stride(0), t.tab1, t.blk1, w1, h1, t.rows1, s_count,
+        BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, num_warps=4,
+    )  # fmt: skip
+    pooled = torch.zeros((s_count, n_regions, C2, t.pool3), device=dev, dtype=torch.float32)
+    grid2 = (t.rows2 // BR2, triton.cdiv(s_count, SB))
+    _conv2_fwd[grid2](
+        h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, pooled, s_count, n_regions,
+        BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, num_warps=4,
+    )  # fmt: skip
+    return h1, pooled
+
+
+class FusedConvs(torch.autograd.Function):
+    """(x, w1, w2, b2) -> pooled features (S, R, 16 * pool^3) float32 (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, b2, tables: RaggedTables, n_regions: int):
+        h1, pooled = _forward(x, w1, w2, b2, tables, n_regions)
+        ctx.save_for_backward(x, w1, w2, b2, h1)
+        ctx.tables, ctx.n_regions = tables, n_regions
+        return pooled.view(x.shape[0], n_regions, C2 * tables.pool3)
+
+    @staticmethod
+    def backward(ctx, dpooled):
+        x, w1, w2, b2, h1 = ctx.saved_tensors
+        t, n_regions = ctx.tables, ctx.n_regions
+        s_count = x.shape[0]
+        dpooled = dpooled.contiguous().float()
+        dw2 = torch.zeros(w2.shape, device=x.device, dtype=torch.float32)
+        db2 = torch.zeros(b2.shape, device=x.device, dtype=torch.float32)
+        dp = torch.empty((s_count, t.rows2, TAPS * C1), device=x.device, dtype=x.dtype)
+        grid2 = (t.rows2 // BR2, triton.cdiv(s_count, SB))
+        _conv2_bwd[grid2](
+            h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, dpooled, dp, dw2, db2, t.rows2,
+            s_count, n_regions,
+            BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, num_warps=4,
+        )  # fmt: skip
+        dw1 = torch.zeros(w1.shape, device=x.device, dtype=torch.float32)
+        grid1 = (t.rows1 // BR1, triton.cdiv(s_count, SB))
+        _conv1_bwd[grid1](
+            x, x.stride(0), t.tab1, t.blk1, w1, t.sc1, dp, t.rows2, dw1, s_count,
+            BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, SCW=t.sc1.shape[1], num_warps=4,
+        )  # fmt: skip
+        return None, dw1.to(w1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None, None
+
+
+def pack_weights(conv1_w, conv1_b, conv2_w, conv2_b, dtype):
+    """Differentiable repacking of stacked conv parameters into the kernels' layouts."""
+    r, c1 = conv1_w.shape[:2]
+    c2 = conv2_w.shape[1]
+    k3 = int(np.prod(conv1_w.shape[2:]))
+    w1 = torch.cat([conv1_w.reshape(r, c1, k3).transpose(1, 2), conv1_b.unsqueeze(1)], 1)
+    w1 = torch.nn.functional.pad(w1, (0, NP1 - c1, 0, TAPS - k3 - 1)).to(dtype)
+    w2 = conv2_w.permute(0, 3, 4, 5, 2, 1).reshape(r, k3 * c1, c2)
+    w2 = torch.nn.functional.pad(w2, (0, 0, 0, (TAPS - k3) * c1)).to(dtype)
+    return w1.contiguous(), w2.contiguous(), conv2_b.float().contiguous()
+
+
+__all__ = ["RaggedTables", "ragged_tables", "FusedConvs", "pack_weights", "conv_out"]

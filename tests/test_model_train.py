@@ -1,0 +1,247 @@
+"""fit() and FittedModel on small hand-made cohorts (CPU, sloppy mode), and on the synthetic
+BIDS cohort (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bids_siamfuse.model.data import RegionDataset, Standardizer, layout_from_labels
+from bids_siamfuse.model.train import FittedModel, TrainConfig, fit, split_validation
+
+PLANTED_GM = (0, 1)  # regions with atrophy in the second class
+PLANTED_PET = (1, 2)  # regions with hypometabolism
+
+
+def toy_layout(signature=None):
+    labels = np.zeros((24, 26, 22), dtype=np.int16)
+    labels[1:9, 1:12, 1:9] = 1
+    labels[10:17, 1:9, 2:12] = 2
+    labels[18:23, 2:14, 3:10] = 3
+    labels[2:10, 14:24, 10:20] = 4
+    labels[12:22, 15:25, 12:21] = 5
+    labels[1:6, 3:9, 13:19] = 6
+    names = tuple(f"R{i}" for i in range(1, 7))
+    return layout_from_labels(labels, names, signature or {"atlas": "toy", "version": 1})
+
+
+def toy_cohort(n_per_class=16, classes=("CN", "AD"), effect=0.25, seed=0, layout=None):
+    """GM and PET region maps: a per-region level, subject variation, voxel noise, and for
+    every class after the first an effect that grows with the class index."""
+    layout = layout or toy_layout()
+    rng = np.random.default_rng(seed)
+    counts = np.diff(layout.offsets)
+    r = layout.n_regions
+    n = n_per_class * len(classes)
+    labels = np.repeat(np.arange(len(classes)), n_per_class)
+    stage = labels / max(1, len(classes) - 1)
+    gm_fac = 1 + 0.05 * rng.standard_normal((n, r))
+    pet_fac = 1 + 0.05 * rng.standard_normal((n, r))
+    gm_fac[:, list(PLANTED_GM)] *= (1 - effect * stage)[:, None]
+    pet_fac[:, list(PLANTED_PET)] *= (1 - effect * stage)[:, None]
+    base = rng.uniform(0.4, 0.8, r)
+    gm = np.repeat(base * gm_fac, counts, axis=1)
+    pet = 3.5 * gm * np.repeat(pet_fac / gm_fac, counts, axis=1)
+    gm = gm + 0.05 * rng.standard_normal(gm.shape)
+    pet = pet + 0.2 * rng.standard_normal(pet.shape)
+    subjects = np.array([f"{i:03d}" for i in range(n)])
+    return RegionDataset(
+        gm=gm.astype(np.float32),
+        pet=pet.astype(np.float32),
+        labels=labels,
+        classes=tuple(classes),
+        subjects=subjects,
+        sessions=np.array([""] * n),
+        layout=layout,
+    )
+
+
+FAST = dict(sloppy=True, epochs=25, patience=10, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return toy_cohort(20)
+
+
+@pytest.fixture(scope="module")
+def split(cohort):
+    rng = np.random.default_rng(1)
+    test = np.concatenate(
+        [rng.choice(np.flatnonzero(cohort.labels == c), 4, False) for c in (0, 1)]
+    )
+    train = np.setdiff1d(np.arange(len(cohort)), test)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def model(cohort, split):
+    return fit(cohort.subset(split[0]), TrainConfig(seed=3, **FAST))
+
+
+def test_split_validation_keeps_subjects_together_and_stratifies():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0])
+    subjects = np.array(["a", "a", "b", "c", "d", "d", "e", "f", "g", "h", "i", "j"])
+    tr, va = split_validation(labels, subjects, 0.3, seed=0)
+    assert sorted(np.r_[tr, va].tolist()) == list(range(12))
+    assert not set(subjects[tr]) & set(subjects[va])
+    assert set(labels[va]) == {0, 1}
+    tr2, va2 = split_validation(labels, subjects, 0.3, seed=0)
+    assert np.array_equal(va, va2)
+    _, none = split_validation(labels, subjects, 0.0, seed=0)
+    assert none.size == 0
+
+
+def test_fit_separates_a_strong_effect(model, cohort, split):
+    test = cohort.subset(split[1])
+    prob = model.predict_proba(test)
+    assert prob.shape == (8, 2)
+    assert np.allclose(prob.sum(1), 1)
+    acc = (prob.argmax(1) == test.labels).mean()
+    assert acc >= 0.75, prob
+    # the first class scores lower on average in the second class's column
+    assert prob[test.labels == 1, 1].mean() > prob[test.labels == 0, 1].mean() + 0.3
+
+
+def test_relevance_points_at_planted_regions(model):
+    rel = model.relevance()
+    assert set(rel) == {"mri", "pet", "combined"}
+    assert np.isclose(rel["mri"].sum() + rel["pet"].sum(), 1.0)
+    assert np.allclose(rel["combined"], rel["mri"] + rel["pet"])
+    planted = set(PLANTED_GM) | set(PLANTED_PET)
+    top = set(np.argsort(-rel["combined"])[: len(planted)].tolist())
+    assert len(top & planted) >= 2, rel["combined"]
+
+
+def test_outputs_and_their_shapes(model, cohort, split):
+    test = cohort.subset(split[1])
+    emb = model.embed(test)
+    assert emb.shape == (8, 6, 40) and emb.dtype == np.float32
+    counts = model.activation_counts(test)
+    assert set(counts) == {"mri", "pet", "fused"}
+    for v in counts.values():
+        assert v.shape == (8, 6)
+    assert counts["mri"].min() >= 0 and counts["mri"].max() <= 20
+    assert np.array_equal(counts["fused"], counts["mri"] + counts["pet"])
+    subj = model.subject_relevance(test)
+    assert subj["combined"].shape == (8, 6)
+    assert np.allclose(subj["combined"].sum(1), 1)
+    assert np.allclose(subj["combined"], subj["mri"] + subj["pet"])
+
+
+def test_history_and_progress(cohort, split, model):
+    rows = []
+    cfg = TrainConfig(seed=3, progress=rows.append, **FAST)
+    again = fit(cohort.subset(split[0]), cfg)
+    assert rows == again.history
+    assert all(set(r) == {"stage", "epoch", "train_loss", "val_loss"} for r in rows)
+    stages = [r["stage"] for r in rows]
+    assert stages[0] == "siamese" and stages[-1] == "attention"
+    assert stages == sorted(stages, key=lambda s: s != "siamese")  # siamese rows first
+    assert max(r["epoch"] for r in rows if r["stage"] == "siamese") <= FAST["epochs"]
+    # same seed, same data: the same model, to float32 rounding (CPU determinism)
+    test = cohort.subset(split[1])
+    assert np.allclose(again.predict_proba(test), model.predict_proba(test), atol=1e-6, rtol=0)
+    assert np.allclose(again.embed(test), model.embed(test), atol=1e-6, rtol=0)
+    assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in model.history]
+
+
+def test_other_seed_other_model(cohort, split, model):
+    other = fit(cohort.subset(split[0]), TrainConfig(seed=4, **dict(FAST, epochs=2)))
+    test = cohort.subset(split[1])
+    assert not np.allclose(other.embed(test), model.embed(test), atol=1e-3)
+
+
+def test_standardizer_sees_training_data_only(model, cohort, split):
+    train = cohort.subset(split[0])
+    ref = Standardizer().fit({"gm": train.gm, "pet": train.pet}, train.layout)
+    for mod in ("gm", "pet"):
+        assert np.allclose(model.standardizer.mean[mod], ref.mean[mod])
+        assert np.allclose(model.standardizer.std[mod], ref.std[mod])
+    assert model.info["n_train_part"] + model.info["n_validation_part"] == len(train)
+
+
+def test_state_round_trip(model, cohort, split, tmp_path):
+    tensors, meta = model.state()
+    text = json.dumps(meta)  # JSON-able
+    assert all(isinstance(v, np.ndarray) for v in tensors.values())
+    assert meta["classes"] == ["CN", "AD"] and meta["reference_class"] == "CN"
+    try:
+        from safetensors.numpy import load_file, save_file
+    except ImportError:  # pragma: no cover
+        load_file = save_file = None
+    if save_file is not None:
+        save_file(tensors, tmp_path / "m.safetensors")
+        tensors = load_file(tmp_path / "m.safetensors")
+    back = FittedModel.from_state(tensors, json.loads(text), cohort.layout)
+    test = cohort.subset(split[1])
+    assert np.allclose(back.predict_proba(test), model.predict_proba(test), atol=1e-6)
+    for k, v in model.relevance().items():
+        assert np.allclose(back.relevance()[k], v)
+    assert back.classes == model.classes
+    other = toy_layout({"atlas": "toy", "version": 2})
+    with pytest.raises(ValueError, match="signature"):
+        FittedModel.from_state(tensors, meta, other)
+    with pytest.raises(ValueError, match="signature"):
+        model.predict_proba(toy_cohort(2, layout=other))
+
+
+def test_three_classes():
+    data = toy_cohort(8, classes=("CN", "MCI", "AD"), seed=5)
+    m = fit(data, TrainConfig(seed=0, **dict(FAST, epochs=3)))
+    prob = m.predict_proba(data)
+    assert prob.shape == (24, 3) and np.allclose(prob.sum(1), 1)
+    assert m.state()[1]["attention"]["n_classes"] == 3
+
+
+def test_single_class_is_refused(cohort):
+    with pytest.raises(ValueError, match="single class"):
+        fit(cohort.subset(np.flatnonzero(cohort.labels == 0)), TrainConfig(**FAST))
+
+
+def test_cpu_computes_in_float32(model):
+    assert model.info["compute_dtype"] == "float32"
+    assert next(model.bank.parameters()).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_synthetic_bids_cohort_cv(synth_derivs):
+    """Sloppy 3-fold CV on the synthetic BIDS cohort (24 subjects, strong effect)."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from bids_siamfuse.bids import read_participants
+    from bids_siamfuse.preproc.regions import load_cohort
+
+    data = load_cohort(
+        synth_derivs / "derivatives" / "bids_siamfuse",
+        read_participants(synth_derivs),
+        classes=("CN", "AD"),
+    )
+    pred = np.zeros(len(data), dtype=int)
+    cv = StratifiedGroupKFold(3, shuffle=True, random_state=0)
+    for k, (tr, te) in enumerate(cv.split(data.gm, data.labels, data.subjects)):
+        m = fit(data.subset(tr), TrainConfig(sloppy=True, seed=k))
+        pred[te] = m.predict(data.subset(te))
+    assert balanced_accuracy_score(data.labels, pred) >= 0.8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_and_back_to_cpu(cohort, split):
+    """The CUDA path (bf16 fused kernels, CUDA graphs; full resolution, as sloppy mode runs the
+    portable engine) trains a model that separates the effect, and its state loads on the CPU
+    with the same predictions (to bf16 rounding)."""
+    cfg = TrainConfig(seed=3, device="cuda", **dict(FAST, batch_size=4, sloppy=False))
+    m = fit(cohort.subset(split[0]), cfg)
+    assert m.info["compute_dtype"] == "bfloat16"
+    assert m.bank.use_fused(torch.zeros(1, device="cuda", dtype=torch.bfloat16), torch.bfloat16)
+    test = cohort.subset(split[1])
+    prob = m.predict_proba(test)
+    assert (prob.argmax(1) == test.labels).mean() >= 0.75
+    tensors, meta = m.state()
+    cpu = FittedModel.from_state(tensors, meta, cohort.layout, device="cpu")
+    assert np.abs(cpu.predict_proba(test) - prob).max() < 0.1
