@@ -160,6 +160,7 @@ class SessionPair:
 class Plan:
     pairs: list[SessionPair]
     skipped: list[tuple[str, str | None, str]]
+    invalid: list[tuple[SessionPair, str]] = field(default_factory=list)
 
     def describe(self) -> str:
         lines = [f"{len(self.pairs)} PET/T1w pair(s) to process:"]
@@ -169,6 +170,9 @@ class Plan:
             lines.append(f"    PET: {pair.pet}")
             lines.append(f"    T1w: {pair.t1w}")
             lines.extend(f"    note: {note}" for note in pair.notes)
+        if self.invalid:
+            lines.append(f"{len(self.invalid)} refused (unusable input, exit code 65):")
+            lines.extend(f"  {pair.key}: {why}" for pair, why in self.invalid)
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped:")
             for sub, ses, why in self.skipped:
@@ -411,7 +415,7 @@ def build_path(entities: dict, *, datatype: str, suffix: str, extension: str) ->
     if "subject" not in ent:
         raise ValueError("a derivative needs a subject")
     folder = Path(f"sub-{ent['subject']}")
-    if "session" in ent:
+    if "session" in ent and datatype != "figures":  # NiPreps: sub-<label>/figures/
         folder /= f"ses-{ent['session']}"
     return folder / datatype / build_name(ent, suffix, extension)
 
@@ -568,6 +572,7 @@ def dataset_description(bids_dir: Path | None) -> dict:
             if raw.get("DatasetDOI"):
                 source["DOI"] = raw["DatasetDOI"]
         desc["SourceDatasets"] = [source]
+        desc["DatasetLinks"] = {"raw": bids_dir.as_uri()}  # for bids:raw:... Sources URIs
     return desc
 
 
@@ -625,6 +630,7 @@ def _outputs() -> dict[str, dict]:
 
     mni = {"space": SPACE, "resolution": RES_LABEL}
     xfm = {"datatype": "anat", "suffix": "xfm", "mode": "image"}
+    fig = {"datatype": "figures", "extension": ".svg"}
     return {
         # anatomical (named after the T1w's subject/session)
         "t1w_preproc": {
@@ -665,6 +671,16 @@ def _outputs() -> dict[str, dict]:
         },
         "t1w2mni_xfm": {**xfm, "extension": ".h5", "from": "T1w", "to": SPACE},
         "mni2t1w_xfm": {**xfm, "extension": ".h5", "from": SPACE, "to": "T1w"},
+        # --backend spm: SPM12's deformation fields (y_*.nii, iy_*.nii)
+        "t1w2mni_xfm_spm": {**xfm, "extension": ".nii.gz", "from": "T1w", "to": SPACE},
+        "mni2t1w_xfm_spm": {**xfm, "extension": ".nii.gz", "from": SPACE, "to": "T1w"},
+        "t1w_mni": {
+            "datatype": "anat",
+            "suffix": "T1w",
+            "extension": ".nii.gz",
+            "desc": "preproc",
+            **mni,
+        },
         "gm_morph": {
             "datatype": "anat",
             "suffix": "morph",
@@ -708,6 +724,37 @@ def _outputs() -> dict[str, dict]:
             "extension": ".tsv",
             "segmentation": "AAL116",
             "desc": "pet",
+        },
+        # reportlets (sub-<label>/figures/; anatomical ones named after the T1w)
+        "fig_seg": {**fig, "suffix": "dseg", "desc": "seg"},
+        "fig_t1w2mni": {**fig, "suffix": "T1w", "space": SPACE, "desc": "t1w2mni"},
+        "fig_regions": {**fig, "suffix": "dseg", "desc": "regions"},
+        "fig_pet_coreg": {**fig, "suffix": "pet", "desc": "coreg"},
+        "fig_pet_mni": {**fig, "suffix": "pet", "space": SPACE, "desc": "pet"},
+        # model application (--model BUNDLE; named after the PET; see interfaces/model.py)
+        "model_probs": {
+            "datatype": "pet",
+            "suffix": "probs",
+            "extension": ".tsv",
+            "desc": "diagnosis",
+        },
+        **{
+            f"model_relevance_{key}": {
+                "datatype": "pet",
+                "suffix": "stat",
+                "extension": ".nii.gz",
+                "segmentation": "AAL116",
+                "desc": f"relevance{label}",
+                **mni,
+            }
+            for key, label in (("mri", "MRI"), ("pet", "PET"), ("combined", "Combined"))
+        },
+        "model_relevance": {
+            "datatype": "pet",
+            "suffix": "stat",
+            "extension": ".tsv",
+            "segmentation": "AAL116",
+            "desc": "relevance",
         },
     }
 

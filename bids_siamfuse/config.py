@@ -70,6 +70,7 @@ class WorkflowSettings:
     pet_ref_region: str = "none"
     spm_cmd: str = ""
     model: Path | None = None
+    model_only: bool = False
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ModelSettings:
     val_fraction: float = 0.2
     permutation_tests: int = 0
     gpus: int = 0
+    cpu_workers: int = 1
 
 
 SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}

@@ -62,7 +62,6 @@ from .data.templates import (
     GRID_AFFINE,
     GRID_SHAPE,
     SPACE,
-    grid_brain_mask,
     grid_image,
     load_template,
 )
@@ -782,33 +781,40 @@ def _write_raw_session(
 
 
 def _write_preprocessed(out, spec, session, opts, uptake, uptake_aff, gm_mni, mwc1, grid_pts):
-    """What a perfect participant run writes, through the pipeline's own writers."""
-    from .preproc.intensity import normalize_top_mean
+    """What a perfect participant run writes, through the pipeline's own writers.
+
+    The sidecars are those of the participant workflow (:mod:`bids_siamfuse.preproc.sidecars`),
+    with ``Method`` saying they come from the ground truth.
+    """
+    from .preproc import sidecars
+    from .preproc.pet import normalize
 
     deriv = out / "derivatives" / "bids_siamfuse"
     anat_src = {"subject": spec.label, "session": session}
     pet_src = {**anat_src, "tracer": opts.tracer}
     pet_mni = sample(uptake, uptake_aff, grid_pts).reshape(GRID_SHAPE)
-    pet_norm, value = normalize_top_mean(pet_mni, grid_brain_mask())
-    meta = {"Sources": ["synthetic ground truth"], "SpatialReference": SPACE}
-    save_output(deriv, "gm_mni", grid_image(gm_mni), source=anat_src, meta=meta)
-    save_output(
-        deriv,
-        "gm_mni_modulated",
-        grid_image(mwc1),
-        source=anat_src,
-        meta={**meta, "Modulated": True},
+    pet_norm, value, description = normalize(pet_mni, "none")
+    prefix = _prefix(spec.label, session)
+    if opts.raw:
+        ses_dir = f"ses-{session}/" if session else ""
+        t1w_uri = f"bids:raw:sub-{spec.label}/{ses_dir}anat/{prefix}_T1w.nii.gz"
+        pet_uri = f"bids:raw:sub-{spec.label}/{ses_dir}pet/{prefix}_trc-{opts.tracer}_pet.nii.gz"
+        anat_sources, pet_sources = [t1w_uri], [pet_uri, t1w_uri]
+    else:
+        anat_sources = pet_sources = ["synthetic ground truth"]
+    method = "synthetic ground truth (bids_siamfuse-synth --preprocessed)"
+    for key, data, modulated in (("gm_mni", gm_mni, False), ("gm_mni_modulated", mwc1, True)):
+        meta = sidecars.gm_mni_meta(anat_sources, modulated=modulated, method=method)
+        save_output(deriv, key, grid_image(data), source=anat_src, meta=meta)
+    meta = sidecars.pet_mni_meta(
+        pet_sources, normalization=description, value=value, ref_region="none", method=method
     )
-    save_output(
-        deriv,
-        "pet_mni",
-        grid_image(pet_norm),
-        source=pet_src,
-        meta={**meta, "IntensityNormalization": "top 0.1% mean", "NormalizationValue": value},
-    )
+    save_output(deriv, "pet_mni", grid_image(pet_norm), source=pet_src, meta=meta)
     from .preproc.regions import write_region_outputs
 
-    write_region_outputs(deriv, mwc1, pet_norm, anat_source=anat_src, pet_source=pet_src)
+    write_region_outputs(
+        deriv, mwc1, pet_norm, anat_source=anat_src, pet_source=pet_src, sources=pet_sources
+    )
 
 
 def _save_nifti(path: Path, data, affine, *, as_uint8=False, frame_s=None):
@@ -908,6 +914,15 @@ def plan_cohort(
     return specs
 
 
+def _fork_worker_init():
+    # A forked child must not enter the OpenMP pool the parent may already have started (GNU
+    # OpenMP is not fork-safe: the child's first parallel region hangs). One thread each; the
+    # pool supplies the parallelism.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _run_subject(args):
     spec, opts = args
     return make_subject(spec, opts)
@@ -951,7 +966,7 @@ def generate(
     head_model()  # built once, shared with forked workers
     if jobs > 1 and len(specs) > 1:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(jobs, len(specs))) as pool:
+        with ctx.Pool(min(jobs, len(specs)), initializer=_fork_worker_init) as pool:
             rows = pool.map(_run_subject, [(s, opts) for s in specs], chunksize=1)
     else:
         rows = [make_subject(s, opts) for s in specs]

@@ -201,10 +201,28 @@ def test_unusable_pair_is_refused(synth_raw, tmp_path, capsys):
     code, out = run_cli(ds, tmp_path / "o", "participant", "--dry-run", capsys=capsys)
     assert code == 0  # the other pairs can still run
     assert "refused" in out.out and "lists 3 frame(s), the image has 1" in out.out
-    code, out = run_cli(ds, tmp_path / "o", "participant", "--dry-run", "--session-label",
-                        "01", "--participant-label", sub, capsys=capsys)
+    code, out = run_cli(
+        ds,
+        tmp_path / "o",
+        "participant",
+        "--dry-run",
+        "--session-label",
+        "01",
+        "--participant-label",
+        sub,
+        capsys=capsys,
+    )
     assert code == 65
-    code, out = run_cli(ds, tmp_path / "o", "participant", "--session-label", "01",
-                        "--participant-label", sub, "--skip-bids-validation", capsys=capsys)
+    code, out = run_cli(
+        ds,
+        tmp_path / "o",
+        "participant",
+        "--session-label",
+        "01",
+        "--participant-label",
+        sub,
+        "--skip-bids-validation",
+        capsys=capsys,
+    )
     assert code == 65 and sidecar.name.replace(".json", ".nii.gz") in out.err
     assert not (tmp_path / "o").exists()

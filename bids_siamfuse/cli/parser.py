@@ -221,6 +221,14 @@ def _add_performance_args(parser):
         type=_nonnegative_int,
         help="at most this many GPUs for group training (0: all visible)",
     )
+    g.add_argument(
+        "--cpu-workers",
+        "--cpu_workers",
+        dest="cpu_workers",
+        type=_positive_int,
+        help="group training with --device cpu: worker processes sharing the folds (default: "
+        "1), each with --omp-nthreads threads (default: the CPUs shared out)",
+    )
 
 
 def _add_workflow_args(parser):
@@ -257,6 +265,14 @@ def _add_workflow_args(parser):
         metavar="BUNDLE",
         help="participant level: apply this trained model bundle to every processed session",
     )
+    g.add_argument(
+        "--model-only",
+        "--model_only",
+        dest="model_only",
+        action="store_true",
+        help="with --model: skip preprocessing and apply the bundle to the region files "
+        "already in OUTPUT_DIR",
+    )
 
 
 def _add_model_args(parser):
@@ -288,6 +304,18 @@ def _add_model_args(parser):
         dest="val_fraction",
         type=_fraction,
         help="share of each training fold held out for early stopping",
+    )
+    g.add_argument(
+        "--early-stop-loss",
+        "--early_stop_loss",
+        dest="early_stop_loss",
+        type=_positive_float,
+        help="stop training once the validation loss falls below this (default: 0.01)",
+    )
+    g.add_argument(
+        "--patience",
+        type=_positive_int,
+        help="stop training after this many epochs without improvement (default: 20)",
     )
     g.add_argument(
         "--permutation-tests",

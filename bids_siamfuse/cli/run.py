@@ -214,6 +214,16 @@ def run(settings) -> int:
 
     bids.check_bids_root(ex.bids_dir)
     check_paths(settings)
+    if ex.analysis_level == "participant" and settings.workflow.model_only:
+        # --model-only: apply --model to the region files already in OUTPUT_DIR, no nipype
+        from ..workflows.model import plan_apply, run_apply
+
+        apply_plan = plan_apply(settings)
+        if ex.dry_run:
+            print(apply_plan.describe())
+            return 0
+        settings.write(prepare_output(settings))
+        return run_apply(settings, apply_plan)
     if ex.analysis_level == "participant":
         plan = plan_participants(settings)
         if ex.dry_run:

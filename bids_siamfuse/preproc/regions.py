@@ -129,16 +129,25 @@ PET_STATS_META = {
 }
 
 
-def write_region_outputs(out_dir, gm_modulated, pet, *, anat_source: dict, pet_source: dict):
-    """Compute and write the region file and both summary tables as derivatives."""
+def write_region_outputs(
+    out_dir, gm_modulated, pet, *, anat_source: dict, pet_source: dict, sources=None
+):
+    """Compute and write the region file and both summary tables as derivatives.
+
+    ``sources``: BIDS URIs of the inputs, listed as ``Sources`` in the sidecars (the
+    participant workflow's region sinks write the same fields).
+    """
     from ..bids import output_path, save_json, save_output
 
+    extra = {"Sources": list(sources)} if sources else {}
     payload, gm_table, pet_table = compute_region_outputs(gm_modulated, pet)
     region_path = output_path(out_dir, "regions", pet_source)
-    save_json(region_path.with_suffix(".json"), REGION_META)
+    save_json(region_path.with_suffix(".json"), {**REGION_META, **extra})
     save_region_file(region_path, payload)
-    save_output(out_dir, "gm_morph", gm_table, source=anat_source, meta=GM_MORPH_META)
-    save_output(out_dir, "pet_stats", pet_table, source=pet_source, meta=PET_STATS_META)
+    gm_meta = {**GM_MORPH_META, **extra}
+    save_output(out_dir, "gm_morph", gm_table, source=anat_source, meta=gm_meta)
+    pet_meta = {**PET_STATS_META, **extra}
+    save_output(out_dir, "pet_stats", pet_table, source=pet_source, meta=pet_meta)
     return region_path
 
 

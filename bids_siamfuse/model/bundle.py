@@ -1,0 +1,293 @@
+"""Trained-model bundles: ``model.safetensors`` (weights) + ``model.json`` (everything else).
+
+torch / numpy / safetensors only, so a bundle loads alone on a GPU machine.
+
+``model.safetensors``
+    The model's tensors (``FittedModel.state()[0]``) under their own names, and the region
+    layout the model was trained on under ``layout.boxes``, ``layout.offsets`` and
+    ``layout.local_index``, so a bundle plus a region file is all a prediction needs.
+
+``model.json``
+    ``format`` / ``format_version``; ``classes`` (first = reference); ``signature`` (atlas and
+    grid, as in the region files); ``regions`` (names) and ``crop_boxes`` (x0 y0 z0 x1 y1 z1 on
+    the grid, half-open); ``standardization`` (per-region mean/SD per modality, fit on the
+    training subjects); ``model`` (the model's own metadata, ``FittedModel.state()[1]``);
+    ``training`` (the TrainConfig and CV settings); ``cv_metrics``; ``cohort``; ``versions``;
+    ``weights_sha256`` (ties the JSON to its weights file); ``created``.
+
+Writes are atomic (a temporary file in the same folder, then :func:`os.replace`), weights first
+and JSON last: a JSON present on disk always names complete weights, and a weights file that
+does not match its JSON is refused at load time.
+
+:func:`load_bundle` refuses (``DataError``, exit 65) a bundle that is not one, is incomplete,
+whose weights do not match, or whose atlas/grid signature or crop boxes differ from the layout
+of this installation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CannotWriteError, DataError, NoInputError
+from .data import RegionLayout
+
+BUNDLE_FORMAT = "bids_siamfuse-model-bundle"
+BUNDLE_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "model.json"
+_LAYOUT_KEYS = ("boxes", "offsets", "local_index")
+
+
+def versions() -> dict:
+    """Versions of what produced (or reads) a bundle."""
+    import sklearn
+    import torch
+
+    from .._version import __version__
+
+    out = {
+        "bids_siamfuse": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+    try:
+        import safetensors
+
+        out["safetensors"] = safetensors.__version__
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then move into place; nothing is left behind on failure."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_bundle(
+    folder: Path,
+    *,
+    tensors: dict,
+    model_meta: dict,
+    layout: RegionLayout,
+    classes,
+    standardization: dict,
+    training: dict | None = None,
+    cv_metrics: dict | None = None,
+    cohort: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/model.json``; returns the JSON path."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    clash = sorted(k for k in tensors if k.startswith("layout."))
+    if clash:
+        raise ValueError(f"tensor names reserved for the layout: {clash}")
+    payload = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    payload["layout.boxes"] = np.ascontiguousarray(layout.boxes, dtype=np.int64)
+    payload["layout.offsets"] = np.ascontiguousarray(layout.offsets, dtype=np.int64)
+    payload["layout.local_index"] = np.ascontiguousarray(layout.local_index, dtype=np.int32)
+    weights = folder / WEIGHTS_NAME
+    _atomic_write(weights, lambda tmp: save_file(payload, str(tmp)))
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "classes": list(classes),
+        "signature": dict(layout.signature),
+        "regions": list(layout.names),
+        "grid_shape": list(layout.grid_shape),
+        "crop_boxes": np.asarray(layout.boxes).tolist(),
+        "standardization": standardization,
+        "model": model_meta,
+        "training": training or {},
+        "cv_metrics": cv_metrics or {},
+        "cohort": cohort or {},
+        "versions": versions(),
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": _sha256(weights),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    path = folder / META_NAME
+    text = json.dumps(_jsonable(meta), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def bundle_paths(path: Path) -> tuple[Path, Path]:
+    """(model.json, model.safetensors) of a bundle given as its folder or either file."""
+    path = Path(path)
+    if path.is_dir():
+        meta = path / META_NAME
+    elif path.suffix == ".safetensors":
+        meta = path.with_suffix(".json")
+    else:
+        meta = path
+    if not meta.is_file():
+        raise NoInputError(f"model bundle {path}: no {meta.name} there")
+    return meta, meta.with_suffix(".safetensors")
+
+
+def read_meta(path: Path) -> dict:
+    """The bundle's JSON, checked for its format (DataError otherwise); weights not read."""
+    meta_path, _ = bundle_paths(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"model bundle {meta_path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        raise DataError(f"model bundle {meta_path}: not a bids_siamfuse model bundle")
+    if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
+        raise DataError(
+            f"model bundle {meta_path}: format version {meta.get('format_version')} is newer "
+            f"than this bids_siamfuse reads ({BUNDLE_VERSION}); upgrade bids_siamfuse"
+        )
+    for key in ("classes", "signature", "crop_boxes", "model", "weights_sha256"):
+        if key not in meta:
+            raise DataError(f"model bundle {meta_path}: '{key}' missing from the JSON")
+    return meta
+
+
+def _canonical(signature: dict) -> str:
+    return json.dumps(_jsonable(signature), sort_keys=True)
+
+
+def check_compatible(meta: dict, layout: RegionLayout, where: str = "model bundle") -> None:
+    """Refuse (DataError, exit 65) a bundle made with another atlas, grid or crop boxes."""
+    if _canonical(meta["signature"]) != _canonical(layout.signature):
+        ours, theirs = layout.signature, meta["signature"]
+        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise DataError(
+            f"{where}: made with another atlas or grid than this installation "
+            f"(signature differs in {', '.join(differ) or 'format'}); retrain it here"
+        )
+    if np.asarray(meta["crop_boxes"]).tolist() != np.asarray(layout.boxes).tolist():
+        raise DataError(f"{where}: its region crop boxes differ from this installation's")
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its JSON, tensors and layout; :meth:`model` rebuilds the model."""
+
+    path: Path
+    meta: dict
+    tensors: dict
+    layout: RegionLayout
+
+    @property
+    def classes(self) -> tuple:
+        return tuple(self.meta["classes"])
+
+    @property
+    def signature(self) -> dict:
+        return self.meta["signature"]
+
+    def model(self, device: str = "cpu", model_cls=None):
+        """The model, on ``device`` (``model_cls`` defaults to :func:`default_model_cls`)."""
+        model_cls = model_cls or default_model_cls()
+        try:
+            return model_cls.from_state(
+                self.tensors, self.meta["model"], self.layout, device=device
+            )
+        except (KeyError, ValueError) as exc:
+            raise DataError(
+                f"model bundle {self.path}: cannot rebuild the model ({exc})"
+            ) from None
+
+
+def default_model_cls():
+    """The class bundles rebuild (``train.FittedModel``)."""
+    from .train import FittedModel
+
+    return FittedModel
+
+
+def load_bundle(path: Path, *, layout: RegionLayout | None = None) -> Bundle:
+    """Read and check a bundle. With ``layout``, it must match that layout (exit 65 if not)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    meta_path, weights = bundle_paths(path)
+    meta = read_meta(meta_path)
+    if not weights.is_file():
+        raise DataError(f"model bundle {meta_path}: its weights file {weights.name} is missing")
+    if _sha256(weights) != meta["weights_sha256"]:
+        raise DataError(
+            f"model bundle {meta_path}: {weights.name} does not match the JSON (changed or "
+            "half-copied); copy both files of the bundle together"
+        )
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"model bundle {weights}: unreadable weights ({exc})") from None
+    missing = [k for k in _LAYOUT_KEYS if f"layout.{k}" not in tensors]
+    if missing:
+        raise DataError(f"model bundle {weights}: no layout tensors {missing}")
+    own = RegionLayout(
+        boxes=tensors.pop("layout.boxes").astype(np.int64),
+        offsets=tensors.pop("layout.offsets").astype(np.int64),
+        local_index=tensors.pop("layout.local_index").astype(np.int64),
+        names=tuple(meta.get("regions", ())),
+        grid_shape=tuple(meta.get("grid_shape", ())),
+        signature=dict(meta["signature"]),
+    )
+    if layout is not None:
+        check_compatible(meta, layout, where=f"model bundle {meta_path}")
+        if own.n_voxels != layout.n_voxels or not np.array_equal(
+            own.local_index, layout.local_index
+        ):
+            raise DataError(f"model bundle {meta_path}: its region voxels differ from this atlas")
+        own = layout
+    return Bundle(path=meta_path, meta=meta, tensors=tensors, layout=own)

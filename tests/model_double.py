@@ -1,0 +1,150 @@
+"""A fast stand-in for ``bids_siamfuse.model.train`` (same API), for the group-level tests.
+
+Region means of the standardized crops -> logistic regression. It fits its Standardizer, its
+validation split and its classifier on the training data it is given, like the real model, and
+records which subjects it saw, so the tests can check the plumbing (folds, leakage, outputs,
+bundles, workers) in seconds. Importable by name so spawned worker processes can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bids_siamfuse.model.data import RegionDataset, Standardizer
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    early_stop_loss: float = 0.01
+    patience: int = 20
+    val_fraction: float = 0.2
+    sloppy: bool = False
+    seed: int = 42
+    device: str = "cpu"
+    amp: object = None
+    progress: object = None
+
+
+def _features(std: Standardizer, data: RegionDataset) -> np.ndarray:
+    lay = data.layout
+    gm = lay.region_means(std.transform("gm", data.gm, lay))
+    pet = lay.region_means(std.transform("pet", data.pet, lay))
+    return np.concatenate([gm, pet], axis=1).astype(np.float64)
+
+
+class FittedModel:
+    def __init__(self, classes, standardizer, coef, intercept, layout, history=(), seen=()):
+        self.classes = tuple(classes)
+        self.standardizer = standardizer
+        self.coef = np.asarray(coef, dtype=np.float64)  # (C or 1, 2R)
+        self.intercept = np.asarray(intercept, dtype=np.float64)
+        self.layout = layout
+        self.history = list(history)
+        self.seen_subjects = set(seen)
+
+    def _logits(self, data):
+        return _features(self.standardizer, data) @ self.coef.T + self.intercept
+
+    def predict_proba(self, data) -> np.ndarray:
+        z = self._logits(data)
+        if z.shape[1] == 1:
+            p = 1 / (1 + np.exp(-z[:, 0]))
+            return np.stack([1 - p, p], 1)
+        z = z - z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+    def embed(self, data) -> np.ndarray:
+        f = _features(self.standardizer, data)
+        r = self.layout.n_regions
+        return np.repeat(np.stack([f[:, :r], f[:, r:]], -1), 20, axis=-1)
+
+    def relevance(self) -> dict:
+        r = self.layout.n_regions
+        w = np.abs(self.coef).sum(0)
+        return {"mri": w[:r], "pet": w[r:], "combined": w[:r] + w[r:]}
+
+    def activation_counts(self, data) -> dict:
+        f = np.abs(_features(self.standardizer, data))
+        r = self.layout.n_regions
+        mri, pet = (f[:, :r] > 1).astype(float) * 20, (f[:, r:] > 1).astype(float) * 20
+        return {"mri": mri, "pet": pet, "fused": mri + pet}
+
+    def subject_relevance(self, data) -> dict:
+        f = _features(self.standardizer, data)
+        r = self.layout.n_regions
+        w = np.abs(self.coef).sum(0)
+        contrib = np.abs(f * w)
+        return {
+            "mri": contrib[:, :r],
+            "pet": contrib[:, r:],
+            "combined": contrib[:, :r] + contrib[:, r:],
+        }
+
+    def state(self):
+        tensors = {
+            "double.coef": self.coef.astype(np.float32),
+            "double.intercept": self.intercept.astype(np.float32),
+        }
+        meta = {
+            "kind": "double",
+            "classes": list(self.classes),
+            "standardizer": self.standardizer.to_dict(),
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors, meta, layout, device="cpu"):
+        return cls(
+            meta["classes"],
+            Standardizer.from_dict(meta["standardizer"]),
+            tensors["double.coef"],
+            tensors["double.intercept"],
+            layout,
+        )
+
+
+def fit(train: RegionDataset, config: TrainConfig) -> FittedModel:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(config.seed)
+    std = Standardizer().fit({"gm": train.gm, "pet": train.pet}, train.layout)
+    x = _features(std, train)
+    y = np.asarray(train.labels)
+    subjects = np.unique(train.subjects)
+    val_subjects = set(
+        rng.choice(subjects, max(1, int(len(subjects) * config.val_fraction)), replace=False)
+    )
+    is_val = np.isin(train.subjects, list(val_subjects))
+    clf = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    history = []
+    for stage in ("siamese", "attention"):
+        for epoch in range(1, min(config.epochs, 3) + 1):
+            entry = {
+                "stage": stage,
+                "epoch": epoch,
+                "train_loss": float(1.0 / epoch),
+                "val_loss": float(1.0 / epoch + is_val.mean()),
+            }
+            history.append(entry)
+            if config.progress is not None:
+                config.progress(entry)
+    return FittedModel(
+        train.classes,
+        std,
+        clf.coef_,
+        clf.intercept_,
+        train.layout,
+        history=history,
+        seen=set(np.asarray(train.subjects).tolist()),
+    )
+
+
+def fit_boom(train: RegionDataset, config: TrainConfig) -> FittedModel:
+    """A fit that fails (to test how worker errors reach the parent)."""
+    raise RuntimeError("boom: the double refuses to train")

@@ -1,0 +1,363 @@
+"""Cross-validation: subject-level folds, metrics, no leakage, permutations, worker processes.
+
+Most tests use ``model_double`` (the train API over a logistic regression, seconds per fit) to
+check the plumbing; the tests marked ``real`` in their name run ``bids_siamfuse.model.train``
+itself (sloppy mode, few epochs). The accuracy evidence of the real network on a larger cohort
+is in ``test_group.py`` (``-m slow``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import model_double as md
+import numpy as np
+import pytest
+
+from bids_siamfuse.bids import read_participants
+from bids_siamfuse.errors import DataError, UsageError
+from bids_siamfuse.model import cv
+from bids_siamfuse.preproc import regions
+
+
+def toy_cohort(seed=0, sizes=(12, 10, 8)):
+    """Subjects with 1-3 sessions each, classes of the given sizes (in subjects)."""
+    rng = np.random.default_rng(seed)
+    subjects, labels = [], []
+    k = 0
+    for c, n in enumerate(sizes):
+        for _ in range(n):
+            k += 1
+            for _ in range(int(rng.integers(1, 4))):
+                subjects.append(f"{k:03d}")
+                labels.append(c)
+    return np.array(subjects), np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def cohort(synth_derivs):
+    parts = read_participants(synth_derivs)
+    return regions.load_cohort(
+        synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD")
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# folds and shuffles
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_folds", [2, 3, 5])
+def test_subject_folds_keep_subjects_together_and_stratify(n_folds):
+    subjects, labels = toy_cohort()
+    folds = cv.subject_folds(subjects, labels, n_folds, seed=7)
+    assert set(folds) == set(range(n_folds))
+    for s in np.unique(subjects):  # every session of a subject in one fold
+        assert len(set(folds[subjects == s])) == 1
+    uniq, first = np.unique(subjects, return_index=True)
+    sub_fold, sub_label = folds[first], labels[first]
+    for c in np.unique(labels):  # each class spread evenly over the folds (at subject level)
+        per_fold = np.bincount(sub_fold[sub_label == c], minlength=n_folds)
+        assert per_fold.max() - per_fold.min() <= 1
+    sizes = np.bincount(sub_fold, minlength=n_folds)
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_subject_folds_are_seeded():
+    subjects, labels = toy_cohort()
+    a = cv.subject_folds(subjects, labels, 4, seed=1)
+    assert np.array_equal(a, cv.subject_folds(subjects, labels, 4, seed=1))
+    assert not np.array_equal(a, cv.subject_folds(subjects, labels, 4, seed=2))
+    # row order does not matter: a subject's fold depends on the subject, not the row
+    order = np.random.default_rng(0).permutation(len(subjects))
+    b = cv.subject_folds(subjects[order], labels[order], 4, seed=1)
+    assert np.array_equal(b, a[order])
+
+
+def test_shuffle_subject_labels_moves_whole_subjects():
+    subjects, labels = toy_cohort()
+    shuffled = cv.shuffle_subject_labels(subjects, labels, seed=3)
+    for s in np.unique(subjects):
+        assert len(set(shuffled[subjects == s])) == 1
+    _, first = np.unique(subjects, return_index=True)
+    assert sorted(shuffled[first]) == sorted(labels[first])  # class sizes (subjects) kept
+    assert not np.array_equal(shuffled, labels)
+
+
+def test_foldability_checks():
+    subjects, labels = toy_cohort(sizes=(6, 3))
+    cv.check_foldable(subjects, labels, 3, ("CN", "AD"))
+    with pytest.raises(DataError, match="AD has 3 subject"):
+        cv.check_foldable(subjects, labels, 4, ("CN", "AD"))
+    with pytest.raises(UsageError):
+        cv.check_foldable(subjects, labels, 1, ("CN", "AD"))
+    bad = labels.copy()
+    bad[np.flatnonzero(subjects == subjects[0])[-1]] = 1 - bad[0]
+    if (subjects == subjects[0]).sum() > 1:
+        with pytest.raises(DataError, match="sessions of different classes"):
+            cv.subject_labels(subjects, bad)
+
+
+def test_task_seeds_are_distinct_and_stable():
+    seeds = {cv.task_seed(42, 0, p, r, f) for p in range(3) for r in range(3) for f in range(5)}
+    assert len(seeds) == 45
+    assert cv.task_seed(42, 0, 1, 2, 3) == cv.task_seed(42, 0, 1, 2, 3)
+    assert cv.task_seed(42, 1) != cv.task_seed(43, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_binary_metrics_by_hand():
+    # 4 CN (0), 6 AD (1); predictions: CN -> 3 right 1 wrong; AD -> 4 right 2 wrong
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p_ad = np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.7, 0.6, 0.55, 0.4, 0.45])
+    scores = np.stack([1 - p_ad, p_ad], 1)
+    m = cv.compute_metrics(y, scores, 2)
+    assert m["sensitivity"] == pytest.approx(4 / 6)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["balanced_accuracy"] == pytest.approx((4 / 6 + 3 / 4) / 2)
+    assert m["precision"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
+    # AUC: pairs (AD, CN) ranked right: count by hand
+    pairs = sum((a > c) + 0.5 * (a == c) for a in p_ad[y == 1] for c in p_ad[y == 0])
+    assert m["auc"] == pytest.approx(pairs / 24)
+    # one class only in the fold: AUC undefined, not a crash
+    assert np.isnan(cv.compute_metrics(y[:4], scores[:4], 2)["auc"])
+
+
+def test_multiclass_metrics_are_macro_averages():
+    from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    scores = rng.dirichlet([1, 1, 1], 30) + np.eye(3)[y] * 0.4
+    scores /= scores.sum(1, keepdims=True)
+    m = cv.compute_metrics(y, scores, 3)
+    pred = scores.argmax(1)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(m["balanced_accuracy"])
+    assert m["precision"] == pytest.approx(precision_score(y, pred, average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, scores, multi_class="ovr"))
+    spec = np.mean([((pred != c) & (y != c)).sum() / (y != c).sum() for c in range(3)])
+    assert m["specificity"] == pytest.approx(spec)
+    rows = cv.roc_points(y, scores, ("CN", "MCI", "AD"))
+    assert {r["class"] for r in rows} == {"CN", "MCI", "AD"}
+
+
+# ----------------------------------------------------------------------------------------------
+# nothing fit on the test fold
+# ----------------------------------------------------------------------------------------------
+
+
+def _poison(data, rows):
+    """The data with the given rows' intensities wrecked and their labels flipped."""
+    gm, pet, labels = data.gm.copy(), data.pet.copy(), data.labels.copy()
+    rng = np.random.default_rng(0)
+    gm[rows] = gm[rows] * 50 + rng.normal(0, 5, gm[rows].shape)
+    pet[rows] = pet[rows][:, ::-1] * 20
+    labels[rows] = 1 - labels[rows]
+    return dataclasses.replace(data, gm=gm, pet=pet, labels=labels)
+
+
+def test_fold_model_never_sees_test_fold_double(cohort):
+    tasks, _ = cv.plan_tasks(cohort, folds=3, repeats=1, seed=5, final_model=False)
+    task = tasks[0]
+    fitted = []
+
+    def fit(train, config):
+        model = md.fit(train, config)
+        fitted.append(model)
+        return model
+
+    clean = cv.run_task(
+        cohort, task, fit=fit, config_cls=md.TrainConfig, train_kwargs={}, device="cpu"
+    )
+    poisoned = cv.run_task(
+        _poison(cohort, task.test_index),
+        task,
+        fit=fit,
+        config_cls=md.TrainConfig,
+        train_kwargs={},
+        device="cpu",
+    )
+    test_subjects = set(cohort.subjects[task.test_index])
+    assert not fitted[0].seen_subjects & test_subjects
+    assert np.array_equal(fitted[0].coef, fitted[1].coef)
+    for k in cv.RELEVANCE_KEYS:
+        assert np.array_equal(clean["relevance"][k], poisoned["relevance"][k])
+    assert clean["history"] == poisoned["history"]
+
+
+def test_fold_model_never_sees_test_fold_real(cohort):
+    """The real network, trained on fold 1's training rows, is bit-identical whatever the
+    test rows hold (intensities wrecked, labels flipped)."""
+    from bids_siamfuse.model import train
+
+    tasks, _ = cv.plan_tasks(cohort, folds=3, repeats=1, seed=5, final_model=False)
+    task = tasks[0]
+    fitted = []
+
+    def fit(data, config):
+        model = train.fit(data, config)
+        fitted.append(model)
+        return model
+
+    kwargs = {"epochs": 2, "sloppy": True}
+    for data in (cohort, _poison(cohort, task.test_index)):
+        cv.run_tasks(
+            data,
+            [task],
+            ["cpu"],
+            fit=fit,
+            config_cls=train.TrainConfig,
+            train_kwargs=kwargs,
+            threads=1,
+        )
+    (ta, ma), (tb, mb) = fitted[0].state(), fitted[1].state()
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert np.array_equal(ta[k], tb[k]), k
+    assert fitted[0].history == fitted[1].history
+    assert ma["standardizer"] == mb["standardizer"]
+
+
+def test_baselines_fit_on_training_rows_only(cohort):
+    feats = cv.region_features(cohort)
+    x = np.concatenate([feats["gm"], feats["pet"]], 1)
+    y = cohort.labels
+    tr, te = np.arange(0, 20), np.arange(20, len(y))
+    for kind in ("svm", "logreg"):
+        a = cv.baseline_scores(kind, x[tr], y[tr], x[te], 2, 0)
+        x2 = x.copy()
+        x2[te[:3]] *= 100  # wreck three test rows: the others' scores must not move
+        b = cv.baseline_scores(kind, x[tr], y[tr], x2[te], 2, 0)
+        assert np.array_equal(a[3:], b[3:])
+        assert np.allclose(a.sum(1), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole CV: separation, chance, a leak the chance test would catch, permutations
+# ----------------------------------------------------------------------------------------------
+
+
+def _cv(data, **kw):
+    kw.setdefault("folds", 3)
+    kw.setdefault("seed", 11)
+    return cv.cross_validate(data, fit=md.fit, config_cls=md.TrainConfig, **kw)
+
+
+def test_cv_separates_strong_effect_and_shuffles_score_chance(cohort):
+    res = _cv(cohort, permutations=6, final_model=False)
+    assert res.mean_balanced_accuracy() >= 0.9
+    assert res.summary["logreg_both"]["balanced_accuracy"]["mean"] >= 0.8
+    null = np.array([r[cv.MODEL_METHOD] for r in res.permutations])
+    assert null.mean() <= 0.7, null  # chance is 0.5 (SD ~0.1 per rerun with 24 subjects)
+    assert res.p_values[cv.MODEL_METHOD] == pytest.approx(1 / 7)
+    # every session tested exactly once per method and repeat
+    preds = [p for p in res.predictions if p["method"] == cv.MODEL_METHOD]
+    assert len(preds) == len(cohort)
+    keys = {(p["participant_id"], p["session"]) for p in preds}
+    assert len(keys) == len(cohort)
+    rows = [m for m in res.metrics if m["method"] == cv.MODEL_METHOD]
+    assert sum(m["n_test"] for m in rows) == len(cohort)
+
+
+def test_a_leak_would_fail_the_chance_test(cohort, monkeypatch):
+    """Negative control: if the test rows were in the training set, shuffled labels would
+    score far above chance, so the chance test above has the power to catch a leak."""
+    plan = cv.plan_tasks
+
+    def leaky(*args, **kwargs):
+        tasks, assignment = plan(*args, **kwargs)
+        everyone = np.arange(len(cohort))
+        return [dataclasses.replace(t, train_index=everyone) for t in tasks], assignment
+
+    monkeypatch.setattr(cv, "plan_tasks", leaky)
+    res = _cv(cohort, permutations=3, final_model=False, baselines=False)
+    null = np.array([r[cv.MODEL_METHOD] for r in res.permutations])
+    assert null.mean() >= 0.9
+
+
+def test_repeats_use_different_folds(cohort):
+    res = _cv(cohort, repeats=2, final_model=False, baselines=False)
+    a, b = res.folds[(0, 0)], res.folds[(0, 1)]
+    assert not np.array_equal(a, b)
+    assert len([m for m in res.metrics if m["method"] == cv.MODEL_METHOD]) == 6
+    assert res.summary[cv.MODEL_METHOD]["balanced_accuracy"]["n"] == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# worker processes (CPU ranks): same results, errors reported
+# ----------------------------------------------------------------------------------------------
+
+
+def test_two_worker_processes_give_the_same_results(cohort):
+    kw = {"permutations": 1, "threads": 1}
+    one = _cv(cohort, devices=["cpu"], **kw)
+    two = _cv(cohort, devices=["cpu", "cpu"], **kw)
+    assert one.metrics == two.metrics
+    assert one.predictions == two.predictions
+    assert one.permutations == two.permutations
+    assert one.history == two.history
+    for k in one.final["tensors"]:
+        assert np.array_equal(one.final["tensors"][k], two.final["tensors"][k])
+
+
+def test_two_worker_processes_real_network(cohort):
+    """The real network gives bit-identical folds in this process and in two CPU ranks."""
+    kw = {
+        "folds": 2,
+        "seed": 3,
+        "train_kwargs": {"epochs": 1, "sloppy": True},
+        "threads": 1,
+        "baselines": False,
+        "final_model": False,
+    }
+    one = cv.cross_validate(cohort, devices=["cpu"], **kw)
+    two = cv.cross_validate(cohort, devices=["cpu", "cpu"], **kw)
+    assert one.predictions == two.predictions
+    assert one.history == two.history
+    for k in cv.RELEVANCE_KEYS:
+        assert np.array_equal(one.relevance[k], two.relevance[k])
+
+
+def test_worker_failure_is_reported(cohort):
+    with pytest.raises(cv.WorkerError, match="boom") as info:
+        cv.cross_validate(
+            cohort,
+            folds=2,
+            fit=md.fit_boom,
+            config_cls=md.TrainConfig,
+            devices=["cpu", "cpu"],
+            threads=1,
+            baselines=False,
+        )
+    assert "worker traceback" in str(info.value) and "model_double.py" in str(info.value)
+
+
+def test_worker_errors_keep_their_exit_code():
+    with pytest.raises(DataError, match="bad region"):
+        cv._raise_remote("cpu", "fold 1", ("DataError", "bad region", "tb"))
+
+
+def test_resolve_devices_on_cpu():
+    assert cv.resolve_devices("cpu") == ["cpu"]
+    assert cv.resolve_devices("cpu", cpu_workers=3) == ["cpu", "cpu", "cpu"]
+    assert cv.default_threads(["cpu", "cpu"], 0) >= 1
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cv.resolve_devices("auto") == ["cpu"]
+        with pytest.raises(UsageError, match="no CUDA"):
+            cv.resolve_devices("cuda")
+
+
+def test_gpu_workers_see_only_their_gpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cv._physical_gpu("cuda:1") == "1" and cv._physical_gpu("cpu") is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert cv._physical_gpu("cuda:0") == "4" and cv._physical_gpu("cuda:1") == "6"

@@ -1,0 +1,492 @@
+"""Group level and model application through the CLI: outputs, bad inputs, bundles.
+
+``double`` runs use ``model_double`` (the train API over a logistic regression) to check the
+plumbing in seconds; ``real`` runs use the siamese-attention network (sloppy, few epochs).
+The accuracy evidence of the real network (strong effect >= 0.9, chance on shuffled labels and
+on effect size 0, relevance on the planted regions) runs with ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import model_double as md
+import numpy as np
+import pandas as pd
+import pytest
+
+from bids_siamfuse.bids import read_participants
+from bids_siamfuse.cli.run import main
+from bids_siamfuse.errors import DataError
+from bids_siamfuse.model import bundle as bundles
+from bids_siamfuse.model import cv
+from bids_siamfuse.preproc import regions
+
+GROUP_FILES = {
+    "metrics.tsv",
+    "summary.json",
+    "predictions.tsv",
+    "roc.tsv",
+    "history.tsv",
+    "relevance.tsv",
+    "activations.tsv",
+    "model.safetensors",
+    "model.json",
+    "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevanceMRI_stat.nii.gz",
+    "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevancePET_stat.nii.gz",
+    "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevanceCombined_stat.nii.gz",
+}
+METHODS = {cv.MODEL_METHOD, *cv.BASELINES}
+
+
+def copy_cohort(src: Path, dst: Path) -> Path:
+    """participants.tsv, dataset_description.json and the region files of a synth cohort."""
+    dst.mkdir(parents=True)
+    for name in ("participants.tsv", "dataset_description.json"):
+        shutil.copy(src / name, dst / name)
+    deriv = src / "derivatives" / "bids_siamfuse"
+    for f in deriv.rglob("*_regions.*"):
+        target = dst / "derivatives" / "bids_siamfuse" / f.relative_to(deriv)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    shutil.copy(deriv / "dataset_description.json", dst / "derivatives" / "bids_siamfuse")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ds(synth_derivs, tmp_path_factory) -> Path:
+    """A private copy of the synth_derivs cohort (region files only) for the double's runs."""
+    return copy_cohort(synth_derivs, tmp_path_factory.mktemp("group") / "ds")
+
+
+@pytest.fixture
+def double(monkeypatch):
+    monkeypatch.setattr(cv, "default_fit", lambda: md.fit)
+    monkeypatch.setattr(cv, "default_config_cls", lambda: md.TrainConfig)
+    monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def planted(dataset: Path) -> pd.DataFrame:
+    table = pd.read_csv(dataset / "derivatives" / "synth-truth" / "regions.tsv", sep="\t")
+    table["planted"] = (table.atrophy_weight > 0) | (table.hypometabolism_weight > 0)
+    return table
+
+
+def rank_auc(scores, positive) -> float:
+    """Probability that a planted region outranks a non-planted one (0.5 = chance)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(positive), np.asarray(scores)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the group level with the double: every output, its shape and its meaning
+# ----------------------------------------------------------------------------------------------
+
+
+def test_group_outputs(ds, synth_derivs, double, capsys):
+    out = ds / "derivatives" / "bids_siamfuse"
+    args = ["--classes", "CN", "AD", "--folds", "3", "--permutation-tests", "2", "--sloppy"]
+    code = run(ds, out, "group", *args, "--random-seed", "3")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "siamese_attention" in printed and "svm_both" in printed  # model beside baselines
+    task = out / "group" / "CN_vs_AD"
+    names = {p.name for p in task.iterdir()}
+    assert GROUP_FILES | {"permutation.tsv"} <= names
+    assert not [n for n in (out / "group").iterdir() if n.name.startswith(".")]  # no staging
+
+    cohort = regions.load_cohort(out, read_participants(ds))
+    metrics = pd.read_csv(task / "metrics.tsv", sep="\t")
+    assert list(metrics.columns[:4]) == ["method", "repeat", "fold", "n_test"]
+    assert set(cv.METRICS) <= set(metrics.columns)
+    assert set(metrics.method) == METHODS and len(metrics) == len(METHODS) * 3
+    assert metrics.groupby("method").n_test.sum().eq(len(cohort)).all()
+
+    preds = pd.read_csv(task / "predictions.tsv", sep="\t")
+    model_preds = preds[preds.method == cv.MODEL_METHOD]
+    assert len(model_preds) == len(cohort)
+    assert model_preds.groupby("participant_id").fold.nunique().eq(1).all()  # subject level
+    assert np.allclose(model_preds[["prob_CN", "prob_AD"]].sum(1), 1)
+    truth = read_participants(ds).diagnosis
+    assert (model_preds.true == truth.loc[model_preds.participant_id.str[4:]].values).all()
+    recomputed = (model_preds.predicted == model_preds.true).groupby(model_preds.fold).mean()
+    assert len(recomputed) == 3
+
+    summary = json.loads((task / "summary.json").read_text())
+    ba = summary["metrics"][cv.MODEL_METHOD]["balanced_accuracy"]
+    fold_ba = metrics[metrics.method == cv.MODEL_METHOD].balanced_accuracy
+    assert ba["mean"] == pytest.approx(fold_ba.mean()) and ba["sd"] == pytest.approx(fold_ba.std())
+    assert summary["cohort"]["subjects"] == 24 and summary["classes"] == ["CN", "AD"]
+    assert summary["permutation"]["n"] == 2 and summary["permutation"]["p_value"] >= 1 / 3
+    assert summary["training"]["sloppy"] is True
+
+    perm = pd.read_csv(task / "permutation.tsv", sep="\t")
+    assert list(perm.columns[:2]) == ["permutation", "balanced_accuracy"] and len(perm) == 2
+    roc = pd.read_csv(task / "roc.tsv", sep="\t")
+    assert {"method", "repeat", "fold", "fpr", "tpr", "threshold"} <= set(roc.columns)
+    hist = pd.read_csv(task / "history.tsv", sep="\t")
+    assert list(hist.columns) == ["repeat", "fold", "stage", "epoch", "train_loss", "val_loss"]
+
+    # relevance: the table, the maps painted from it, and the planted regions on top
+    rel = pd.read_csv(task / "relevance.tsv", sep="\t")
+    layout = regions.atlas_layout()
+    assert rel.name.tolist() == list(layout.names)
+    import nibabel as nb
+
+    img = nb.load(
+        task / "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevancePET_stat.nii.gz"
+    )
+    assert img.shape == layout.grid_shape
+    painted = np.asarray(img.dataobj).reshape(-1)[layout.grid_index()]
+    assert np.allclose(layout.region_means(painted), rel.pet, rtol=1e-5)
+    truth_regions = planted(synth_derivs)
+    assert rank_auc(rel.combined, truth_regions.planted) >= 0.75
+    acts = pd.read_csv(task / "activations.tsv", sep="\t")
+    assert list(acts.columns) == ["index", "name", "mri", "pet", "fused"]
+
+    # the bundle loads and predicts like the model it holds
+    b = bundles.load_bundle(task, layout=layout)
+    assert b.classes == ("CN", "AD") and b.meta["cohort"]["subjects"] == 24
+    assert b.meta["cv_metrics"]["balanced_accuracy"]["mean"] == pytest.approx(ba["mean"])
+    assert "torch" in b.meta["versions"] and b.meta["training"]["sloppy"] is True
+    model = b.model()
+    assert model.predict_proba(cohort).shape == (len(cohort), 2)
+
+
+def test_group_dry_run_and_quiet(ds, double, capsys, tmp_path):
+    out = ds / "derivatives" / "bids_siamfuse"
+    assert run(ds, out, "group", "--classes", "AD", "CN", "--folds", "4", "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "AD vs CN" in text and "4-fold" in text and "AD: 12 subject(s)" in text
+    assert not (out / "group" / "AD_vs_CN").exists()
+    # -q: nothing on stdout; the folder is named after the classes in the order given
+    assert run(ds, out, "group", "--classes", "AD", "CN", "--folds", "2", "-q") == 0
+    assert capsys.readouterr().out == ""
+    summary = json.loads((out / "group" / "AD_vs_CN" / "summary.json").read_text())
+    assert summary["positive_class"] == "CN"
+
+
+@pytest.fixture
+def bad_bids(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "participants", "code", "needle"),
+    [
+        (["--classes", "CN"], None, 64, "at least two"),
+        (["--classes", "CN", "CN"], None, 64, "more than once"),
+        (["--classes", "CN", "XX"], None, 64, "XX: no participant has"),
+        (["--folds", "13"], None, 65, "fewer than --folds 13"),
+        (["--folds", "1"], None, 64, "2 or more"),
+        (["--participant-label", "CN_SUBJECTS"], None, 65, "no region files for class(es) AD"),
+        (["--session-label", "09"], None, 18, "no region file"),
+        (["--device", "cuda"], None, 64, "no CUDA device"),
+        ([], "missing", 65, "participants.tsv: missing"),
+        ([], "nocolumn", 65, "no 'diagnosis' column"),
+        (["--label-column", "group"], None, 65, "no 'group' column"),
+        ([], "onlyCN", 64, "AD: no participant has"),
+        ([], "unknownsub", 65, "lacks subject"),
+    ],
+)
+def test_group_bad_input(ds, bad_bids, capsys, args, participants, code, needle):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = ds / "derivatives" / "bids_siamfuse"
+    table = pd.read_csv(ds / "participants.tsv", sep="\t", dtype=str)
+    if "CN_SUBJECTS" in args:
+        cn = table.participant_id[table.diagnosis == "CN"].str[4:].tolist()
+        i = args.index("CN_SUBJECTS")
+        args = args[:i] + cn + args[i + 1 :]
+    bids_dir = ds
+    if participants is not None:
+        bids_dir = bad_bids
+        if participants == "nocolumn":
+            table = table.drop(columns="diagnosis")
+        elif participants == "onlyCN":
+            table = table.assign(diagnosis="CN")
+        elif participants == "unknownsub":
+            table = table.iloc[1:]
+        if participants != "missing":
+            table.to_csv(bids_dir / "participants.tsv", sep="\t", index=False)
+    classes = [] if "--classes" in args else ["--classes", "CN", "AD"]
+    assert run(bids_dir, out, "group", *classes, *args, "--dry-run") == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_group_without_region_files(bad_bids, tmp_path, capsys):
+    (bad_bids / "participants.tsv").write_text("participant_id\tdiagnosis\nsub-01\tCN\n")
+    assert run(bad_bids, tmp_path / "out", "group", "--classes", "CN", "AD", "--dry-run") == 64
+    (bad_bids / "participants.tsv").write_text(
+        "participant_id\tdiagnosis\nsub-01\tCN\nsub-02\tAD\n"
+    )
+    assert run(bad_bids, tmp_path / "out", "group", "--dry-run") == 66
+    assert "run the participant level first" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# bundles and model application
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cohort(synth_derivs):
+    return regions.load_cohort(
+        synth_derivs / "derivatives" / "bids_siamfuse", read_participants(synth_derivs)
+    )
+
+
+def test_bundle_round_trip_real(cohort, tmp_path):
+    """The real network: save, load, same predictions; a tampered bundle is refused."""
+    from bids_siamfuse.model import train
+
+    small = cohort.subset(np.arange(10))
+    model = train.fit(small, train.TrainConfig(epochs=1, sloppy=True, seed=1))
+    tensors, meta = model.state()
+    path = bundles.save_bundle(
+        tmp_path / "b",
+        tensors=tensors,
+        model_meta=meta,
+        layout=cohort.layout,
+        classes=cohort.classes,
+        standardization=model.standardizer.to_dict(),
+        training={"epochs": 1},
+    )
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files
+    loaded = bundles.load_bundle(path, layout=regions.atlas_layout())
+    again = loaded.model()
+    probe = cohort.subset(np.arange(10, 14))
+    assert np.allclose(again.predict_proba(probe), model.predict_proba(probe), atol=1e-6)
+    for k, v in model.relevance().items():
+        assert np.allclose(again.relevance()[k], v)
+    saved = json.loads(path.read_text())
+    assert saved["standardization"] == model.standardizer.to_dict()
+    assert saved["crop_boxes"] == cohort.layout.boxes.tolist()
+    # weights changed after the JSON was written: refused
+    weights = path.with_suffix(".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match the JSON"):
+        bundles.load_bundle(path)
+
+
+@pytest.fixture
+def double_bundle(cohort, tmp_path):
+    model = md.fit(cohort, md.TrainConfig())
+    tensors, meta = model.state()
+    folder = tmp_path / "bundle"
+    bundles.save_bundle(
+        folder,
+        tensors=tensors,
+        model_meta=meta,
+        layout=cohort.layout,
+        classes=cohort.classes,
+        standardization=model.standardizer.to_dict(),
+        cohort={"subjects": 24},
+    )
+    return folder
+
+
+def _foreign(bundle: Path) -> Path:
+    """The same bundle, claiming another atlas."""
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["signature"]["atlas_source_sha256"] = "0" * 64
+    (bundle / "model.json").write_text(json.dumps(meta))
+    return bundle
+
+
+def test_mismatching_bundle_is_refused(ds, double_bundle, capsys):
+    out = ds / "derivatives" / "bids_siamfuse"
+    _foreign(double_bundle)
+    with pytest.raises(DataError, match="another atlas or grid"):
+        bundles.load_bundle(double_bundle, layout=regions.atlas_layout())
+    code = run(ds, out, "participant", "--model", double_bundle, "--model-only")
+    assert code == 65
+    assert "another atlas or grid" in capsys.readouterr().err
+    from bids_siamfuse.workflows.model import init_apply_model_wf
+
+    with pytest.raises(DataError):
+        init_apply_model_wf(bundle=double_bundle, output_dir=out)
+
+
+def test_not_a_bundle(ds, tmp_path, capsys):
+    fake = tmp_path / "model.json"
+    fake.write_text('{"hello": 1}')
+    out = ds / "derivatives" / "bids_siamfuse"
+    assert run(ds, out, "participant", "--model", fake, "--model-only") == 65
+    assert run(ds, out, "participant", "--model-only") == 64
+
+
+def test_model_only_writes_outputs(ds, double, double_bundle, cohort, capsys):
+    out = ds / "derivatives" / "bids_siamfuse"
+    subject = str(cohort.subjects[0])
+    args = ["--model", double_bundle, "--model-only", "--participant-label", subject]
+    assert run(ds, out, "participant", *args, "--dry-run") == 0
+    assert f"sub-{subject}" in capsys.readouterr().out
+    assert run(ds, out, "participant", *args) == 0
+    pet = sorted(out.glob(f"sub-{subject}/**/pet"))[0]
+    probs = next(pet.glob("*_desc-diagnosis_probs.tsv"))
+    table = pd.read_csv(probs, sep="\t")
+    assert list(table.columns) == ["participant_id", "session", "predicted", "prob_CN", "prob_AD"]
+    assert table[["prob_CN", "prob_AD"]].sum(1).iloc[0] == pytest.approx(1)
+    sidecar = json.loads(probs.with_suffix(".json").read_text())
+    assert sidecar["PredictedClass"] == table.predicted.iloc[0]
+    assert sidecar["Model"]["Classes"] == ["CN", "AD"]
+    rel = pd.read_csv(next(pet.glob("*_seg-AAL116_desc-relevance_stat.tsv")), sep="\t")
+    assert list(rel.columns) == ["index", "name", "mri", "pet", "combined"]
+    import nibabel as nb
+
+    layout = regions.atlas_layout()
+    for label, col in (("MRI", "mri"), ("PET", "pet"), ("Combined", "combined")):
+        nii = next(
+            pet.glob(
+                f"*_space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevance{label}_stat.nii.gz"
+            )
+        )
+        img = nb.load(nii)
+        assert img.shape == layout.grid_shape and np.allclose(img.affine, nb.load(nii).affine)
+        vals = np.asarray(img.dataobj).reshape(-1)[layout.grid_index()]
+        assert np.allclose(layout.region_means(vals), rel[col], rtol=1e-5)
+        meta = json.loads((nii.parent / nii.name.replace(".nii.gz", ".json")).read_text())
+        assert "Description" in meta and meta["Modality"] == col
+    # same numbers as the model applied directly
+    model = bundles.load_bundle(double_bundle).model(model_cls=md.FittedModel)
+    row = np.flatnonzero(cohort.subjects == subject)[0]
+    direct = model.predict_proba(cohort.subset([row]))[0]
+    assert np.allclose(table[["prob_CN", "prob_AD"]].values[0], direct, atol=1e-6)
+
+
+def test_apply_model_workflow(double, double_bundle, cohort, synth_derivs, tmp_path):
+    from bids_siamfuse.workflows.model import init_apply_model_wf
+
+    wf = init_apply_model_wf(bundle=double_bundle, output_dir=tmp_path / "out")
+    assert "siamese-attention" in wf.__desc__
+    region_file = Path(cohort.sources[0])
+    wf.inputs.inputnode.region_file = str(region_file)
+    wf.inputs.inputnode.source_entities = {"subject": "xyz", "session": "01", "tracer": "FDG"}
+    wf.base_dir = str(tmp_path / "work")
+    wf.run()
+    written = sorted(p.name for p in (tmp_path / "out" / "sub-xyz" / "ses-01" / "pet").iterdir())
+    assert "sub-xyz_ses-01_trc-FDG_desc-diagnosis_probs.tsv" in written
+    assert len([n for n in written if n.endswith("_stat.nii.gz")]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# the real network through the CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_group_cli_real_network(synth_derivs, ds, capsys):
+    """``bids_siamfuse DS DS/derivatives/bids_siamfuse group ... --sloppy`` end to end."""
+    out = synth_derivs / "derivatives" / "bids_siamfuse"
+    args = ["--classes", "CN", "AD", "--folds", "3", "--sloppy", "--epochs", "2"]
+    code = run(synth_derivs, out, "group", *args, "--device", "cpu", "--random-seed", "1")
+    assert code == 0
+    task = out / "group" / "CN_vs_AD"
+    assert GROUP_FILES <= {p.name for p in task.iterdir()}
+    hist = pd.read_csv(task / "history.tsv", sep="\t")
+    assert set(hist.stage) == {"siamese", "attention"} and hist.epoch.max() <= 2
+    assert set(pd.read_csv(task / "metrics.tsv", sep="\t").method) == METHODS
+    err = capsys.readouterr().err
+    assert "fold 3" in err and "epoch" in err  # progress on the terminal
+    # the bundle applies to a session of the copy (participant level, --model-only)
+    subject = sorted(p.name for p in (ds / "derivatives" / "bids_siamfuse").glob("sub-*"))[0]
+    args = ["--model", task, "--model-only", "--participant-label", subject[4:]]
+    code = run(ds, ds / "derivatives" / "bids_siamfuse", "participant", *args)
+    assert code == 0
+    assert list((ds / "derivatives" / "bids_siamfuse" / subject).glob("**/*_probs.tsv"))
+
+
+# ----------------------------------------------------------------------------------------------
+# evidence with the real network (slow)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strong32(tmp_path_factory) -> Path:
+    from bids_siamfuse.synth import generate
+
+    return generate(
+        tmp_path_factory.mktemp("strong32") / "ds",
+        n_per_group=16,
+        groups=("CN", "AD"),
+        seed=21,
+        effect_size=1.5,
+        two_session_fraction=0.15,
+        preprocessed=True,
+        raw=False,
+        jobs=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def strong32_cv(strong32):
+    data = regions.load_cohort(
+        strong32 / "derivatives" / "bids_siamfuse", read_participants(strong32)
+    )
+    return data, cv.cross_validate(
+        data,
+        folds=4,
+        seed=42,
+        permutations=1,
+        train_kwargs={"sloppy": True},
+        final_model=False,
+    )
+
+
+@pytest.mark.slow
+def test_real_model_separates_strong_effect(strong32_cv):
+    _, res = strong32_cv
+    # ratios of counts: compare without float-summation noise (0.9 may come out 0.8999...)
+    assert res.mean_balanced_accuracy() >= 0.9 - 1e-9, res.summary[cv.MODEL_METHOD]
+
+
+@pytest.mark.slow
+def test_real_model_shuffled_labels_score_chance(strong32_cv):
+    _, res = strong32_cv
+    null = res.permutations[0][cv.MODEL_METHOD]
+    assert null <= 0.75, null
+
+
+@pytest.mark.slow
+def test_real_model_relevance_on_planted_regions(strong32, strong32_cv):
+    data, res = strong32_cv
+    truth = planted(strong32)
+    assert truth.name.tolist() == list(data.layout.names)
+    assert rank_auc(res.relevance["combined"], truth.planted) >= 0.65
+
+
+@pytest.mark.slow
+def test_real_model_effect_size_zero_scores_chance(tmp_path_factory):
+    from bids_siamfuse.synth import generate
+
+    root = generate(
+        tmp_path_factory.mktemp("null") / "ds",
+        n_per_group=12,
+        groups=("CN", "AD"),
+        seed=5,
+        effect_size=0.0,
+        two_session_fraction=0.15,
+        preprocessed=True,
+        raw=False,
+        jobs=2,
+    )
+    data = regions.load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
+    res = cv.cross_validate(
+        data, folds=3, seed=42, train_kwargs={"sloppy": True}, final_model=False
+    )
+    assert res.mean_balanced_accuracy() <= 0.75, res.summary[cv.MODEL_METHOD]
