@@ -1,0 +1,217 @@
+"""nipype interfaces of the anatomical workflow (ANTs backend): thin wrappers of preproc.anat."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _ThreadedInputSpec(BaseInterfaceInputSpec):
+    sloppy = traits.Bool(False, usedefault=True, desc="fast, low-accuracy settings")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
+    seed = traits.Int(42, usedefault=True, desc="random seed of the registrations")
+
+
+def _prepare(inputs):
+    from ..preproc import registration as reg
+
+    reg.set_threads(inputs.num_threads)
+    return reg.registration_settings(inputs.sloppy)
+
+
+def _save(img, runtime, name: str) -> str:
+    path = os.path.join(runtime.cwd, name)
+    img.to_filename(path)
+    return path
+
+
+class _BiasCorrectInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the T1w as in the dataset")
+
+
+class _BiasCorrectOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="bias-corrected T1w (float32)")
+    head_mask = File(exists=True, desc="head mask (4 mm)")
+    brain_centre = traits.List(traits.Float, desc="estimated brain centre (RAS mm)")
+
+
+class T1wBiasCorrect(SimpleInterface):
+    """Check the T1w, find the head and the brain centre, N4 inside the head."""
+
+    input_spec = _BiasCorrectInputSpec
+    output_spec = _BiasCorrectOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+
+        from ..preproc import anat
+        from ..preproc import registration as reg
+
+        settings = _prepare(self.inputs)
+        t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
+        head = anat.head_mask(t1)
+        mask = ants.resample_image_to_target(head.mask, t1, interp_type="nearestNeighbor")
+        # first pass (for registration): two fitting levels; the segmentation runs a second
+        corrected, _ = anat.bias_correct(t1, mask, iterations=settings.n4_iterations[:2])
+        self._results["out_file"] = _save(reg.to_nibabel(corrected), runtime, "t1w_n4.nii.gz")
+        self._results["head_mask"] = _save(
+            reg.to_nibabel(head.mask, np.uint8), runtime, "head_mask.nii.gz"
+        )
+        self._results["brain_centre"] = [float(v) for v in head.brain_centre]
+        return runtime
+
+
+class _TemplateRegistrationInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    brain_centre = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True)
+
+
+class _TemplateRegistrationOutputSpec(TraitedSpec):
+    composite = File(exists=True, desc="T1w->MNI (ANTs composite, .h5)")
+    inverse_composite = File(exists=True, desc="MNI->T1w (ANTs composite, .h5)")
+    affine = File(exists=True, desc="the affine part (ITK .mat)")
+    rough_mask = File(exists=True, desc="brain mask of the affine stage (dilated)")
+    affine_correlation = traits.Float(desc="template/T1w correlation after the affine")
+
+
+class TemplateRegistration(SimpleInterface):
+    """Affine (masked, robust start) then SyN to the ICBM152 2009a template."""
+
+    input_spec = _TemplateRegistrationInputSpec
+    output_spec = _TemplateRegistrationOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        from ..preproc import anat
+        from ..preproc import registration as reg
+
+        settings = _prepare(self.inputs)
+        import nibabel as nb
+
+        t1 = reg.to_ants(nb.load(self.inputs.in_file))
+        head = anat.HeadInfo(
+            mask=None, brain_centre=np.asarray(self.inputs.brain_centre), vertex_z=np.nan
+        )
+        out = anat.register_to_template(
+            t1, head, settings, Path(runtime.cwd), seed=self.inputs.seed
+        )
+        self._results["composite"] = out.composite
+        self._results["inverse_composite"] = out.inverse_composite
+        self._results["affine"] = out.affine
+        self._results["rough_mask"] = _save(
+            reg.to_nibabel(out.brain_mask_affine, np.uint8), runtime, "rough_brain_mask.nii.gz"
+        )
+        self._results["affine_correlation"] = out.affine_correlation
+        return runtime
+
+
+class _SegmentInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the T1w as in the dataset")
+    n4_file = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    inverse_composite = File(exists=True, mandatory=True, desc="MNI->T1w transform")
+    rough_mask = File(exists=True, mandatory=True, desc="generous brain mask")
+
+
+class _SegmentOutputSpec(TraitedSpec):
+    brain_mask = File(exists=True)
+    gm = File(exists=True, desc="GM fraction (T1w space)")
+    wm = File(exists=True, desc="WM fraction")
+    csf = File(exists=True, desc="CSF fraction")
+    dseg = File(exists=True, desc="labels: 1 GM, 2 WM, 3 CSF")
+    tissue_means = traits.Dict(desc="global tissue intensity means")
+
+
+class TissueSegmentation(SimpleInterface):
+    """Template brain mask and priors in the T1w, N4 in the brain, Atropos, partial volumes."""
+
+    input_spec = _SegmentInputSpec
+    output_spec = _SegmentOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        import nibabel as nb
+
+        from ..preproc import anat
+        from ..preproc import registration as reg
+
+        settings = _prepare(self.inputs)
+        t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
+        n4 = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.n4_file)).numpy())
+        rough = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.rough_mask)).numpy())
+        seg = anat.segment(
+            t1, n4, self.inputs.inverse_composite, rough, settings, Path(runtime.cwd)
+        )
+        for name in ("brain_mask", "gm", "wm", "csf", "dseg"):
+            self._results[name] = _save(getattr(seg, name), runtime, f"{name}.nii.gz")
+        self._results["tissue_means"] = {k: float(v) for k, v in seg.means.items()}
+        return runtime
+
+
+class _GridInputSpec(BaseInterfaceInputSpec):
+    composite = File(exists=True, mandatory=True, desc="T1w->MNI transform")
+    gm = File(exists=True, mandatory=True, desc="GM map in T1w space")
+    t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w (for QC)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _GridOutputSpec(TraitedSpec):
+    positions = File(exists=True, desc="T1w position of every grid voxel (.npy, 3x121x145x121)")
+    gm_mni = File(exists=True, desc="GM on the grid (wc1)")
+    gm_mni_modulated = File(exists=True, desc="modulated GM on the grid (mwc1)")
+    t1w_mni = File(exists=True, desc="T1w on the grid")
+    gm_volume_native_mm3 = traits.Float()
+    gm_volume_modulated_mm3 = traits.Float()
+
+
+class GridNormalization(SimpleInterface):
+    """The T1w->MNI map on the 121x145x121 grid; GM (plain and modulated) and T1w there."""
+
+    input_spec = _GridInputSpec
+    output_spec = _GridOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        import nibabel as nb
+
+        from ..data.templates import grid_image
+        from ..preproc import anat
+        from ..preproc import registration as reg
+
+        reg.set_threads(self.inputs.num_threads)
+        positions = anat.grid_positions(self.inputs.composite, Path(runtime.cwd))
+        path = os.path.join(runtime.cwd, "grid_positions.npy")
+        np.save(path, positions)
+        self._results["positions"] = path
+        gm = nb.load(self.inputs.gm)
+        wc1, mwc1 = anat.normalize_to_grid(gm, positions)
+        self._results["gm_mni"] = _save(grid_image(wc1), runtime, "gm_mni.nii.gz")
+        self._results["gm_mni_modulated"] = _save(grid_image(mwc1), runtime, "gm_mni_mod.nii.gz")
+        t1 = nb.load(self.inputs.t1w)
+        t1_grid = reg.sample_at(np.asanyarray(t1.dataobj, np.float32), t1.affine, positions)
+        self._results["t1w_mni"] = _save(grid_image(t1_grid), runtime, "t1w_mni.nii.gz")
+        voxel = abs(float(np.linalg.det(gm.affine[:3, :3])))
+        self._results["gm_volume_native_mm3"] = float(
+            np.asanyarray(gm.dataobj, np.float64).sum() * voxel
+        )
+        self._results["gm_volume_modulated_mm3"] = float(mwc1.sum(dtype=np.float64) * 1.5**3)
+        with open(os.path.join(runtime.cwd, "volumes.json"), "w") as handle:
+            json.dump(
+                {
+                    "native": self._results["gm_volume_native_mm3"],
+                    "modulated": self._results["gm_volume_modulated_mm3"],
+                },
+                handle,
+            )
+        return runtime

@@ -1,0 +1,94 @@
+"""The data sink: writes derivatives named by :data:`bids_siamfuse.bids.OUTPUTS`.
+
+A subclass of niworkflows' ``DerivativesDataSink`` that keeps its role in the graph (the node
+at the end of every branch, always rerun so a resumed run rewrites its derivatives from the
+cache) but names and writes files through :func:`bids_siamfuse.bids.save_output`: the name
+comes from the output key and the source entities (the T1w's subject/session for anatomical
+outputs, the PET pair's entities for PET outputs), the JSON sidecar is written before the data,
+and both are written atomically (temporary file, then rename), so an interrupted run never
+leaves a partial file under a final name. A derivative already written from the same work-
+directory file (newer than it, same sidecar) is left as it is, so a resumed run is quick.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+from niworkflows.interfaces.bids import DerivativesDataSink as _NiworkflowsSink
+
+from .. import bids
+
+
+class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = Directory(mandatory=True, desc="the derivatives root (OUTPUT_DIR)")
+    in_file = File(exists=True, mandatory=True, desc="the file to save")
+    output_key = traits.Enum(*bids.OUTPUTS, mandatory=True, desc="key of bids.OUTPUTS")
+    source_entities = traits.Dict(mandatory=True, desc="entities inherited from the input")
+    meta_dict = traits.Dict(desc="sidecar contents (no sidecar when undefined)")
+    data_dtype = Str(desc="NumPy dtype to store NIfTI data as (e.g. float32, uint8)")
+
+
+class _DerivativesDataSinkOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the derivative written")
+    out_meta = File(desc="its JSON sidecar")
+
+
+class DerivativesDataSink(_NiworkflowsSink):
+    """Save ``in_file`` as output ``output_key`` of ``bids.OUTPUTS`` (see module docstring)."""
+
+    input_spec = _DerivativesDataSinkInputSpec
+    output_spec = _DerivativesDataSinkOutputSpec
+    _always_run = True
+
+    def __init__(self, **inputs):
+        # niworkflows' constructor adds one input per BIDS entity; names come from OUTPUTS here
+        SimpleInterface.__init__(self, **inputs)
+
+    def _run_interface(self, runtime):
+        key = self.inputs.output_key
+        meta = dict(self.inputs.meta_dict) if isdefined(self.inputs.meta_dict) else None
+        dtype = np.dtype(self.inputs.data_dtype) if isdefined(self.inputs.data_dtype) else None
+        ext = bids.OUTPUTS[key]["extension"]
+        target = bids.output_path(self.inputs.base_directory, key, self.inputs.source_entities)
+        sidecar = target.with_name(target.name[: -len(ext)] + ".json")
+        self._results["out_file"] = str(target)
+        if meta is not None:
+            self._results["out_meta"] = str(sidecar)
+        if _up_to_date(target, sidecar, self.inputs.in_file, meta):
+            return runtime  # a resumed run: the derivative already holds this result
+        path = bids.save_output(
+            self.inputs.base_directory,
+            key,
+            self.inputs.in_file,
+            source=dict(self.inputs.source_entities),
+            meta=meta,
+            dtype=dtype,
+        )
+        self._results["out_file"] = str(path)
+        return runtime
+
+
+def _up_to_date(target: Path, sidecar: Path, in_file: str, meta: dict | None) -> bool:
+    """The derivative was written from this very file (newer than it) with this sidecar."""
+    try:
+        if not target.is_file() or target.stat().st_mtime < Path(in_file).stat().st_mtime:
+            return False
+        if meta is None:
+            return True
+        return json.loads(sidecar.read_text()) == json.loads(
+            json.dumps(meta, sort_keys=True, default=bids._json_default)
+        )
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,155 @@
+"""nipype interfaces of the PET workflow: thin wrappers of preproc.pet."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    traits,
+)
+
+
+class _PETReferenceInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the PET as in the dataset (3-D or 4-D)")
+    metadata = traits.Dict(desc="the PET's JSON sidecar (FrameDuration, FrameTimesStart)")
+    sloppy = traits.Bool(False, usedefault=True)
+    seed = traits.Int(42, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _PETReferenceOutputSpec(TraitedSpec):
+    ref_file = File(exists=True, desc="duration-weighted mean of the realigned frames")
+    motions = File(exists=True, desc="per-frame 4x4 RAS matrices, frame -> reference (.npy)")
+    motion_table = File(exists=True, desc="motion parameters per frame (TSV)")
+    n_frames = traits.Int()
+    notes = traits.List(Str)
+
+
+class PETReference(SimpleInterface):
+    """Realign the frames of a dynamic PET (static images pass through) and average them."""
+
+    input_spec = _PETReferenceInputSpec
+    output_spec = _PETReferenceOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        import nibabel as nb
+
+        from ..bids import save_table
+        from ..preproc import pet
+        from ..preproc import registration as reg
+
+        reg.set_threads(self.inputs.num_threads)
+        settings = reg.registration_settings(self.inputs.sloppy)
+        frames = pet.load_pet(self.inputs.in_file, dict(self.inputs.metadata or {}))
+        ref, motions = pet.realign(
+            frames,
+            settings,
+            Path(runtime.cwd),
+            passes=1 if self.inputs.sloppy else 2,
+            seed=self.inputs.seed,
+        )
+        img = nb.Nifti1Image(ref.astype(np.float32), frames.affine)
+        img.header.set_xyzt_units("mm")
+        self._results["ref_file"] = os.path.join(runtime.cwd, "petref.nii.gz")
+        img.to_filename(self._results["ref_file"])
+        self._results["motions"] = os.path.join(runtime.cwd, "motions.npy")
+        np.save(self._results["motions"], np.stack(motions))
+        positive = np.where(ref > 0, ref, 0.0)
+        idx = np.array(np.nonzero(positive > 0.3 * positive.max()), dtype=np.float64)
+        centre = reg.apply_matrix(frames.affine, idx).mean(axis=1)
+        table = pet.motion_table(frames, motions, centre)
+        self._results["motion_table"] = str(save_table(Path(runtime.cwd) / "motion.tsv", table))
+        self._results["n_frames"] = frames.n_frames
+        self._results["notes"] = list(frames.notes)
+        return runtime
+
+
+class _CoregisterInputSpec(BaseInterfaceInputSpec):
+    pet_ref = File(exists=True, mandatory=True, desc="PET reference image")
+    t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    brain_mask = File(exists=True, mandatory=True, desc="T1w brain mask")
+    sloppy = traits.Bool(False, usedefault=True)
+    seed = traits.Int(42, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _CoregisterOutputSpec(TraitedSpec):
+    itk_file = File(exists=True, desc="ITK transform (T1w points -> PET points; .txt)")
+    matrix = File(exists=True, desc="4x4 RAS matrix PET world -> T1w world (.npy)")
+
+
+class PETCoregister(SimpleInterface):
+    """Rigid PET -> T1w registration, Mattes mutual information."""
+
+    input_spec = _CoregisterInputSpec
+    output_spec = _CoregisterOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        import nibabel as nb
+
+        from ..preproc import pet
+        from ..preproc import registration as reg
+
+        reg.set_threads(self.inputs.num_threads)
+        settings = reg.registration_settings(self.inputs.sloppy)
+        matrix, itk_file = pet.coregister(
+            nb.load(self.inputs.pet_ref),
+            nb.load(self.inputs.t1w),
+            nb.load(self.inputs.brain_mask),
+            settings,
+            Path(runtime.cwd),
+            seed=self.inputs.seed,
+        )
+        self._results["itk_file"] = itk_file
+        self._results["matrix"] = os.path.join(runtime.cwd, "pet2t1w_ras.npy")
+        np.save(self._results["matrix"], matrix)
+        return runtime
+
+
+class _ToGridInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the PET as in the dataset")
+    metadata = traits.Dict(desc="the PET's JSON sidecar")
+    motions = File(exists=True, mandatory=True, desc="per-frame motion matrices (.npy)")
+    matrix = File(exists=True, mandatory=True, desc="PET -> T1w matrix (.npy)")
+    positions = File(exists=True, mandatory=True, desc="T1w position of each grid voxel (.npy)")
+    ref_region = traits.Enum("none", "cerebellum", usedefault=True)
+
+
+class _ToGridOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="intensity-normalized PET on the grid")
+    value = traits.Float(desc="normalization value (Bq/mL or the data's units)")
+    description = Str(desc="what the normalization did")
+
+
+class PETToGrid(SimpleInterface):
+    """PET to the 121x145x121 grid in one interpolation, then intensity normalization."""
+
+    input_spec = _ToGridInputSpec
+    output_spec = _ToGridOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..data.templates import grid_image
+        from ..preproc import pet
+
+        frames = pet.load_pet(self.inputs.in_file, dict(self.inputs.metadata or {}))
+        motions = list(np.load(self.inputs.motions))
+        if len(motions) != frames.n_frames:
+            raise ValueError(f"{len(motions)} motion matrices for {frames.n_frames} frames")
+        positions = np.load(self.inputs.positions)
+        data = pet.to_grid(frames, motions, np.load(self.inputs.matrix), positions)
+        normalized, value, description = pet.normalize(data, self.inputs.ref_region)
+        self._results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
+        grid_image(normalized).to_filename(self._results["out_file"])
+        self._results["value"] = float(value)
+        self._results["description"] = description
+        return runtime
