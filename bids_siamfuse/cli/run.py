@@ -204,6 +204,32 @@ def screen_pairs(plan):
     return plan
 
 
+def rebuild_reports(settings) -> int:
+    """``--reports-only``: rewrite the reports from the derivatives in OUTPUT_DIR, no compute."""
+    ex = settings.execution
+    out = Path(ex.output_dir)
+    bids_dir = Path(ex.bids_dir).absolute()
+    if ex.analysis_level == "participant":
+        from ..reports.participant import find_subjects
+        from ..workflows.base import write_participant_reports
+
+        subjects = find_subjects(out, ex.participant_label)
+        if not subjects:
+            raise NoInputError(
+                f"{out}: no sub-* derivatives"
+                + (" for --participant-label" if ex.participant_label else "")
+                + " to report on; run the participant level first"
+            )
+        prepare_output(settings)
+        written = write_participant_reports(out, subjects, bids_dir=bids_dir)
+        return 0 if len(written) == len(subjects) else EXIT_FAILURE
+    from ..workflows.model import write_group_reports
+
+    prepare_output(settings)
+    written = write_group_reports(out, bids_dir=bids_dir, strict=True)
+    return 0 if written is not None else EXIT_FAILURE
+
+
 def run(settings) -> int:
     ex = settings.execution
     if ex.analysis_level not in LEVELS:
@@ -214,6 +240,8 @@ def run(settings) -> int:
 
     bids.check_bids_root(ex.bids_dir)
     check_paths(settings)
+    if ex.reports_only:
+        return rebuild_reports(settings)
     if ex.analysis_level == "participant" and settings.workflow.model_only:
         # --model-only: apply --model to the region files already in OUTPUT_DIR, no nipype
         from ..workflows.model import plan_apply, run_apply

@@ -292,6 +292,12 @@ def run_participant(settings, plan) -> int:
         gc.unfreeze()
     status = pair_status(plan, output_dir, ex.run_uuid, error)
     _write_status(status, output_dir, ex.run_uuid)
+    write_participant_reports(
+        output_dir,
+        sorted({p.subject for p in plan.pairs}),
+        bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
+        workflow=workflow,
+    )
     failed = [s for s in status if s["status"] != "ok"]
     for row in status:
         if row["status"] == "ok":
@@ -317,6 +323,22 @@ def run_participant(settings, plan) -> int:
         LOGGER.error("the workflow did not finish: %s", error)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def write_participant_reports(output_dir: Path, subjects, *, bids_dir=None, workflow=None):
+    """Methods boilerplate (from ``workflow``) and ``OUT/sub-<label>.html`` per subject.
+
+    Runs after every run, crashed or not (the reports show what finished); never fatal.
+    """
+    from ..reports.boilerplate import participant_text, write_citation
+    from ..reports.participant import build_participant_reports
+
+    if workflow is not None:
+        try:
+            write_citation(Path(output_dir) / "logs", "participant", participant_text(workflow))
+        except Exception as exc:  # noqa: BLE001 - reports never change the exit code
+            LOGGER.warning("methods boilerplate not written: %s", exc)
+    return build_participant_reports(output_dir, subjects, bids_dir=bids_dir)
 
 
 def _route_nipype_logs() -> None:

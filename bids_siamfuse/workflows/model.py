@@ -232,7 +232,7 @@ def plan_group(settings) -> GroupPlan:
     subjects = np.array([f[1] for f in selected])
     cv.check_foldable(subjects, labels, mo.folds, classes)
     devices = cv.resolve_devices(ex.device, mo.gpus, mo.cpu_workers)
-    threads = cv.default_threads(devices, ex.omp_nthreads)
+    threads = cv.default_threads(devices, ex.omp_nthreads, ex.nprocs)
     train_kwargs = {
         "epochs": mo.epochs,
         "batch_size": mo.batch_size,
@@ -334,10 +334,13 @@ METRIC_DEFINITIONS = {
 }
 
 RELEVANCE_GROUP_TEXT = (
-    "Figure 7 relevance of the siamese-attention model: the absolute weights of the attention "
-    "module's first linear layer, summed over its hidden units and over the 20 MRI (or PET) "
-    "embedding features of each AAL region, divided by the total (MRI + PET sums to 1 over "
-    "regions), averaged over the cross-validation folds."
+    "Figure 7 relevance of the siamese-attention model, averaged over the cross-validation "
+    "folds. Default (columns mri, pet, combined; the maps): per embedding feature the effective "
+    "weight of the attention module, mean attention mask (training sessions) times the spread "
+    "of the linear classifier's weights between classes, summed over the 20 MRI (or PET) "
+    "features of each AAL region and divided by the total (MRI + PET sums to 1 over regions). "
+    "Columns *_first_layer: the paper's literal reading, the absolute weights of the attention "
+    "MLP's first linear layer summed over hidden units and features, normalized the same way."
 )
 ACTIVATION_TEXT = (
     "Figure 6 activation counts: per test session, the number of a region's 20 MRI (PET) "
@@ -419,7 +422,7 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
         ["repeat", "fold", "stage", "epoch", "train_loss", "val_loss"],
     )
     save_table(
-        folder / "relevance.tsv", _region_table(layout, result.relevance, cv.RELEVANCE_KEYS)
+        folder / "relevance.tsv", _region_table(layout, result.relevance, cv.RELEVANCE_ALL_KEYS)
     )
     written.append("relevance.tsv")
     save_table(
@@ -645,10 +648,43 @@ def run_group(settings, plan: GroupPlan, *, fit=None, config_cls=None) -> int:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    write_group_reports(plan.deriv_dir, bids_dir=plan.bids_dir)
     if not quiet:
         sys.stdout.write(format_summary(plan, result) + "\n")
     LOGGER.info("group level done in %.0f s", time.perf_counter() - t0)
     return 0
+
+
+def write_group_reports(
+    output_dir: Path, *, bids_dir: Path | None = None, strict: bool = False
+) -> Path | None:
+    """``OUT/group/report.html`` and the methods boilerplate from the task folders.
+
+    After training this is never fatal (the results are written: failures are logged);
+    ``--reports-only`` passes ``strict`` so that nothing to report on (exit 66) or an
+    unwritable folder (exit 73) ends the run with its code.
+    """
+    from ..reports.boilerplate import group_text, write_citation
+    from ..reports.group import build_group_report, find_tasks
+
+    try:
+        path = build_group_report(output_dir, bids_dir=bids_dir)
+        texts = []
+        for task in find_tasks(Path(output_dir) / "group"):
+            summary = task / "summary.json"
+            if summary.is_file():
+                texts.append(group_text(json.loads(summary.read_text())))
+        if texts:
+            write_citation(Path(output_dir) / "logs", "group", "\n".join(texts))
+        return path
+    except SiamFuseError as exc:
+        if strict:
+            raise
+        LOGGER.warning("group report not written: %s", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a report failure must not lose the results
+        LOGGER.warning("group report not written: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

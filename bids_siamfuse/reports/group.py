@@ -1,0 +1,378 @@
+"""The group report, ``OUT/group/report.html``: one section per task folder ``OUT/group/<task>/``.
+
+Everything shown is read back from the task folder's files (see DEVELOPERS.md, "Group-level
+outputs"), so the report can be rebuilt at any time (``--reports-only``) without training:
+
+- cohort (the paper's Table 1): N, sex, age and MMSE per class, from ``participants.tsv``
+  columns when present, for the subjects that entered the cross-validation;
+- metrics (Table 2): mean +- SD over folds of every method in ``metrics.tsv``;
+- ROC curves per fold and their mean (Figure 5), from ``roc.tsv``;
+- relevance (Figure 7) painted on the template, with the top regions named;
+- activation counts (Figure 6) for MRI, PET and fused, painted the same way; the per-region
+  maps are also written as NIfTI files (with sidecars) when the task folder lacks them;
+- the permutation histogram and p-value, the training curves, the settings and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+LOGGER = logging.getLogger("bids_siamfuse.reports")
+
+ACTIVATION_LABELS = (("mri", "MRI"), ("pet", "PET"), ("fused", "Fused"))
+RELEVANCE_LABELS = (("combined", "Combined"), ("mri", "MRI"), ("pet", "PET"))
+
+
+def _read_tsv(path: Path):
+    import pandas as pd
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return pd.read_csv(path, sep="\t", na_values=["n/a"])
+    except (ValueError, OSError) as exc:
+        LOGGER.warning("%s: unreadable (%s)", path, exc)
+        return None
+
+
+def _column(table, *names):
+    lower = {c.lower(): c for c in table.columns}
+    for name in names:
+        if name in lower:
+            return lower[name]
+    return None
+
+
+def cohort_table(participants, subjects_by_class: dict) -> dict:
+    """Table 1: per class N, sex counts, age and MMSE mean +- SD (the columns that exist).
+
+    ``participants``: DataFrame indexed by participant label; ``subjects_by_class``: class ->
+    subject labels. Returns ``{"columns": [...], "rows": [[...], ...]}``.
+    """
+    import pandas as pd
+
+    sex_col = _column(participants, "sex", "gender") if participants is not None else None
+    age_col = _column(participants, "age") if participants is not None else None
+    mmse_col = _column(participants, "mmse") if participants is not None else None
+    columns = ["class", "N"]
+    if sex_col:
+        columns.append("sex (M/F)")
+    if age_col:
+        columns.append("age (mean ± SD)")
+    if mmse_col:
+        columns.append("MMSE (mean ± SD)")
+    rows = []
+
+    def mean_sd(values):
+        values = pd.to_numeric(values, errors="coerce").dropna()
+        if values.empty:
+            return "n/a"
+        sd = f"{values.std(ddof=1):.1f}" if len(values) > 1 else "n/a"
+        return f"{values.mean():.1f} ± {sd}"
+
+    for label, subjects in subjects_by_class.items():
+        row = [label, str(len(subjects))]
+        sub = (
+            participants.loc[[s for s in subjects if s in participants.index]]
+            if participants is not None
+            else None
+        )
+        if sex_col:
+            sex = sub[sex_col].astype(str).str.strip().str.upper().str[:1]
+            row.append(f"{int((sex == 'M').sum())}/{int((sex == 'F').sum())}")
+        if age_col:
+            row.append(mean_sd(sub[age_col]))
+        if mmse_col:
+            row.append(mean_sd(sub[mmse_col]))
+        rows.append(row)
+    return {"columns": columns, "rows": rows}
+
+
+def metrics_table(metrics, model_method: str = "siamese_attention") -> dict:
+    """Table 2: mean +- SD (ddof 1) over folds per method, the model first."""
+    from ..model.cv import METRICS
+
+    names = [m for m in METRICS if m in metrics.columns]
+    methods = list(dict.fromkeys(metrics["method"]))
+    order = {m: i for i, m in enumerate(methods)}
+    methods.sort(key=lambda m: (m != model_method, order[m]))
+    rows = []
+    for method in methods:
+        part = metrics[metrics["method"] == method]
+        cells = []
+        for name in names:
+            values = part[name].dropna().astype(float)
+            if values.empty:
+                cells.append("n/a")
+            elif len(values) == 1:
+                cells.append(f"{values.iloc[0]:.3f}")
+            else:
+                cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+        rows.append({"method": method, "model": method == model_method, "cells": cells})
+    folds = int(metrics[["repeat", "fold"]].drop_duplicates().shape[0]) if len(metrics) else 0
+    return {"columns": names, "rows": rows, "folds": folds}
+
+
+def _paint(values: np.ndarray):
+    """Per-region values (atlas order) painted on the grid (0 outside the atlas)."""
+    from ..data.atlas import load_atlas
+
+    labels = load_atlas().labels
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.float32)
+    lut[1 : len(values) + 1] = np.nan_to_num(np.asarray(values, dtype=np.float32))
+    return lut[labels]
+
+
+@lru_cache(maxsize=1)
+def _template():
+    """The ICBM152 T1w on the grid (the background of every brain figure)."""
+    from ..data.templates import GRID_AFFINE, GRID_SHAPE, load_template
+    from ..preproc.registration import apply_matrix, sample_at
+
+    tpl = load_template("T1w")
+    idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
+    pts = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
+    return sample_at(np.asanyarray(tpl.dataobj, np.float32), tpl.affine, pts)
+
+
+def region_map_name(desc: str) -> str:
+    from ..bids import build_name
+    from ..data.templates import RES_LABEL, SPACE
+
+    return build_name(
+        {"space": SPACE, "segmentation": "AAL116", "resolution": RES_LABEL, "desc": desc},
+        "stat",
+        ".nii.gz",
+    )
+
+
+def write_activation_maps(folder: Path, activations, classes) -> list[str]:
+    """Figure 6 counts painted on the grid, one NIfTI (+ JSON) per modality, if missing."""
+    from ..bids import save_image, save_json
+    from ..data.templates import grid_image
+
+    written = []
+    for key, label in ACTIVATION_LABELS:
+        if key not in activations or activations[key].isna().all():
+            continue
+        name = region_map_name(f"activation{label}")
+        path = Path(folder) / name
+        if path.is_file():
+            continue
+        top = 40 if key == "fused" else 20
+        save_json(
+            path.with_name(name.replace(".nii.gz", ".json")),
+            {
+                "Description": "Figure 6 activation counts: per test session, the number of an "
+                f"AAL region's {'MRI and PET' if key == 'fused' else key.upper()} embedding "
+                "features whose attention mask (sigmoid output) exceeds 0.9, mean over every "
+                "test session of every cross-validation fold. Every voxel of a region holds the "
+                "region's value; 0 outside the atlas.",
+                "Units": f"features (0..{top})",
+                "Modality": key,
+                "Atlas": "AAL116",
+                "Classes": list(classes),
+                "Table": "activations.tsv",
+            },
+        )
+        save_image(path, grid_image(_paint(activations[key].to_numpy())), space_code=4)
+        written.append(name)
+    return written
+
+
+def _brain_figure(table, labels, background, *, title, unit, cmap):
+    """One PNG (data URI): a row of axial slices per modality of ``table``, or None."""
+    from ..data.templates import GRID_AFFINE
+    from . import figures
+    from .html import png_uri
+
+    rows = [
+        (label, _paint(table[key].to_numpy()))
+        for key, label in labels
+        if key in table and not table[key].isna().all()
+    ]
+    if not rows:
+        return None
+    return png_uri(
+        figures.region_rows(background, rows, GRID_AFFINE, title=title, cmap=cmap, unit=unit, n=8)
+    )
+
+
+def _top(table, key: str, n: int = 10) -> list[dict]:
+    if table is None or key not in table:
+        return []
+    order = table.sort_values(key, ascending=False).head(n)
+    cols = [c for c in table.columns if c not in ("index", "name")]
+    return [
+        {"rank": i + 1, "index": int(r["index"]), "name": r["name"], **{c: r[c] for c in cols}}
+        for i, (_, r) in enumerate(order.iterrows())
+    ]
+
+
+def task_section(folder: Path, background, *, bids_dir: Path | None) -> dict:
+    """Everything the template shows for one task folder."""
+    from ..model.cv import MODEL_METHOD
+    from . import figures
+    from .html import png_uri
+
+    folder = Path(folder)
+    summary = {}
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+    classes = summary.get("classes") or folder.name.split("_vs_")
+    section = {"name": folder.name, "classes": classes, "summary": summary, "missing": []}
+    metrics = _read_tsv(folder / "metrics.tsv")
+    roc = _read_tsv(folder / "roc.tsv")
+    predictions = _read_tsv(folder / "predictions.tsv")
+    relevance = _read_tsv(folder / "relevance.tsv")
+    activations = _read_tsv(folder / "activations.tsv")
+    history = _read_tsv(folder / "history.tsv")
+    permutation = _read_tsv(folder / "permutation.tsv")
+    for name, table in (
+        ("metrics.tsv", metrics),
+        ("roc.tsv", roc),
+        ("predictions.tsv", predictions),
+        ("relevance.tsv", relevance),
+        ("activations.tsv", activations),
+        ("history.tsv", history),
+    ):
+        if table is None:
+            section["missing"].append(name)
+
+    # Table 1: the subjects that entered the CV, per class
+    if predictions is not None and len(predictions):
+        model_rows = predictions[predictions["method"] == MODEL_METHOD]
+        if model_rows.empty:
+            model_rows = predictions
+        firsts = model_rows.drop_duplicates("participant_id")
+        by_class = {
+            c: sorted(
+                str(s).removeprefix("sub-")
+                for s in firsts.loc[firsts["true"].astype(str) == c, "participant_id"]
+            )
+            for c in classes
+        }
+        participants = None
+        if bids_dir is not None and (Path(bids_dir) / "participants.tsv").is_file():
+            from ..bids import read_participants
+
+            try:
+                participants = read_participants(
+                    bids_dir, summary.get("label_column", "diagnosis"), required=False
+                )
+            except Exception as exc:  # noqa: BLE001 - the cohort table is optional
+                LOGGER.warning("participants.tsv unreadable for the report: %s", exc)
+        section["cohort"] = cohort_table(participants, by_class)
+        sessions = model_rows.groupby("true")["session"].size().to_dict()
+        section["cohort"]["sessions"] = {str(k): int(v) for k, v in sessions.items()}
+    if metrics is not None and len(metrics):
+        section["metrics"] = metrics_table(metrics, MODEL_METHOD)
+    if roc is not None and len(roc):
+        positive = summary.get("positive_class")
+        if "class" in roc and positive:
+            roc = roc[roc["class"].astype(str) == str(positive)]
+        baselines = [m for m in ("svm_both", "logreg_both") if m in set(roc["method"])]
+        section["roc"] = png_uri(
+            figures.roc_figure(
+                roc,
+                MODEL_METHOD,
+                title=f"ROC of {MODEL_METHOD} per fold and mean"
+                + (f" ({positive} positive)" if positive else ""),
+                baselines=baselines,
+            )
+        )
+    if relevance is not None:
+        section["relevance_map"] = _brain_figure(
+            relevance,
+            RELEVANCE_LABELS,
+            background,
+            title="Relevance (Figure 7)",
+            unit="fraction of total relevance",
+            cmap="hot",
+        )
+        section["relevance_top"] = _top(relevance, "combined")
+    if activations is not None:
+        try:
+            section["written"] = write_activation_maps(folder, activations, classes)
+        except Exception as exc:  # noqa: BLE001 - report even when the folder is read-only
+            LOGGER.warning("%s: activation maps not written (%s)", folder, exc)
+        section["activation_map"] = _brain_figure(
+            activations,
+            ACTIVATION_LABELS,
+            background,
+            title="Activation counts (Figure 6)",
+            unit="features with mask > 0.9",
+            cmap="viridis",
+        )
+        section["activation_top"] = _top(activations, "fused")
+    perm = summary.get("permutation")
+    if permutation is not None and len(permutation):
+        observed = summary.get("balanced_accuracy", {})
+        observed = observed.get("mean") if isinstance(observed, dict) else observed
+        if observed is None and metrics is not None:
+            observed = float(
+                metrics.loc[metrics["method"] == MODEL_METHOD, "balanced_accuracy"].mean()
+            )
+        p_value = (perm or {}).get("p_value")
+        if p_value is None and observed is not None:
+            null = permutation["balanced_accuracy"].to_numpy(dtype=float)
+            p_value = float((1 + np.sum(null >= observed)) / (1 + null.size))
+        section["permutation"] = {
+            "n": int(len(permutation)),
+            "p_value": p_value,
+            "observed": observed,
+            "uri": png_uri(
+                figures.permutation_figure(
+                    permutation["balanced_accuracy"].to_numpy(dtype=float), observed, p_value
+                )
+            ),
+        }
+    if history is not None and len(history):
+        section["history"] = png_uri(figures.history_figure(history))
+    section["settings"] = json.dumps(
+        {k: summary[k] for k in ("cross_validation", "training", "devices") if k in summary},
+        indent=2,
+        default=str,
+    )
+    section["versions"] = summary.get("versions", {})
+    section["timing"] = summary.get("timing_s", {})
+    section["run_settings"] = json.dumps(summary.get("settings", {}), indent=2, default=str)
+    section["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return section
+
+
+def find_tasks(group_dir: Path) -> list[Path]:
+    """Complete task folders (hidden staging folders excluded)."""
+    group_dir = Path(group_dir)
+    if not group_dir.is_dir():
+        return []
+    return sorted(
+        p
+        for p in group_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "metrics.tsv").is_file()
+    )
+
+
+def build_group_report(output_dir: Path, *, bids_dir: Path | None = None) -> Path:
+    """Write ``OUT/group/report.html`` from every task folder; returns its path.
+
+    Raises :class:`~bids_siamfuse.errors.NoInputError` when ``OUT/group`` holds no task.
+    """
+    from ..errors import NoInputError
+    from .html import render, write_html
+
+    group_dir = Path(output_dir) / "group"
+    tasks = find_tasks(group_dir)
+    if not tasks:
+        raise NoInputError(f"{group_dir}: no group results (run the group level first)")
+    background = _template()
+    sections = [task_section(t, background, bids_dir=bids_dir) for t in tasks]
+    html = render("report_group.html.j2", tasks=sections, output_dir=str(output_dir))
+    path = write_html(group_dir / "report.html", html)
+    LOGGER.info("group report: %s", path)
+    return path

@@ -1,0 +1,318 @@
+"""The participant report, ``OUT/sub-<label>.html`` (NiPreps style, one section per session).
+
+Built only from what is on disk under ``OUT/sub-<label>/`` (and the raw dataset for the
+summary), so it can be written after a crashed run (showing what finished and what failed) and
+rebuilt with ``--reports-only``:
+
+- summary: the input files, sessions, tracer, PET frames, and the status of every pair in the
+  latest ``OUT/logs/participant-<run>.tsv`` (crash files named);
+- the workflow's reportlets (``figures/``): segmentation, T1w->MNI, PET->T1w, PET on the grid,
+  AAL outlines over the subject's GM;
+- when a model bundle was applied: the class probabilities and the per-region relevance (MRI,
+  PET, combined) on template slices, written as a reportlet (``figures/*_desc-relevance_stat.png``)
+  and as a ranked table with the AAL names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+LOGGER = logging.getLogger("bids_siamfuse.reports")
+
+#: reportlets of a session, in report order: (filename pattern, title, caption)
+REPORTLETS = (
+    (
+        r"_desc-seg_dseg\.svg$",
+        "Brain mask and tissue segmentation",
+        "Outlines of the brain mask (red), white matter (blue) and grey matter (magenta) over "
+        "the bias-corrected T1w.",
+    ),
+    (
+        r"_desc-t1w2mni_T1w\.svg$",
+        "Spatial normalization of the T1w",
+        "Hover to flicker between the ICBM152 2009a template and the T1w on the 1.5 mm MNI grid; "
+        "the template brain outline is drawn on both.",
+    ),
+    (
+        r"_desc-regions_dseg\.svg$",
+        "Region extraction (AAL116 over the subject's GM)",
+        "The modulated grey-matter map on the MNI grid with the outlines of the 116 AAL regions "
+        "that are cropped for the model.",
+    ),
+    (
+        r"_desc-coreg_pet\.svg$",
+        "PET to T1w coregistration",
+        "Hover to flicker between the T1w and the PET reference resampled into it; white-matter "
+        "outline on both.",
+    ),
+    (
+        r"_space-[^_]+_desc-pet_pet\.svg$",
+        "PET in MNI space",
+        "The intensity-normalized PET on the MNI grid with the template brain outline (red).",
+    ),
+)
+
+_ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
+
+
+def entities(name: str) -> dict:
+    """``{"sub": "01", "ses": "02", ...}`` of a BIDS file name."""
+    stem = name.split(".")[0]
+    return {k: v for k, v in _ENTITY.findall(stem.rsplit("_", 1)[0] if "_" in stem else stem)}
+
+
+def _session_of(path: Path) -> str:
+    return entities(path.name).get("ses", "")
+
+
+def latest_status(output_dir: Path, subject: str) -> tuple[list[dict], str]:
+    """The subject's rows of the newest ``logs/participant-*.tsv`` and that file's name."""
+    import pandas as pd
+
+    logs = sorted(
+        Path(output_dir, "logs").glob("participant-*.tsv"), key=lambda p: p.stat().st_mtime
+    )
+    for path in reversed(logs):
+        try:
+            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        except (ValueError, OSError):
+            continue
+        rows = table[table.get("subject", pd.Series(dtype=str)) == subject]
+        if len(rows):
+            return rows.to_dict("records"), path.name
+    return [], ""
+
+
+def _raw_files(bids_dir: Path | None, subject: str, session: str) -> list[dict]:
+    """The raw T1w and PET images of a session, with the PET frame count from its header."""
+    if bids_dir is None:
+        return []
+    import nibabel as nb
+
+    folder = Path(bids_dir) / f"sub-{subject}"
+    if session:
+        folder /= f"ses-{session}"
+    out = []
+    for datatype in ("anat", "pet"):
+        for path in sorted((folder / datatype).glob("*.nii*")):
+            if path.name.startswith("."):
+                continue
+            row = {"file": str(path.relative_to(bids_dir)), "datatype": datatype, "info": ""}
+            try:
+                shape = nb.load(str(path)).shape
+                frames = shape[3] if len(shape) > 3 else 1
+                row["info"] = "x".join(map(str, shape[:3])) + (
+                    f", {frames} frame(s)" if datatype == "pet" else ""
+                )
+            except Exception as exc:  # noqa: BLE001 - a summary, never fatal
+                row["info"] = f"unreadable header ({exc})"
+            out.append(row)
+    return out
+
+
+def _relevance_reportlet(table, out_dir: Path, source: dict, background) -> Path:
+    """Relevance (combined, MRI, PET) on template slices, saved as a figures derivative."""
+    import uuid
+
+    from ..bids import save_derivative
+    from ..data.templates import GRID_AFFINE
+    from . import figures
+    from .group import _paint
+
+    rows = [
+        (label, _paint(table[key].to_numpy()))
+        for key, label in (("combined", "combined"), ("mri", "MRI"), ("pet", "PET"))
+        if key in table
+    ]
+    png = figures.region_rows(
+        background,
+        rows,
+        GRID_AFFINE,
+        title="Region relevance of this session's prediction",
+        cmap="hot",
+        unit="fraction of the session's relevance",
+        n=8,
+    )
+    tmp = Path(out_dir) / f".relevance-{uuid.uuid4().hex[:8]}.png"
+    tmp.write_bytes(png)
+    try:
+        return save_derivative(
+            out_dir,
+            tmp,
+            source=source,
+            datatype="figures",
+            suffix="stat",
+            extension=".png",
+            desc="relevance",
+            segmentation="AAL116",
+        )
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _model_section(pet_dir: Path, output_dir: Path, background) -> list[dict]:
+    """One entry per applied model output (``*_desc-diagnosis_probs.tsv``) in ``pet_dir``."""
+    import pandas as pd
+
+    from . import figures
+    from .html import png_uri
+
+    out = []
+    for probs_path in sorted(pet_dir.glob("*_desc-diagnosis_probs.tsv")):
+        prefix = probs_path.name[: -len("_desc-diagnosis_probs.tsv")]
+        entry = {"prefix": prefix}
+        try:
+            probs = pd.read_csv(probs_path, sep="\t")
+            classes = [c.removeprefix("prob_") for c in probs.columns if c.startswith("prob_")]
+            values = [float(probs.iloc[0][f"prob_{c}"]) for c in classes]
+            predicted = str(
+                probs.iloc[0].get(
+                    "predicted", classes[int(max(range(len(values)), key=values.__getitem__))]
+                )
+            )
+            entry.update(classes=list(zip(classes, values)), predicted=predicted)
+            entry["probs_uri"] = png_uri(figures.probability_figure(classes, values, predicted))
+            sidecar = probs_path.with_suffix(".json")
+            if sidecar.is_file():
+                meta = json.loads(sidecar.read_text())
+                model = meta.get("Model", {}) or {}
+                entry["model"] = {
+                    "bundle": model.get("Bundle"),
+                    "sha": (model.get("WeightsSHA256") or "")[:12],
+                    "ba": (model.get("CrossValidatedBalancedAccuracy") or {}).get("mean"),
+                }
+        except Exception as exc:  # noqa: BLE001 - show what is broken, keep the report
+            entry["error"] = f"{probs_path.name}: {exc}"
+        rel_path = pet_dir / f"{prefix}_seg-AAL116_desc-relevance_stat.tsv"
+        if rel_path.is_file():
+            try:
+                table = pd.read_csv(rel_path, sep="\t", na_values=["n/a"])
+                ranked = table.sort_values("combined", ascending=False).head(15)
+                entry["ranked"] = [
+                    {"rank": i + 1, **row}
+                    for i, (_, row) in enumerate(
+                        ranked[["index", "name", "combined", "mri", "pet"]].iterrows()
+                    )
+                ]
+                source = {
+                    {"sub": "subject", "ses": "session", "trc": "tracer"}.get(k, k): v
+                    for k, v in entities(prefix + "_x").items()
+                }
+                figure = _relevance_reportlet(table, output_dir, source, background)
+                entry["relevance_figure"] = str(figure.relative_to(output_dir))
+                entry["relevance_uri"] = png_uri(figure.read_bytes())
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"{rel_path.name}: {exc}"
+        else:
+            entry.setdefault("error", f"{rel_path.name} missing")
+        out.append(entry)
+    return out
+
+
+def subject_sections(output_dir: Path, subject: str, *, bids_dir=None, background=None):
+    """Per session: raw files, reportlets found, model outputs."""
+    from .html import inline_svg
+
+    output_dir = Path(output_dir)
+    sub_dir = output_dir / f"sub-{subject}"
+    figures = sorted((sub_dir / "figures").glob("*.svg")) if sub_dir.is_dir() else []
+    sessions = sorted({_session_of(p) for p in figures})
+    ses_dirs = sorted(p.name[4:] for p in sub_dir.glob("ses-*") if p.is_dir())
+    raw_sessions = []
+    if bids_dir is not None:
+        raw_sessions = sorted(
+            p.name[4:] for p in (Path(bids_dir) / f"sub-{subject}").glob("ses-*") if p.is_dir()
+        )
+    sessions = sorted(set(sessions) | set(ses_dirs) | set(raw_sessions)) or [""]
+    out = []
+    for session in sessions:
+        section = {"session": session, "reportlets": [], "missing": [], "model": []}
+        section["raw"] = _raw_files(bids_dir, subject, session)
+        mine = [p for p in figures if _session_of(p) == session]
+        for pattern, title, caption in REPORTLETS:
+            found = [p for p in mine if re.search(pattern, p.name)]
+            if not found:
+                section["missing"].append(title)
+            for path in found:
+                item = {"title": title, "caption": caption, "file": path.name}
+                try:
+                    item["svg"] = inline_svg(path)
+                except (OSError, ValueError) as exc:
+                    item["error"] = str(exc)
+                ents = entities(path.name)
+                if "trc" in ents:
+                    item["title"] += f" (tracer {ents['trc']})"
+                section["reportlets"].append(item)
+        pet_dir = sub_dir / (f"ses-{session}" if session else "") / "pet"
+        tracers = sorted(
+            {entities(p.name).get("trc", "") for p in pet_dir.glob("*.nii.gz")} - {""}
+        )
+        section["tracers"] = tracers or sorted(
+            {entities(r["file"].rsplit("/", 1)[-1]).get("trc", "") for r in section["raw"]} - {""}
+        )
+        if pet_dir.is_dir():
+            if background is None and any(pet_dir.glob("*_desc-diagnosis_probs.tsv")):
+                from .group import _template
+
+                background = _template()
+            section["model"] = _model_section(pet_dir, output_dir, background)
+        section["derivatives"] = sorted(
+            str(p.relative_to(output_dir))
+            for p in (sub_dir / (f"ses-{session}" if session else "")).glob("*/*")
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".json")
+        )
+        out.append(section)
+    return out
+
+
+def build_participant_report(
+    output_dir: Path, subject: str, *, bids_dir: Path | None = None, background=None
+) -> Path:
+    """Write ``OUT/sub-<subject>.html``; returns its path."""
+    from .html import render, write_html
+
+    output_dir = Path(output_dir)
+    subject = subject.removeprefix("sub-")
+    sections = subject_sections(output_dir, subject, bids_dir=bids_dir, background=background)
+    status, status_file = latest_status(output_dir, subject)
+    crashes = sorted(
+        str(p.relative_to(output_dir))
+        for p in (output_dir / f"sub-{subject}" / "log").glob("*/crash-*")
+    )
+    html = render(
+        "report_participant.html.j2",
+        subject=subject,
+        sessions=sections,
+        status=status,
+        status_file=status_file,
+        crashes=crashes,
+        failed=[r for r in status if r.get("status") != "ok"],
+    )
+    path = write_html(output_dir / f"sub-{subject}.html", html)
+    LOGGER.info("participant report: %s", path)
+    return path
+
+
+def find_subjects(output_dir: Path, participant_label=None) -> list[str]:
+    subjects = sorted(p.name[4:] for p in Path(output_dir).glob("sub-*") if p.is_dir())
+    if participant_label:
+        wanted = {s.removeprefix("sub-") for s in participant_label}
+        subjects = [s for s in subjects if s in wanted]
+    return subjects
+
+
+def build_participant_reports(
+    output_dir: Path, subjects=None, *, bids_dir: Path | None = None
+) -> list[Path]:
+    """Reports of ``subjects`` (default: every ``sub-*`` folder); a failure is logged, skipped."""
+    subjects = list(subjects) if subjects else find_subjects(output_dir)
+    written = []
+    for subject in subjects:
+        try:
+            written.append(build_participant_report(output_dir, subject, bids_dir=bids_dir))
+        except Exception as exc:  # noqa: BLE001 - one broken report must not hide the others
+            LOGGER.error("sub-%s: report not written (%s: %s)", subject, type(exc).__name__, exc)
+    return written
