@@ -64,9 +64,10 @@ class FittedModel:
         r = self.layout.n_regions
         return np.repeat(np.stack([f[:, :r], f[:, r:]], -1), 20, axis=-1)
 
-    def relevance(self) -> dict:
+    def relevance(self, source: str = "effective") -> dict:
         r = self.layout.n_regions
-        w = np.abs(self.coef).sum(0)
+        w = np.abs(self.coef).sum(0) if source == "effective" else (self.coef**2).sum(0)
+        w = w / w.sum()  # the real model's contract: mri + pet sums to 1 over regions
         return {"mri": w[:r], "pet": w[r:], "combined": w[:r] + w[r:]}
 
     def activation_counts(self, data) -> dict:

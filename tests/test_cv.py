@@ -348,6 +348,12 @@ def test_resolve_devices_on_cpu():
     assert cv.resolve_devices("cpu") == ["cpu"]
     assert cv.resolve_devices("cpu", cpu_workers=3) == ["cpu", "cpu", "cpu"]
     assert cv.default_threads(["cpu", "cpu"], 0) >= 1
+    # CPU threads are explicit (an exported OMP_NUM_THREADS=1 must not decide them)
+    assert cv.default_threads(["cpu"], 0, nprocs=6) == 6
+    assert cv.default_threads(["cpu"], 0, nprocs=32) == 8
+    assert cv.default_threads(["cpu"] * 3, 0, nprocs=6) == 2
+    assert cv.default_threads(["cpu"], 3, nprocs=6) == 3
+    assert cv.default_threads(["cuda:0", "cuda:1"], 0, nprocs=6) is None
     import torch
 
     if not torch.cuda.is_available():

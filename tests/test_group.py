@@ -138,6 +138,9 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     rel = pd.read_csv(task / "relevance.tsv", sep="\t")
     layout = regions.atlas_layout()
     assert rel.name.tolist() == list(layout.names)
+    for suffix in ("", "_first_layer"):  # both Figure 7 readings, each a distribution
+        assert np.isclose(rel[f"combined{suffix}"].sum(), 1.0)
+        assert np.allclose(rel[f"mri{suffix}"] + rel[f"pet{suffix}"], rel[f"combined{suffix}"])
     import nibabel as nb
 
     img = nb.load(
@@ -363,6 +366,7 @@ def test_model_only_writes_outputs(ds, double, double_bundle, cohort, capsys):
         assert np.allclose(layout.region_means(vals), rel[col], rtol=1e-5)
         meta = json.loads((nii.parent / nii.name.replace(".nii.gz", ".json")).read_text())
         assert "Description" in meta and meta["Modality"] == col
+        assert (pet / meta["Table"]).is_file()  # the map names its table
     # same numbers as the model applied directly
     model = bundles.load_bundle(double_bundle).model(model_cls=md.FittedModel)
     row = np.flatnonzero(cohort.subjects == subject)[0]

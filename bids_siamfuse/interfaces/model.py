@@ -113,7 +113,7 @@ def write_model_outputs(out_dir: Path, source: dict, result: dict, bundle, regio
     """Write the outputs of :func:`predict_region_file`; ``{output key: path}``."""
     import pandas as pd
 
-    from ..bids import save_output
+    from ..bids import output_path, save_output
     from ..data.templates import grid_image
 
     classes = list(bundle.classes)
@@ -160,6 +160,7 @@ def write_model_outputs(out_dir: Path, source: dict, result: dict, bundle, regio
             "Modality": key,
             "Atlas": "AAL116",
             "Model": model,
+            "Table": output_path(out_dir, "model_relevance", source).name,
             "Sources": sources,
         }
         img = grid_image(layout.paint(rel[key]))

@@ -79,6 +79,10 @@ BASELINES = {
 }
 METRICS = ("balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 RELEVANCE_KEYS = ("mri", "pet", "combined")
+#: The paper's literal Figure 7 reading (|W| of the attention MLP's first layer), kept beside
+#: the default effective-weight relevance (see :mod:`.attention`).
+FIRST_LAYER_SUFFIX = "_first_layer"
+RELEVANCE_ALL_KEYS = RELEVANCE_KEYS + tuple(k + FIRST_LAYER_SUFFIX for k in RELEVANCE_KEYS)
 ACTIVATION_KEYS = ("mri", "pet", "fused")
 #: Fields of ``train.TrainConfig`` that the caller may set (seed, device, progress are per task).
 TRAIN_FIELDS = (
@@ -347,9 +351,7 @@ def run_task(
         tensors, meta = model.state()
         out["meta"] = meta
         out["standardizer"] = model.standardizer.to_dict()
-        out["relevance"] = {
-            k: np.asarray(v, dtype=np.float64) for k, v in model.relevance().items()
-        }
+        out["relevance"] = _relevance(model)
         out["history"] = list(model.history)
         if state_dir is None:
             out["tensors"] = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -362,15 +364,21 @@ def run_task(
     out["proba"] = np.asarray(model.predict_proba(test), dtype=np.float64)
     if task.details:
         out["history"] = list(model.history)
-        out["relevance"] = {
-            k: np.asarray(v, dtype=np.float64) for k, v in model.relevance().items()
-        }
+        out["relevance"] = _relevance(model)
         counts = model.activation_counts(test)
         out["activation_sum"] = {
             k: np.asarray(v, dtype=np.float64).sum(0) for k, v in counts.items()
         }
         out["activation_n"] = len(test)
     return out
+
+
+def _relevance(model) -> dict[str, np.ndarray]:
+    """Figure 7 both ways: effective weights (default keys) and first-layer ``|W|``."""
+    rel = {k: np.asarray(v, dtype=np.float64) for k, v in model.relevance().items()}
+    for k, v in model.relevance(source="first_layer").items():
+        rel[k + FIRST_LAYER_SUFFIX] = np.asarray(v, dtype=np.float64)
+    return rel
 
 
 def _set_threads(threads: int | None) -> int | None:
@@ -770,7 +778,7 @@ def cross_validate(
     res = CVResult(classes=classes)
     subjects = np.asarray(data.subjects).astype(str)
     sessions = np.asarray(data.sessions).astype(str)
-    rel_sum = {k: 0.0 for k in RELEVANCE_KEYS}
+    rel_sum = {k: 0.0 for k in RELEVANCE_ALL_KEYS}
     act_sum: dict = {}
     act_n = 0
     n_rel = 0
@@ -835,7 +843,7 @@ def cross_validate(
             )
         if "relevance" in out:
             res.fold_relevance[(task.repeat, task.fold)] = out["relevance"]
-            for k in RELEVANCE_KEYS:
+            for k in RELEVANCE_ALL_KEYS:
                 rel_sum[k] = rel_sum[k] + out["relevance"][k]
             n_rel += 1
         if "activation_sum" in out:
@@ -872,11 +880,17 @@ def cross_validate(
     return res
 
 
-def default_threads(devices: list[str], omp_nthreads: int = 0) -> int | None:
-    """Torch threads per worker: ``--omp-nthreads`` when given, else (several CPU workers) the
-    CPUs shared out between them, else torch's default."""
+def default_threads(devices: list[str], omp_nthreads: int = 0, nprocs: int = 0) -> int | None:
+    """Torch threads per worker: ``--omp-nthreads`` when given; else on CPU the CPUs
+    (``--nprocs``, default all) shared out between the workers, at most 8 each (the
+    ``--omp-nthreads`` default); on GPUs torch's default.
+
+    Explicit on CPU, because containers and batch systems often export ``OMP_NUM_THREADS=1``,
+    which would otherwise leave a single-process CPU training on one core.
+    """
     if omp_nthreads:
         return int(omp_nthreads)
-    if len(devices) > 1 and devices[0] == "cpu":
-        return max(1, (os.cpu_count() or 1) // len(devices))
+    if devices and devices[0] == "cpu":
+        cpus = int(nprocs or os.cpu_count() or 1)
+        return max(1, min(8, cpus // len(devices)))
     return None
