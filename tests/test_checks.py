@@ -61,6 +61,9 @@ CASES = [
     ("singular", lambda p: _img(p, good(), np.diag([1.0, 0.0, 1.0, 1.0])), "T1w", "singular"),
     ("sheared", lambda p: _img(p, good(), _shear()), "PET", "sheared affine"),
     ("huge_zoom", lambda p: _img(p, good(), np.diag([50.0, 1, 1, 1])), "T1w", "implausible"),
+    ("nan_affine", lambda p: _img(p, good(), np.diag([1.0, np.nan, 1, 1])), "PET", "NaN or inf"),
+    ("5d_pet", lambda p: _img(p, good((8, 9, 10, 2, 2))), "PET", "expected 3-D or 4-D"),
+    ("empty_file", lambda p: p.write_bytes(b"") or p, "T1w", "not a readable NIfTI"),
 ]
 
 
