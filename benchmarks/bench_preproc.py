@@ -7,11 +7,13 @@
 
 1. Generates a synthetic cohort (``bids_siamfuse-synth``; skull, scalp, neck, RAS/LAS/LPS/PIR
    storage, oblique grids, bias fields) unless ``--dataset`` names one.
-2. **Cost**: runs ``bids_siamfuse DS OUT participant --participant-label <first subject>``
-   (one T1w + its PET, a fresh work directory each time) ``--repeats`` times with the default
-   settings and as many with ``--sloppy`` (the baseline), interleaved, and reports the median
-   wall time and the peak resident memory of the whole process tree (sampled from /proc every
-   0.2 s; nipype's worker processes included), with the load average.
+2. **Cost**: runs ``bids_siamfuse DS OUT participant --participant-label <first subject>
+   --session-label <its first session>`` (one T1w + its PET, a fresh work directory each
+   time) ``--repeats`` times with the default settings and as many with ``--sloppy`` (the
+   baseline), interleaved, and reports the median wall time, the CPU time (user + system, of
+   the whole process tree: a contention-free estimate of the wall time is CPU / cores) and
+   the peak resident memory of the whole process tree (sampled from /proc every 0.2 s;
+   nipype's worker processes included), with the load average.
 3. **Accuracy**: runs every session once with each setting and scores the derivatives against
    the truth (``benchmarks/preproc_scoring.py``): T1w->MNI displacement error inside the brain,
    GM Dice, modulated GM volume error, PET->T1w error.
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,6 +71,7 @@ def _tree_rss_kb(root: int) -> int:
 def run_cli(args: list[str], env: dict) -> dict:
     """Run a command; wall time, exit code and peak process-tree RSS."""
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = [0]
@@ -82,14 +86,28 @@ def run_cli(args: list[str], env: dict) -> dict:
     output, _ = proc.communicate()
     seconds = time.perf_counter() - t0
     watcher.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # nipype's workers included
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "seconds": seconds,
+        "cpu_s": cpu,
         "code": proc.returncode,
         "peak_rss_gb": peak[0] / 1024**2,
         "load_before": load,
         "load_after": os.getloadavg()[0],
         "tail": output.decode(errors="replace").strip().splitlines()[-3:],
     }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def participant_cmd(ds, out, work, extra) -> list[str]:
@@ -127,12 +145,14 @@ def main(argv=None) -> int:
                    "--pet-frames", str(args.pet_frames), "--preprocessed", "-q"]  # fmt: skip
             subprocess.run(cmd, env=env, check=True)
     todo = sessions(ds)
-    first = todo[0][0]
+    first, first_ses = todo[0]
+    one = ["--participant-label", first] + (["--session-label", first_ses] if first_ses else [])
     info = {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "cpu_model": _cpu_model(),
         },
         "dataset": str(ds),
         "sessions": len(todo),
@@ -148,12 +168,13 @@ def main(argv=None) -> int:
             run_dir = root / f"time_{mode}_{r}"
             res = run_cli(
                 participant_cmd(ds, run_dir / "out", run_dir / "work",
-                                [*common, *extra, "--participant-label", first]),
+                                [*common, *extra, *one]),
                 env,
             )  # fmt: skip
             timing[mode].append(res)
             print(
-                f"[time] {mode:8s} run {r}: {res['seconds']:6.1f} s, peak RSS "
+                f"[time] {mode:8s} run {r}: {res['seconds']:6.1f} s (CPU {res['cpu_s']:.0f} s), "
+                f"peak RSS "
                 f"{res['peak_rss_gb']:.2f} GB, exit {res['code']}, load "
                 f"{res['load_before']:.2f}->{res['load_after']:.2f}",
                 flush=True,
@@ -164,9 +185,11 @@ def main(argv=None) -> int:
         summary[mode] = {
             "median_s": statistics.median(secs),
             "min_s": min(secs),
+            # CPU seconds over the cores: the wall time on an otherwise idle machine, at best
+            "median_cpu_s": statistics.median(t["cpu_s"] for t in timing[mode]),
             "peak_rss_gb": max(t["peak_rss_gb"] for t in timing[mode]),
         }
-    info["timing"] = {"runs": timing, "summary": summary, "subject": first}
+    info["timing"] = {"runs": timing, "summary": summary, "subject": first, "session": first_ses}
 
     # accuracy: every session, once per setting
     if not args.skip_accuracy:
@@ -220,8 +243,9 @@ def main(argv=None) -> int:
     d, s = summary["default"], summary["sloppy"]
     print(
         f"\n[cost] one subject (T1w + PET), {args.repeats} runs each: default median "
-        f"{d['median_s']:.1f} s (min {d['min_s']:.1f}), peak RSS {d['peak_rss_gb']:.2f} GB; "
-        f"sloppy median {s['median_s']:.1f} s, peak {s['peak_rss_gb']:.2f} GB; "
+        f"{d['median_s']:.1f} s (min {d['min_s']:.1f}; CPU {d['median_cpu_s']:.0f} s), peak RSS "
+        f"{d['peak_rss_gb']:.2f} GB; sloppy median {s['median_s']:.1f} s (CPU "
+        f"{s['median_cpu_s']:.0f} s), peak {s['peak_rss_gb']:.2f} GB; "
         f"time ratio default/sloppy {d['median_s'] / s['median_s']:.2f}x"
     )
     if "accuracy" in d:
@@ -231,7 +255,7 @@ def main(argv=None) -> int:
             f", 1-Dice {(1 - da['dice'][0]) / (1 - sa['dice'][0]):.2f}, PET error "
             f"{da['pet_mm'][0] / sa['pet_mm'][0]:.2f}"
         )
-    print(f"load average now: {os.getloadavg()}")
+    print(f"load average now: {os.getloadavg()}; CPU: {info['machine']['cpu_model']}")
     if args.json:
         args.json.write_text(json.dumps(info, indent=2, default=str))
     return 0

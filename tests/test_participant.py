@@ -9,6 +9,7 @@ work directory reuses every finished node.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 
 import nibabel as nb
@@ -57,8 +58,21 @@ def _run(ds, out, work):
 def first_run(tiny):
     root, ds = tiny
     out, work = root / "out", root / "work"
-    code, seconds = _run(ds, out, work)
+    system_tmp = root / "system_tmp"  # stands for /tmp: the run must leave nothing there
+    system_tmp.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(system_tmp))
+        mp.setenv("TMPDIR", str(system_tmp))
+        code, seconds = _run(ds, out, work)
     return ds, out, work, code, seconds
+
+
+def test_no_temporary_file_left_behind(first_run, tiny):
+    """antspyx writes temporaries with tempfile.mktemp (e.g. Atropos' antsr*prob*.nii.gz):
+    every ANTs node keeps them in its own folder and removes them."""
+    root, _ = tiny
+    assert sorted(p.name for p in (root / "system_tmp").iterdir()) == []
+    assert not [p for p in first_run[2].rglob("tmp") if p.is_dir()]
 
 
 def test_exit_code_and_summary(first_run):

@@ -104,3 +104,21 @@ def test_normalize_to_grid_preserves_volume():
     native = gm.sum() * 1.2**3
     assert abs(mwc1.sum() * 1.5**3 / native - 1) < 0.01
     assert abs(wc1.sum() * 1.5**3 / native - 1 / 1.331) < 0.01
+
+
+def test_pv_fractions_ignore_intensity_outliers():
+    """One huge value in the image (e.g. an edge voxel divided by a ~0 bias estimate) must
+    not flatten the intensity table: regression test of the GM Dice 0.49 / WM = 0 failure."""
+    model = anat.PVModel(
+        means=np.array([400.0, 1060.0, 1730.0]),
+        sigma=60.0,
+        weights=np.array([0.02, 0.18, 0.12, 0.23, 0.45]),
+    )
+    image = np.array([400.0, 1060.0, 1730.0, 1060.0, 1395.0, 2.0e12], dtype=np.float32)
+    wm_side = np.array([False, False, True, True, True, True])
+    gm, wm, csf = anat.pv_fractions(image, model, wm_side)
+    assert csf[0] > 0.95 and gm[1] > 0.95 and gm[3] > 0.95  # pure CSF, GM
+    assert wm[2] > 0.95  # pure WM: was 0 when the outlier set the table's range
+    assert 0.3 < wm[4] < 0.7 and abs(gm[4] + wm[4] - 1) < 1e-3  # a GM/WM mixture
+    assert wm[5] > 0.95  # far beyond the WM mean: WM
+    assert np.allclose((gm + wm + csf)[:5], 1.0, atol=1e-3)

@@ -90,3 +90,52 @@ def test_antsreg_failure_is_reported(tmp_path):
     stage = reg.Stage("Rigid[0.2]", "MeanSquares", "10", "1", "0vox")
     with pytest.raises(reg.RegistrationError):  # a missing initial transform
         reg.antsreg(img, img, [stage], out_prefix=str(tmp_path / "y"), initial="nope.mat")
+
+
+def test_node_tmp_keeps_antspyx_temporaries_inside(tmp_path, monkeypatch):
+    """ants.atropos writes its posteriors with tempfile.mktemp (antsr*prob*.nii.gz): inside
+    node_tmp they land in the node's folder, which is removed; the system temp dir gets
+    nothing."""
+    import tempfile
+
+    import ants
+
+    outer = tmp_path / "system_tmp"
+    outer.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(outer))
+    data = blobs(world((24, 24, 24), affine(4.0, (24,) * 3))).astype(np.float32)
+    img = ants.from_numpy(data)
+    mask = ants.from_numpy((data > np.percentile(data, 30)).astype(np.float32))
+    node = tmp_path / "node" / "tmp"
+    with reg.node_tmp(node) as inside:
+        assert tempfile.gettempdir() == str(inside)
+        ants.atropos(a=img, x=mask, i="kmeans[2]", m="[0.1,1x1x1]", c="[2,0]", v=0)
+        assert list(inside.glob("antsr*prob*.nii.gz"))  # where antspyx wrote them
+    assert not node.exists()
+    assert list(outer.iterdir()) == []
+    assert tempfile.gettempdir() == str(outer)
+
+
+def test_set_threads_sizes_the_itk_pool_and_torch():
+    """--omp-nthreads: ITK's pool (threads created by an ANTs filter) and torch follow it.
+
+    One thread: ITK and torch would otherwise take every core (2 on CI)."""
+    threads = 1
+    import subprocess
+    import sys
+
+    script = f"""
+from bids_siamfuse.preproc import registration as reg
+reg.set_threads({threads})
+import numpy as np, ants, torch
+count = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('Threads'))
+                    .split()[1])
+before = count()
+ants.smooth_image(ants.from_numpy(np.random.rand(40, 40, 40).astype('float32')), 2.0)
+print(count() - before, torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    itk, torch_threads = (int(v) for v in out.stdout.split())
+    assert itk == threads
+    assert torch_threads == threads

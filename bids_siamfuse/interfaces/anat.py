@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -19,6 +20,23 @@ class _ThreadedInputSpec(BaseInterfaceInputSpec):
     sloppy = traits.Bool(False, usedefault=True, desc="fast, low-accuracy settings")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
     seed = traits.Int(42, usedefault=True, desc="random seed of the registrations")
+
+
+def in_node_tmp(method):
+    """Run an interface with its temporary files inside the node (``<cwd>/tmp``, removed after).
+
+    antspyx leaves temporary files in the system temp dir (``tempfile.mktemp``); this keeps
+    them inside the node's working directory and deletes them when the node ends.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, runtime):
+        from ..preproc.registration import node_tmp
+
+        with node_tmp(os.path.join(runtime.cwd, "tmp")):
+            return method(self, runtime)
+
+    return wrapper
 
 
 def _prepare(inputs):
@@ -50,6 +68,7 @@ class T1wBiasCorrect(SimpleInterface):
     input_spec = _BiasCorrectInputSpec
     output_spec = _BiasCorrectOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         import ants
 
@@ -89,6 +108,7 @@ class TemplateRegistration(SimpleInterface):
     input_spec = _TemplateRegistrationInputSpec
     output_spec = _TemplateRegistrationOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         from pathlib import Path
 
@@ -137,6 +157,7 @@ class TissueSegmentation(SimpleInterface):
     input_spec = _SegmentInputSpec
     output_spec = _SegmentOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         from pathlib import Path
 
@@ -180,6 +201,7 @@ class GridNormalization(SimpleInterface):
     input_spec = _GridInputSpec
     output_spec = _GridOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         from pathlib import Path
 

@@ -14,6 +14,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from .anat import in_node_tmp
+
 
 class _PETReferenceInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the PET as in the dataset (3-D or 4-D)")
@@ -37,6 +39,7 @@ class PETReference(SimpleInterface):
     input_spec = _PETReferenceInputSpec
     output_spec = _PETReferenceOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         from pathlib import Path
 
@@ -92,6 +95,7 @@ class PETCoregister(SimpleInterface):
     input_spec = _CoregisterInputSpec
     output_spec = _CoregisterOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         from pathlib import Path
 
@@ -137,6 +141,7 @@ class PETToGrid(SimpleInterface):
     input_spec = _ToGridInputSpec
     output_spec = _ToGridOutputSpec
 
+    @in_node_tmp
     def _run_interface(self, runtime):
         from ..data.templates import grid_image
         from ..preproc import pet

@@ -393,6 +393,8 @@ def atropos(image, mask, priors, work_dir: Path, *, iterations=5, prior_weight=0
         f"[{out_seg},{out_post}]",
         "-v",
         "0",
+        "-r",  # a fixed seed: Atropos seeds itself from the clock by default
+        "0",
     ]
     code = ants.internal.get_lib_fn("Atropos")(args)
     if code != 0:
@@ -521,12 +523,16 @@ def pv_fractions(image: np.ndarray, model: PVModel, wm_side: np.ndarray):
     """Expected GM, WM, CSF fractions of each voxel under ``model`` (noise accounted for).
 
     ``wm_side``: where the voxel can be a GM/WM mixture (else CSF/GM), from the posteriors.
-    Computed on a 1024-level table of intensities, then interpolated.
+    Computed on a 2048-level table of intensities spanning the model's range (CSF mean - 8
+    sigma to WM mean + 8 sigma), then interpolated.
     """
     c, g, w = model.means
     s = model.sigma
-    lo, hi = float(image.min()), float(image.max())
-    x = np.linspace(lo, hi, 1024)
+    # the table spans the model's intensities (np.interp holds the end values beyond it), not
+    # the image's range: one outlier (a vessel, an edge artefact) would otherwise squeeze the
+    # whole brain into a few table levels
+    lo, hi = c - 8.0 * s, w + 8.0 * s
+    x = np.linspace(lo, hi, 2048)
     dens = model.densities(x)  # C, G, W, CG, GW
     tables = {}
     for side, classes in ((False, (0, 1, 3)), (True, (1, 2, 4))):
@@ -620,7 +626,11 @@ def segment(
 
     # residual bias: divide by the local WM mean (relative to the global one), then fit the
     # partial-volume model to the brain's histogram and take expected fractions
-    image = corrected.numpy() * (globals_[2] / np.maximum(up(mu_wm), 1e-6))
+    # (the 2 mm grid does not reach the corners of the crop, where the upsampled mean is 0:
+    # leave those voxels as they are instead of dividing by ~0)
+    local_wm = up(mu_wm)
+    gain = np.where(local_wm > 0.1 * globals_[2], globals_[2] / np.maximum(local_wm, 1e-6), 1.0)
+    image = corrected.numpy() * gain.astype(np.float32)
     wm_side = up(post_wm) >= up(post_csf)
     if os.environ.get("BIDS_SIAMFUSE_DUMP_PV"):
         np.savez(

@@ -20,7 +20,11 @@ Threads
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,11 +39,52 @@ class RegistrationError(SiamFuseError):
     """antsRegistration (or another ANTs routine) failed."""
 
 
+THREAD_VARIABLES = (
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+
 def set_threads(n: int | None) -> None:
-    """Threads for ITK/ANTs and OpenMP in this process (0 or None: leave as is)."""
+    """Threads for ITK/ANTs, OpenMP/BLAS and torch in this process (0 or None: leave as is).
+
+    ITK sizes its thread pool from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time a
+    filter runs in a process, and torch/OpenMP read ``OMP_NUM_THREADS`` at import: call this
+    before either is used (``workflows/base.py`` does so before nipype starts its workers,
+    which inherit the environment). torch, when already imported, is set directly.
+    """
     if n and n > 0:
-        for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS"):
+        for var in THREAD_VARIABLES:
             os.environ[var] = str(int(n))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(n))
+
+
+@contextlib.contextmanager
+def node_tmp(directory):
+    """Temporary files of antspyx (``tempfile.mktemp``) and of anything else honouring
+    ``TMPDIR`` go to ``directory`` (created, then removed with its content on exit).
+
+    antspyx writes e.g. Atropos posteriors (``antsr*prob*.nii.gz``) and registration outputs
+    to the system temp dir and never deletes them; inside a node they land in (and are cleaned
+    from) the node's working directory instead.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(directory)
+    os.environ["TMPDIR"] = str(directory)
+    try:
+        yield directory
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _ants():
