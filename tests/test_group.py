@@ -37,6 +37,9 @@ GROUP_FILES = {
     "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevanceMRI_stat.nii.gz",
     "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevancePET_stat.nii.gz",
     "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-relevanceCombined_stat.nii.gz",
+    "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-activationMRI_stat.nii.gz",
+    "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-activationPET_stat.nii.gz",
+    "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-activationFused_stat.nii.gz",
 }
 METHODS = {cv.MODEL_METHOD, *cv.BASELINES}
 
@@ -149,6 +152,15 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     assert img.shape == layout.grid_shape
     painted = np.asarray(img.dataobj).reshape(-1)[layout.grid_index()]
     assert np.allclose(layout.region_means(painted), rel.pet, rtol=1e-5)
+    # Figure 6 counts painted the same way, with sidecars naming their table
+    acts = pd.read_csv(task / "activations.tsv", sep="\t")
+    for key, label in (("mri", "MRI"), ("pet", "PET"), ("fused", "Fused")):
+        name = f"space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-activation{label}_stat"
+        img = nb.load(task / f"{name}.nii.gz")
+        painted = np.asarray(img.dataobj).reshape(-1)[layout.grid_index()]
+        assert np.allclose(layout.region_means(painted), acts[key], rtol=1e-5)
+        meta = json.loads((task / f"{name}.json").read_text())
+        assert meta["Table"] == "activations.tsv" and meta["Modality"] == key
     truth_regions = planted(synth_derivs)
     assert rank_auc(rel.combined, truth_regions.planted) >= 0.75
     acts = pd.read_csv(task / "activations.tsv", sep="\t")

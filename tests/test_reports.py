@@ -308,26 +308,6 @@ def test_cohort_table_counts():
     assert cohort_table(None, {"CN": ["a"]}) == {"columns": ["class", "N"], "rows": [["CN", "1"]]}
 
 
-def test_activation_maps_written(built):
-    import nibabel as nb
-
-    from bids_siamfuse.data.atlas import load_atlas
-
-    folder = built["out"] / "group" / "CN_vs_AD"
-    acts = pd.read_csv(folder / "activations.tsv", sep="\t")
-    labels = load_atlas().labels
-    for key, label in (("mri", "MRI"), ("pet", "PET"), ("fused", "Fused")):
-        path = folder / f"{SPACE_ENT}_desc-activation{label}_stat.nii.gz"
-        img = nb.load(path)
-        assert img.shape == (121, 145, 121)
-        data = np.asanyarray(img.dataobj)
-        region = 12
-        assert np.allclose(data[labels == region], acts[key][region - 1], rtol=1e-5)
-        assert np.all(data[labels == 0] == 0)
-        meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-        assert meta["Table"] == "activations.tsv" and "Description" in meta
-
-
 def test_no_group_results_is_noinput(tmp_path):
     from bids_siamfuse.errors import NoInputError
     from bids_siamfuse.reports.group import build_group_report

@@ -8,8 +8,8 @@ outputs"), so the report can be rebuilt at any time (``--reports-only``) without
 - metrics (Table 2): mean +- SD over folds of every method in ``metrics.tsv``;
 - ROC curves per fold and their mean (Figure 5), from ``roc.tsv``;
 - relevance (Figure 7) painted on the template, with the top regions named;
-- activation counts (Figure 6) for MRI, PET and fused, painted the same way; the per-region
-  maps are also written as NIfTI files (with sidecars) when the task folder lacks them;
+- activation counts (Figure 6) for MRI, PET and fused, painted the same way (the NIfTI maps
+  themselves are group outputs, written with the task folder);
 - the permutation histogram and p-value, the training curves, the settings and versions.
 """
 
@@ -140,51 +140,6 @@ def _template():
     return sample_at(np.asanyarray(tpl.dataobj, np.float32), tpl.affine, pts)
 
 
-def region_map_name(desc: str) -> str:
-    from ..bids import build_name
-    from ..data.templates import RES_LABEL, SPACE
-
-    return build_name(
-        {"space": SPACE, "segmentation": "AAL116", "resolution": RES_LABEL, "desc": desc},
-        "stat",
-        ".nii.gz",
-    )
-
-
-def write_activation_maps(folder: Path, activations, classes) -> list[str]:
-    """Figure 6 counts painted on the grid, one NIfTI (+ JSON) per modality, if missing."""
-    from ..bids import save_image, save_json
-    from ..data.templates import grid_image
-
-    written = []
-    for key, label in ACTIVATION_LABELS:
-        if key not in activations or activations[key].isna().all():
-            continue
-        name = region_map_name(f"activation{label}")
-        path = Path(folder) / name
-        if path.is_file():
-            continue
-        top = 40 if key == "fused" else 20
-        save_json(
-            path.with_name(name.replace(".nii.gz", ".json")),
-            {
-                "Description": "Figure 6 activation counts: per test session, the number of an "
-                f"AAL region's {'MRI and PET' if key == 'fused' else key.upper()} embedding "
-                "features whose attention mask (sigmoid output) exceeds 0.9, mean over every "
-                "test session of every cross-validation fold. Every voxel of a region holds the "
-                "region's value; 0 outside the atlas.",
-                "Units": f"features (0..{top})",
-                "Modality": key,
-                "Atlas": "AAL116",
-                "Classes": list(classes),
-                "Table": "activations.tsv",
-            },
-        )
-        save_image(path, grid_image(_paint(activations[key].to_numpy())), space_code=4)
-        written.append(name)
-    return written
-
-
 def _brain_figure(table, labels, background, *, title, unit, cmap):
     """One PNG (data URI): a row of axial slices per modality of ``table``, or None."""
     from ..data.templates import GRID_AFFINE
@@ -297,10 +252,6 @@ def task_section(folder: Path, background, *, bids_dir: Path | None) -> dict:
         )
         section["relevance_top"] = _top(relevance, "combined")
     if activations is not None:
-        try:
-            section["written"] = write_activation_maps(folder, activations, classes)
-        except Exception as exc:  # noqa: BLE001 - report even when the folder is read-only
-            LOGGER.warning("%s: activation maps not written (%s)", folder, exc)
         section["activation_map"] = _brain_figure(
             activations,
             ACTIVATION_LABELS,

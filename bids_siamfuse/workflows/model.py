@@ -349,20 +349,43 @@ ACTIVATION_TEXT = (
 )
 
 
-def _relevance_map_name(label: str) -> str:
+def _region_map_name(desc: str) -> str:
     from ..bids import build_name
     from ..data.templates import RES_LABEL, SPACE
 
     return build_name(
-        {
-            "space": SPACE,
-            "segmentation": "AAL116",
-            "resolution": RES_LABEL,
-            "desc": f"relevance{label}",
-        },
+        {"space": SPACE, "segmentation": "AAL116", "resolution": RES_LABEL, "desc": desc},
         "stat",
         ".nii.gz",
     )
+
+
+def _write_region_maps(folder: Path, layout, values: dict, what: str, text: str, units, meta):
+    """Per-region ``values`` painted on the grid, one NIfTI + JSON per modality key.
+
+    ``what`` names the maps (``desc-<what><Label>``) and ``units`` maps a key to its units.
+    """
+    from ..bids import save_image, save_json
+    from ..data.templates import grid_image
+
+    labels = {"mri": "MRI", "pet": "PET", "combined": "Combined", "fused": "Fused"}
+    written = []
+    for key, label in labels.items():
+        if key not in values:
+            continue
+        name = _region_map_name(f"{what}{label}")
+        sidecar = {
+            "Description": f"{text} Modality: {key}. Every voxel of an AAL region holds the "
+            "region's value; 0 outside the atlas.",
+            "Units": units(key),
+            "Modality": key,
+            "Atlas": "AAL116",
+            **meta,
+        }
+        save_json(folder / name.replace(".nii.gz", ".json"), sidecar)
+        save_image(folder / name, grid_image(layout.paint(values[key])), space_code=4)
+        written.extend([name, name.replace(".nii.gz", ".json")])
+    return written
 
 
 def _region_table(layout, values: dict, keys):
@@ -379,8 +402,7 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
     """Write every group-level file of one task into ``folder``; returns the names."""
     import pandas as pd
 
-    from ..bids import save_image, save_json, save_table
-    from ..data.templates import grid_image
+    from ..bids import save_json, save_table
     from ..model import bundle as bundles
     from ..model import cv
 
@@ -437,23 +459,25 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
             rows.append(out)
         table("permutation.tsv", rows, ["permutation", "balanced_accuracy"])
 
-    # relevance painted on the grid (mean over folds)
-    for key, label in (("mri", "MRI"), ("pet", "PET"), ("combined", "Combined")):
-        if key not in result.relevance:
-            continue
-        name = _relevance_map_name(label)
-        sidecar = {
-            "Description": f"{RELEVANCE_GROUP_TEXT} Modality: {key}. Every voxel of an AAL "
-            "region holds the region's value; 0 outside the atlas.",
-            "Units": "arbitrary (fraction of the total relevance)",
-            "Modality": key,
-            "Atlas": "AAL116",
-            "Classes": classes,
-            "Table": "relevance.tsv",
-        }
-        save_json(folder / name.replace(".nii.gz", ".json"), sidecar)
-        save_image(folder / name, grid_image(layout.paint(result.relevance[key])), space_code=4)
-        written.extend([name, name.replace(".nii.gz", ".json")])
+    # relevance (mean over folds) and activation counts painted on the grid
+    written += _write_region_maps(
+        folder,
+        layout,
+        {k: result.relevance[k] for k in cv.RELEVANCE_KEYS if k in result.relevance},
+        "relevance",
+        RELEVANCE_GROUP_TEXT,
+        lambda key: "arbitrary (fraction of the total relevance)",
+        {"Classes": classes, "Table": "relevance.tsv"},
+    )
+    written += _write_region_maps(
+        folder,
+        layout,
+        result.activations,
+        "activation",
+        ACTIVATION_TEXT,
+        lambda key: f"features (0..{40 if key == 'fused' else 20})",
+        {"Classes": classes, "Table": "activations.tsv"},
+    )
 
     counts = plan.counts()
     cohort = {
