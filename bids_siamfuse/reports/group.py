@@ -119,13 +119,10 @@ def metrics_table(metrics, model_method: str = "siamese_attention") -> dict:
 
 
 def _paint(values: np.ndarray):
-    """Per-region values (atlas order) painted on the grid (0 outside the atlas)."""
-    from ..data.atlas import load_atlas
+    """Per-region values (atlas order) painted on the grid (0 outside the atlas, NaN as 0)."""
+    from ..preproc.regions import atlas_layout
 
-    labels = load_atlas().labels
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.float32)
-    lut[1 : len(values) + 1] = np.nan_to_num(np.asarray(values, dtype=np.float32))
-    return lut[labels]
+    return atlas_layout().paint(np.nan_to_num(np.asarray(values, dtype=np.float32)))
 
 
 @lru_cache(maxsize=1)
