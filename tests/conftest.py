@@ -1,4 +1,8 @@
-"""Shared fixtures: offline atlas data, small synthetic cohorts built once per session."""
+"""Shared fixtures: small synthetic cohorts built once per session.
+
+The AAL atlas ships in the package, so the suite needs no ``NILEARN_DATA`` (``.ci/run`` unsets
+it); ``tests/test_atlas.py`` checks the nilearn layout as the alternative source.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-_SHARED_NILEARN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nilearn_data"
-if "NILEARN_DATA" not in os.environ and _SHARED_NILEARN.is_dir():
-    os.environ["NILEARN_DATA"] = str(_SHARED_NILEARN.resolve())
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
