@@ -71,6 +71,8 @@ class WorkflowSettings:
     spm_cmd: str = ""
     model: Path | None = None
     model_only: bool = False
+    #: -d/--derivatives NAME=PATH: existing MNI-space GM/PET maps instead of preprocessing
+    derivatives: list[str] = field(default_factory=list)
 
 
 @dataclass

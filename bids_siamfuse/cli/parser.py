@@ -273,6 +273,17 @@ def _add_workflow_args(parser):
         help="with --model: skip preprocessing and apply the bundle to the region files "
         "already in OUTPUT_DIR",
     )
+    g.add_argument(
+        "-d",
+        "--derivatives",
+        dest="derivatives",
+        action="extend",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="bring your own preprocessing: read MNI-space modulated GM and PET maps from "
+        "these BIDS derivatives or Clinica CAPS folders instead of computing them (repeatable; "
+        "see docs/preprocessing.md)",
+    )
 
 
 def _add_model_args(parser):

@@ -253,7 +253,28 @@ def run(settings) -> int:
         settings.write(prepare_output(settings))
         return run_apply(settings, apply_plan)
     if ex.analysis_level == "participant":
+        # --- bring your own preprocessing (-d/--derivatives) ---
+        folders = None
+        if settings.workflow.derivatives:
+            from ..external import parse_derivatives
+
+            folders = parse_derivatives(settings.workflow.derivatives)  # 64 / 66
         plan = plan_participants(settings)
+        if folders:
+            from ..external import attach_external, describe
+
+            attach_external(plan, folders)
+            if ex.dry_run:
+                print(describe(plan))
+                return 0 if plan.pairs else EXIT_DATAERR
+            if not plan.pairs and not plan.invalid:
+                from ..errors import NothingSelectedError
+
+                raise NothingSelectedError(
+                    "no selected PET/T1w pair has maps in --derivatives: "
+                    + "; ".join(f"sub-{s} ses-{e}: {w}" for s, e, w in plan.skipped[:3])
+                )
+        # --- end -d ---
         if ex.dry_run:
             print(plan.describe())
             return 0 if plan.pairs else EXIT_DATAERR

@@ -58,6 +58,7 @@ def init_single_subject_wf(
     model: Path | None = None,
     device: str = "cpu",
     reports: bool = True,
+    external: dict | None = None,
     name: str | None = None,
 ):
     """All the processing of one subject: its T1w(s) and every PET paired with them.
@@ -68,6 +69,8 @@ def init_single_subject_wf(
                                              +--> pet_...  (pairs sharing the T1w)
 
     ``pairs``: the subject's :class:`~bids_siamfuse.bids.SessionPair` objects.
+    ``external``: pair key -> :class:`~bids_siamfuse.external.ExternalPair` (``-d``); those
+    pairs get :func:`~bids_siamfuse.workflows.external.init_external_pair_wf` instead.
     """
     from .anatomical import init_anat_preproc_wf
     from .pet import init_pet_preproc_wf
@@ -81,6 +84,26 @@ session or, without one, of the nearest session in time.
 """
     anat_wfs = OrderedDict()
     for pair in pairs:
+        # --- bring your own preprocessing (-d/--derivatives): regions from existing maps ---
+        if external and pair.key in external:
+            from .external import init_external_pair_wf
+
+            workflow.add_nodes(
+                [
+                    init_external_pair_wf(
+                        pair=pair,
+                        maps=external[pair.key],
+                        output_dir=output_dir,
+                        pet_ref_region=pet_ref_region,
+                        model=model,
+                        device=device,
+                        reports=reports,
+                        name=_pet_name(pair),
+                    )
+                ]
+            )
+            continue
+        # --- end -d ---
         t1w = str(pair.t1w)
         if t1w not in anat_wfs:
             anat_wfs[t1w] = init_anat_preproc_wf(
@@ -140,6 +163,7 @@ def init_bids_siamfuse_wf(
     model: Path | None = None,
     device: str = "cpu",
     reports: bool = True,
+    external: dict | None = None,
     name: str = "bids_siamfuse_wf",
 ):
     """The participant workflow of every subject in ``plan`` (a :class:`bids.Plan`).
@@ -167,6 +191,7 @@ def init_bids_siamfuse_wf(
             model=model,
             device=device,
             reports=reports,
+            external=external,
         )
         crash_dir = Path(output_dir) / f"sub-{subject}" / "log" / run_uuid
         single.config["execution"]["crashdump_dir"] = str(crash_dir)
@@ -257,6 +282,7 @@ def run_participant(settings, plan) -> int:
         spm=spm,
         model=wf.model,
         device=_device(ex.device),
+        external=getattr(plan, "external", None),  # -d/--derivatives
     )
     workflow.config["execution"].update(
         {
@@ -298,7 +324,7 @@ def run_participant(settings, plan) -> int:
         bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
         workflow=workflow,
     )
-    failed = [s for s in status if s["status"] != "ok"]
+    failed = [s for s in status if s["status"] not in ("ok", "refused")]  # refused: exit 65
     for row in status:
         if row["status"] == "ok":
             LOGGER.info("%s: done", row["pair"])
@@ -414,6 +440,20 @@ def pair_status(plan, output_dir: Path, run_uuid: str, error) -> list[dict]:
                 "node": node,
                 "message": message,
                 "crash_file": crash,
+            }
+        )
+    # --- pairs refused before the run (e.g. incomplete -d/--derivatives maps): exit 65 ---
+    for pair, why in getattr(plan, "invalid", []):
+        rows.append(
+            {
+                "pair": pair.key,
+                "subject": pair.subject,
+                "session": pair.session or "",
+                "t1w_session": pair.t1w_session or "",
+                "status": "refused",
+                "node": "",
+                "message": why[:300],
+                "crash_file": "",
             }
         )
     return rows
