@@ -66,12 +66,17 @@ def init_external_pair_wf(
     else:
         norm_text = "divided by the mean uptake of the AAL cerebellar grey matter (SUVR)"
     workflow.__desc__ = f"""\
-For {pair.key}, the grey-matter and PET maps were not computed by *bids_siamfuse* but read
-from existing derivatives: the modulated grey-matter map from {gm.folder.label}
-({gm.path.name}; {_map_text(gm)}) and the PET map from {pet.folder.label} ({pet.path.name};
-{_map_text(pet)}). The PET map was then intensity-normalized: {norm_text}. Both maps were
-divided into the 116 regions of the AAL atlas [@aal] as above; the source files, their SHA-256
-digests, spaces and the interpolation are recorded with every output."""
+Grey-matter and PET maps that already existed were used instead of preprocessing
+(*bids_siamfuse* `-d/--derivatives`): modulated grey-matter and PET maps in MNI152NLin2009aSym,
+MNI152NLin6Asym or SPM12's IXI549Space, from BIDS derivatives or a Clinica CAPS folder. Maps on
+the 121x145x121, 1.5 mm grid were used as they were; maps at any other resolution or bounding
+box were resampled onto it in a single trilinear interpolation, their world coordinates taken as
+MNI152NLin2009aSym's (no template-to-template warp). For {pair.key}, the modulated grey-matter
+map came from {gm.folder.label} ({gm.path.name}; {_map_text(gm)}) and the PET map from
+{pet.folder.label} ({pet.path.name}; {_map_text(pet)}). The PET map was then
+intensity-normalized: {norm_text}. Both maps were divided into the 116 regions of the AAL
+atlas [@aal]; the source files, their SHA-256 digests, spaces and the interpolation are
+recorded with every output."""
 
     source = dict(pair.source_entities)
     anat_source = {"subject": pair.subject, "session": pair.t1w_session}
