@@ -474,3 +474,43 @@ def test_bad_derivatives_values(fixture, value, code, capsys):
     assert _main(args) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "-d/--derivatives" in err[0]
+
+
+def test_model_is_applied_to_the_external_region_file(fixture, tmp_path, monkeypatch):
+    """With --model, the region file made from the external maps feeds the model workflow."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+    from niworkflows.engine.workflows import LiterateWorkflow
+
+    import bids_siamfuse.workflows.model as model_mod
+    from bids_siamfuse.external import attach_external
+    from bids_siamfuse.workflows.base import init_bids_siamfuse_wf
+
+    def fake_apply_model_wf(*, bundle, output_dir, name="apply_model_wf", **kwargs):
+        wf = LiterateWorkflow(name=name)
+        wf.__desc__ = "model"
+        fields = ["region_file", "source_entities"]
+        wf.add_nodes([pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")])
+        return wf
+
+    monkeypatch.setattr(model_mod, "init_apply_model_wf", fake_apply_model_wf)
+    root, _ = fixture
+    plan = bids.Plan(pairs=[_pair(root / "raw", "01"), _pair(root / "raw", "04")], skipped=[])
+    attach_external(plan, _folders(("caps", root / "caps")))
+    assert [p.subject for p in plan.pairs] == ["01"] and plan.skipped[0][0] == "04"
+    wf = init_bids_siamfuse_wf(
+        plan=plan,
+        output_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        bids_dir=root / "raw",
+        run_uuid="test",
+        model=tmp_path / "bundle",
+        external=plan.external,
+    )
+    names = {n.fullname for n in wf._get_all_nodes()}
+    assert not [n for n in names if n.endswith((".bias", ".register", ".coreg"))]
+    pair_wf = wf.get_node("single_subject_01_wf").get_node("pet_ses_M000_trc_18FFDG_wf")
+    edges = {(u.name, v.name): d["connect"] for u, v, d in pair_wf._graph.edges(data=True)}
+    assert ("regions", "inputnode.region_file") in edges[("maps", "apply_model_wf")]
+    apply_input = pair_wf.get_node("apply_model_wf").get_node("inputnode")
+    assert apply_input.inputs.source_entities == plan.pairs[0].source_entities
