@@ -514,3 +514,26 @@ def test_model_is_applied_to_the_external_region_file(fixture, tmp_path, monkeyp
     assert ("regions", "inputnode.region_file") in edges[("maps", "apply_model_wf")]
     apply_input = pair_wf.get_node("apply_model_wf").get_node("inputnode")
     assert apply_input.inputs.source_entities == plan.pairs[0].source_entities
+
+
+def test_caps_variants(tmp_path):
+    """Two DARTEL groups -> ambiguous, refused; Clinica < 0.9 naming (acq-fdg) is matched."""
+    import shutil
+
+    from bids_siamfuse.external import find_pair_maps
+
+    files = _caps(tmp_path / "caps", with_pet=("10",), with_gm=("10",))
+    pet = files[("10", "PET")]
+    other = pet.parent.parent / "group-AD" / pet.name
+    other.parent.mkdir()
+    shutil.copy(pet, other)
+    folders = _folders(("caps", tmp_path / "caps"))
+    with pytest.raises(DataError, match=r"ambiguous PET map .*group-AD"):
+        find_pair_maps(_pair(tmp_path, "10"), folders)
+    other.unlink()
+    old = pet.with_name(
+        "sub-10_ses-M000_task-rest_acq-fdg_pet_space-Ixi549Space_suvr-pons_pet.nii.gz"
+    )
+    pet.rename(old)
+    maps = find_pair_maps(_pair(tmp_path, "10"), folders)
+    assert maps.pet.path == old and "pons" in maps.pet.source_normalization
