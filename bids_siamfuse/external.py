@@ -483,10 +483,25 @@ def attach_external(plan, folders: list[DerivativesFolder]) -> dict:
     """Give every pair of ``plan`` its external maps, in ``plan.external`` (key -> pair).
 
     Refused pairs move to ``plan.invalid`` (exit 65 at the end), pairs without any map to
-    ``plan.skipped``; the others stay in ``plan.pairs``.
+    ``plan.skipped``; the others stay in ``plan.pairs``. A pair refused earlier for its *raw*
+    images (header screening) comes back when both its maps are found: with ``-d`` the raw
+    images are never read.
     """
-    keep, external = [], {}
-    for pair in plan.pairs:
+    keep, external, still_invalid = [], {}, []
+    for pair, why in list(plan.invalid):
+        try:
+            maps = find_pair_maps(pair, folders)
+        except DataError:
+            maps = None
+        if maps is None:
+            still_invalid.append((pair, why))
+            continue
+        note = f"raw images not read (-d), so their problem does not matter: {why}"
+        LOGGER.info("%s: %s", pair.key, note)
+        pair.notes.append(note)
+        plan.pairs.append(pair)
+    plan.invalid = still_invalid
+    for pair in sorted(plan.pairs, key=lambda p: p.key):
         try:
             maps = find_pair_maps(pair, folders)
         except DataError as exc:

@@ -84,7 +84,10 @@ def _json(path: Path, data):
 
 
 def _raw(root: Path, subjects):
-    """A raw BIDS dataset in Clinica's naming (ses-M000, trc-18FFDG): small images."""
+    """A raw BIDS dataset in Clinica's naming (ses-M000, trc-18FFDG): small images.
+
+    sub-01's PET sidecar lacks the frame timing (header screening refuses such a pair): with
+    -d the raw images are not read, so the pair is processed from its CAPS maps anyway."""
     _json(root / "dataset_description.json", {"Name": "raw", "BIDSVersion": "1.10.0"})
     rows = ["participant_id\tdiagnosis"] + [f"sub-{s}\tCN" for s in subjects]
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
@@ -100,9 +103,8 @@ def _raw(root: Path, subjects):
             {
                 "Units": "Bq/mL",
                 "TracerName": "FDG",
-                "FrameTimesStart": [0],
-                "FrameDuration": [1800],
                 "ModeOfAdministration": "bolus",
+                **({} if sub == "01" else {"FrameTimesStart": [0], "FrameDuration": [1800]}),
             },
         )
 
@@ -387,6 +389,7 @@ def test_dry_run_lists_what_would_be_read(fixture, capsys):
     assert "refused" in text and "sub-03" in text
     assert "sub-04 ses-M000: no GM or PET map" in text
     assert "trilinear" in text and "sha256" in text
+    assert "raw images not read (-d)" in text and "FrameTimesStart" in text  # sub-01
 
 
 # ----------------------------------------------------------------------------------------------
