@@ -102,6 +102,8 @@ def parse_derivatives(values) -> list[DerivativesFolder]:
             raise UsageError(f"-d/--derivatives {text!r}: expected NAME=PATH")
         if name in names:
             raise UsageError(f"-d/--derivatives: the name {name!r} is given twice")
+        if name == "raw":  # bids:raw: URIs already point at BIDS_DIR
+            raise UsageError("-d/--derivatives: the name 'raw' is reserved; choose another")
         root = Path(path).expanduser().absolute()
         if not root.is_dir():
             raise NoInputError(f"-d/--derivatives {name}={root}: no such directory")
@@ -114,6 +116,29 @@ def parse_derivatives(values) -> list[DerivativesFolder]:
         names.add(name)
         folders.append(DerivativesFolder(name=name, root=root, layout=layout))
     return folders
+
+
+def link_derivatives(out_dir: Path, folders: list[DerivativesFolder]) -> None:
+    """Add ``DatasetLinks.<NAME>`` to the output's ``dataset_description.json``.
+
+    The sidecars cite the maps as ``bids:<NAME>:<path>``; the link makes those URIs resolvable.
+    Several jobs may do this at once: each rewrites the file atomically with the same links.
+    """
+    from .bids import save_json
+
+    path = Path(out_dir) / "dataset_description.json"
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(desc, dict):
+        return
+    links = dict(desc.get("DatasetLinks") or {})
+    wanted = {f.name: f.root.as_uri() for f in folders}
+    if all(links.get(k) == v for k, v in wanted.items()):
+        return
+    desc["DatasetLinks"] = {**links, **wanted}
+    save_json(path, desc)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -306,6 +306,8 @@ def test_region_files_match_direct_extraction(run, sub):
         assert prov[kind]["File"] == str(files[(sub, kind)])
         assert prov[kind]["SHA256"] == digest
     assert prov["Interpolation"] == "trilinear"
+    links = json.loads((out / "dataset_description.json").read_text())["DatasetLinks"]
+    assert links["caps"] == (root / "caps").as_uri() and "raw" in links
     if sub == "01":
         assert prov["GM"]["Space"] == prov["PET"]["Space"] == "IXI549Space"
         assert prov["GM"]["Resampling"].startswith("none")
@@ -469,7 +471,8 @@ def test_already_normalized_pet_used_as_is(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("value", "code"), [("nowhere=/no/such/folder", 66), ("=/tmp", 64), ("a b=/tmp", 64)]
+    ("value", "code"),
+    [("nowhere=/no/such/folder", 66), ("=/tmp", 64), ("a b=/tmp", 64), ("raw=/tmp", 64)],
 )
 def test_bad_derivatives_values(fixture, value, code, capsys):
     root, _ = fixture

@@ -284,6 +284,10 @@ def run(settings) -> int:
         resolve_work_dir(settings)
         settings.write(logs)
         bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
+        if folders:  # -d: the sidecars' bids:<NAME>: URIs resolve through DatasetLinks
+            from ..external import link_derivatives
+
+            link_derivatives(ex.output_dir, folders)
         from ..workflows.base import run_participant
 
         code = run_participant(settings, plan)
