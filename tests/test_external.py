@@ -379,6 +379,11 @@ def test_suvr_scale_cancels(tmp_path, fixture):
     _, pet_a, _ = prepare_pair(files[("01", "GM")], files[("01", "PET")])
     _, pet_b, _ = prepare_pair(files[("01", "GM")], scaled)
     np.testing.assert_allclose(pet_a, pet_b, rtol=0, atol=1e-6)
+    # a PET this app normalized already is used as it is (NaN -> 0 only)
+    _, pet_c, done = prepare_pair(files[("01", "GM")], scaled, pet_normalized="top 0.1%")
+    raw = np.asarray(nb.load(scaled).dataobj, np.float32)
+    np.testing.assert_array_equal(pet_c, np.where(np.isfinite(raw), raw, 0))
+    assert done["PET"]["IntensityNormalization"].startswith("none here: already normalized")
 
 
 def test_dry_run_lists_what_would_be_read(fixture, capsys):
