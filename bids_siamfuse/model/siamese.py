@@ -226,6 +226,7 @@ class SiameseBank(nn.Module):
         index_dtype: torch.dtype = torch.int32,
         scatter: str = "gather",
         fused: bool | None = None,
+        deterministic: bool = True,
     ):
         super().__init__()
         if scatter not in ("gather", "index_add"):
@@ -234,6 +235,8 @@ class SiameseBank(nn.Module):
         self.grid = grid
         self.scatter = scatter
         self.fused = fused
+        # fused kernels: fixed-order reductions (bit-reproducible) or atomic adds (kernels.py)
+        self.deterministic = bool(deterministic)
         self._ragged = None
         geom = build_geometry(
             grid,
@@ -339,7 +342,9 @@ class SiameseBank(nn.Module):
             self.param("conv2.bias"),
             dtype,
         )
-        return kernels.FusedConvs.apply(x.contiguous(), w1, w2, b2, self._ragged, self.n_regions)
+        return kernels.FusedConvs.apply(
+            x.contiguous(), w1, w2, b2, self._ragged, self.n_regions, self.deterministic
+        )
 
     def pooled(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Both convolutions and the pooling: (S, V + 2) -> (S, R, features), engine order."""
