@@ -77,6 +77,27 @@ def test_deterministic_flag_reaches_the_fit():
     assert SiameseBank(_grid()).deterministic is True
 
 
+def test_geometry_is_built_once_per_grid_and_equals_a_fresh_build():
+    """Issue 16: banks of one grid share one cached geometry, the same tables as a fresh
+    build; another grid or architecture gets its own."""
+    from bids_siamfuse.model.geometry import build_geometry, coarsen
+    from bids_siamfuse.model.siamese import SiameseArch
+
+    grid = _grid()
+    a, b = SiameseBank(grid), SiameseBank(grid)
+    assert a.geometry is b.geometry
+    fresh = build_geometry(grid)
+    assert np.array_equal(a.geometry.order, fresh.order)
+    for x, y in zip(a.geometry.buckets, fresh.buckets, strict=True):
+        for name in ("gather1", "gather2", "scatter2", "pool"):
+            assert np.array_equal(getattr(x, name), getattr(y, name)), name
+    assert SiameseBank(grid, SiameseArch(pool=2)).geometry is not a.geometry
+    assert SiameseBank(coarsen(grid, 2)[0]).geometry is not a.geometry
+    x = extend(torch.randn(3, grid.n_voxels, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("triton") is None, reason="needs triton"
