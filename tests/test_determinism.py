@@ -77,6 +77,22 @@ def test_deterministic_flag_reaches_the_fit():
     assert SiameseBank(_grid()).deterministic is True
 
 
+def test_opt_in_nondeterministic_gpu_is_stated_in_settings_and_methods():
+    from bids_siamfuse.cli.parser import build_parser
+    from bids_siamfuse.config import Settings
+    from bids_siamfuse.reports.boilerplate import group_text
+
+    assert Settings().model.nondeterministic_gpu is False
+    ns = build_parser().parse_args(["/ds", "/out", "group", "--nondeterministic-gpu"])
+    assert Settings.from_sources({}, vars(ns)).model.nondeterministic_gpu is True
+    summary = {"classes": ["CN", "AD"], "devices": ["cuda:0"], "training": {"epochs": 5}}
+    assert "atomic" not in group_text({**summary, "training": {"deterministic": True}})
+    assert "atomic" in group_text({**summary, "training": {"deterministic": False}})
+    assert "atomic" not in group_text(
+        {**summary, "devices": ["cpu"], "training": {"deterministic": False}}
+    )
+
+
 def test_geometry_is_built_once_per_grid_and_equals_a_fresh_build():
     """Issue 16: banks of one grid share one cached geometry, the same tables as a fresh
     build; another grid or architecture gets its own."""

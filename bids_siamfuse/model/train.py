@@ -49,7 +49,10 @@ Precision, devices, speed
     batch replays a captured CUDA graph of the whole step (:class:`SiameseStep`). Seeds:
     ``seed`` drives the weight initialisation (drawn on the CPU, so identical on every
     device), the validation split and the batch order; nothing reads or sets global RNGs. On the
-    CPU, the same seed and thread count give the same model.
+    CPU, the same seed and thread count give the same model. On CUDA too, by default
+    (``deterministic=True``): fixed-order reductions in the fused kernels and torch's
+    deterministic mode (:func:`_tf32`) give the same bits on every run, process and GPU of one
+    model; ``deterministic=False`` is the opt-in atomic path (docs/benchmarks.md).
 
 Sloppy mode (``sloppy=True``, for tests and quick looks; same code path)
     Crops averaged over 2x2x2 blocks (3 mm voxels, 8x fewer) and pooled to 2^3 instead of 4^3
@@ -190,7 +193,8 @@ def _tf32(enabled: bool, deterministic: bool = True):
     ``tests/test_determinism.py`` requires no such warning) with the fixed cuBLAS workspace.
     Uninitialised-memory filling, which deterministic mode adds to every ``torch.empty``, is
     switched off: the fused kernels write every element of their buffers, and the fill would
-    add memsets of ~1 GB per training step of 16 subjects.
+    add ~1 GB of memsets per training step of 16 subjects (the layer-2 patch gradient alone is
+    0.7 GB; sizes, not a timing).
     """
     if not enabled:
         yield
