@@ -18,10 +18,14 @@ Three sub-commands::
         --folds 5 --device cuda --workers 1 2 4
 
 ``--workers N`` means N worker processes: N GPUs (``--gpus N``) with ``--device cuda``, N CPU
-processes (``--cpu-workers N``) with ``--device cpu``. Every row reports the wall time, the
-speed-up against the first row (measured in the same run), the scaling efficiency
-``T(first) * first / (T(N) * N)``, the balanced accuracy, and whether the predictions equal the
-first row's (the seeds do not depend on the number of workers).
+processes (``--cpu-workers N``) with ``--device cpu``; ``--share-gpu`` puts several worker
+processes on one GPU when fewer are visible. ``--out-dir DIR`` writes each row's
+``predictions.tsv`` and ``metrics.tsv`` under ``DIR/workers<N>/`` and prints their SHA-256
+digests, to compare runs; ``--nondeterministic-gpu`` trains with the opt-in atomic-add kernels.
+Every row reports the wall time, the speed-up against the first row (measured in the same
+run), the scaling efficiency ``T(first) * first / (T(N) * N)``, the balanced accuracy, and
+whether the predictions equal the first row's (the seeds do not depend on the number of
+workers).
 
 The expanded cohort mimics the synthetic generator at region level (per-region GM and uptake
 factors with 7 % normal variation; atrophy and hypometabolism in the planted regions scaled by
@@ -254,6 +258,25 @@ def expand_seed(path: Path, n_per_group: int, seed: int, effect_size: float = 1.
     )
 
 
+def write_tables(res, folder: Path) -> dict:
+    """``predictions.tsv`` and ``metrics.tsv`` of a CV (the group level's columns, floats
+    written exactly with ``repr``); returns their SHA-256 digests (first 16 hex digits)."""
+    import csv
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for name, rows in (("predictions", res.predictions), ("metrics", res.metrics)):
+        path = folder / f"{name}.tsv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+            writer.writeheader()
+            writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in r.items()}
+                             for r in rows)  # fmt: skip
+        digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return digests
+
+
 def cmd_cv(args) -> int:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
@@ -265,6 +288,8 @@ def cmd_cv(args) -> int:
         data = expand_seed(Path(args.seed_file), args.n_per_group, args.seed)
     print(f"cohort: {len(data)} sessions, built in {time.perf_counter() - t0:.1f} s", flush=True)
     train_kwargs = {"sloppy": args.sloppy}
+    if args.nondeterministic_gpu:
+        train_kwargs["deterministic"] = False
     if args.epochs:
         train_kwargs["epochs"] = args.epochs
     rows, first = [], None
@@ -273,7 +298,11 @@ def cmd_cv(args) -> int:
             devices = ["cpu"] * workers
         else:
             devices = cv.resolve_devices(args.device, gpus=workers)
-            if len(devices) < workers:
+            if len(devices) < workers and args.share_gpu:
+                # N worker processes on fewer GPUs (round robin): the process-independence
+                # check where a machine has one GPU
+                devices = [devices[i % len(devices)] for i in range(workers)]
+            elif len(devices) < workers:
                 print(f"only {len(devices)} GPU(s) visible; skipping {workers}")
                 continue
         done = []
@@ -318,8 +347,10 @@ def cmd_cv(args) -> int:
         else:
             row["max_prob_diff"] = float(np.abs(probs - first).max())
             row["same_as_first"] = bool(row["max_prob_diff"] == 0.0)
+        if args.out_dir:
+            row["sha256"] = write_tables(res, Path(args.out_dir) / f"workers{workers}")
         rows.append(row)
-        print(f"{workers} worker(s): {wall:.1f} s", flush=True)
+        print(f"{workers} worker(s): {wall:.1f} s {row.get('sha256', '')}", flush=True)
     report(rows)
     result = {"mode": "cv", "machine": machine(), "args": vars(args), "rows": rows}
     if args.out:
@@ -356,6 +387,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed-file", help="from `seed`")
     p.add_argument("--cohort", help="a RegionDataset.save() file instead of --seed-file")
     p.add_argument("--no-final", action="store_true", help="skip the final model")
+    p.add_argument(
+        "--share-gpu",
+        action="store_true",
+        help="with fewer GPUs than --workers: several worker processes per GPU",
+    )
+    p.add_argument(
+        "--nondeterministic-gpu",
+        action="store_true",
+        help="train with the atomic-add fused kernels (TrainConfig(deterministic=False))",
+    )
+    p.add_argument("--out-dir", help="write predictions.tsv/metrics.tsv per row here")
     p.set_defaults(func=cmd_cv)
     args = parser.parse_args(argv)
     return args.func(args)

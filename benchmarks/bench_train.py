@@ -10,6 +10,11 @@ other, on box crops precomputed on the device so that only the networks are time
   training part of 80 % of the subjects in batches of ``--batch-size`` and the per-epoch
   validation forward pass, as in ``fit``; early stopping is off;
 * the engine / loop ratio, both measured in this run;
+* with ``--compare-determinism`` (CUDA): the engine with the deterministic fused kernels (the
+  default: fixed-order reductions, torch's deterministic mode) and with the opt-in atomic-add
+  path, interleaved (det, atomic, det, atomic) in the same run, each inside the numerics
+  context that ``fit`` uses; the reproducibility of each (two trainings from the same weights,
+  max |difference| of the final weights) and, with ``--profile``, the kernels of a step of each;
 * with ``--fit-folds K``: ``fit()`` itself, end to end (standardization, siamese training,
   embedding, attention), ``--epochs`` epochs with early stopping off, on K folds of a
   ``--subjects`` cohort (each fold trains on (folds - 1) / folds of it); the CV estimate is
@@ -50,6 +55,7 @@ from bids_siamfuse.model.losses import siamese_loss  # noqa: E402
 from bids_siamfuse.model.siamese import SiameseBank, extend  # noqa: E402
 from bids_siamfuse.model.train import (  # noqa: E402
     TrainConfig,
+    _tf32,
     architecture,
     fit,
     train_siamese,
@@ -206,6 +212,59 @@ def profile_step(bank, xm, xp, t, batch, dtype, device):
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
+def compare_determinism(grid, arch, xm, xp, t, n_tr, n_va, args, dtype, device) -> dict:
+    """Deterministic (default) vs atomic fused kernels: speed, interleaved, and whether two
+    trainings of each from the same weights end in the same bits."""
+    rates: dict = {True: [], False: []}
+    diffs = {}
+    for det in (True, False, True, False):
+        bank = SiameseBank(grid, arch, generator=torch.Generator().manual_seed(0)).to(device)
+        bank.deterministic = det
+        with _tf32(True, det):
+            rate = time_engine(
+                bank, xm, xp, t, n_tr, n_va, args.epochs, args.batch_size, dtype, True, device
+            )
+        rates[det].append(rate)
+        state = {n: p.detach().clone() for n, p in bank.params.items()}
+        if det in diffs:
+            continue
+        # reproducibility: the same training again from the same initial weights
+        other = SiameseBank(grid, arch, generator=torch.Generator().manual_seed(0)).to(device)
+        other.deterministic = det
+        with _tf32(True, det):
+            time_engine(
+                other, xm, xp, t, n_tr, n_va, args.epochs, args.batch_size, dtype, True, device
+            )
+        diffs[det] = max(
+            float((p.detach() - state[n]).abs().max()) for n, p in other.params.items()
+        )
+        del other
+        if args.profile:
+            print(f"  profile, {'deterministic' if det else 'atomic'} kernels:", flush=True)
+            with _tf32(True, det):
+                profile_step(bank, xm, xp, t, args.batch_size, dtype, device)
+        del bank
+        torch.cuda.empty_cache()
+    det_rate, fast_rate = float(np.mean(rates[True])), float(np.mean(rates[False]))
+    out = {
+        "deterministic_subject_epochs_per_s": rates[True],
+        "atomic_subject_epochs_per_s": rates[False],
+        "cost": 1 - det_rate / fast_rate,
+        "max_weight_difference_between_two_trainings": {
+            "deterministic": diffs[True],
+            "atomic": diffs[False],
+        },
+    }
+    print(
+        f"deterministic kernels: {det_rate:.1f} subject-epochs/s ({rates[True]}), atomic: "
+        f"{fast_rate:.1f} ({rates[False]}); cost of determinism {100 * out['cost']:.1f} %; "
+        f"two trainings differ by {diffs[True]:.3g} (deterministic) / {diffs[False]:.3g} "
+        "(atomic) in the final weights",
+        flush=True,
+    )
+    return out
+
+
 def time_fit(layout, n, folds, n_folds_run, epochs, sloppy, device, seed=0):
     rng = np.random.default_rng(seed)
     v = layout.n_voxels
@@ -257,6 +316,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default bf16)")
     ap.add_argument("--variants", action="store_true", help="also time engine variants")
     ap.add_argument("--profile", action="store_true", help="print the kernels of a step")
+    ap.add_argument(
+        "--compare-determinism",
+        action="store_true",
+        help="time deterministic vs atomic fused kernels (CUDA), interleaved",
+    )
+    ap.add_argument("--skip-loop", action="store_true", help="do not time the reference loop")
     ap.add_argument("--fit-folds", type=int, default=0, help="time fit() on this many folds")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fit-subjects", type=int, default=250)
@@ -345,28 +410,25 @@ def main(argv=None) -> int:
             del vb
             torch.cuda.empty_cache()
 
+    if args.compare_determinism and device.type == "cuda":
+        results["determinism"] = compare_determinism(
+            grid, arch, xm, xp, t, n_tr, n_va, args, dtype, device
+        )
+
     if args.profile:
         profile_step(bank, xm, xp, t, args.batch_size, dtype, device)
 
-    loop_n_tr = n_tr if device.type == "cuda" else min(n_tr, 8)
-    loop_n_va = n_va if device.type == "cuda" else min(n_va, 2)
-    lp = time_loop(
-        bank,
-        grid,
-        xm,
-        xp,
-        t,
-        loop_n_tr,
-        loop_n_va,
-        args.loop_epochs,
-        args.batch_size,
-        dtype,
-        device,
-    )
-    print(f"loop: {lp:.1f} subject-epochs/s", flush=True)
-    print(f"engine / loop: {eng / lp:.1f}x", flush=True)
-    results["loop_subject_epochs_per_s"] = lp
-    results["ratio"] = eng / lp
+    if not args.skip_loop:
+        loop_n_tr = n_tr if device.type == "cuda" else min(n_tr, 8)
+        loop_n_va = n_va if device.type == "cuda" else min(n_va, 2)
+        lp = time_loop(
+            bank, grid, xm, xp, t, loop_n_tr, loop_n_va, args.loop_epochs, args.batch_size,
+            dtype, device,
+        )  # fmt: skip
+        print(f"loop: {lp:.1f} subject-epochs/s", flush=True)
+        print(f"engine / loop: {eng / lp:.1f}x", flush=True)
+        results["loop_subject_epochs_per_s"] = lp
+        results["ratio"] = eng / lp
     del xm, xp
     if device.type == "cuda":
         torch.cuda.empty_cache()

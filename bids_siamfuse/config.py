@@ -91,6 +91,7 @@ class ModelSettings:
     permutation_tests: int = 0
     gpus: int = 0
     cpu_workers: int = 1
+    nondeterministic_gpu: bool = False  # opt-in atomic-add GPU training (not reproducible)
 
 
 SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}

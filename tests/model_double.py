@@ -27,6 +27,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "cpu"
     amp: object = None
+    deterministic: bool = True
     progress: object = None
 
 

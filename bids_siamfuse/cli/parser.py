@@ -335,6 +335,15 @@ def _add_model_args(parser):
         type=_nonnegative_int,
         help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
     )
+    g.add_argument(
+        "--nondeterministic-gpu",
+        "--nondeterministic_gpu",
+        dest="nondeterministic_gpu",
+        action="store_true",
+        help="GPU training with atomic-add reductions instead of the default fixed-order ones: "
+        "no longer bit-reproducible between runs or GPU counts (measured speed gain on an H200: "
+        "none to 5 %%; see docs/benchmarks.md)",
+    )
 
 
 def _add_other_args(parser):

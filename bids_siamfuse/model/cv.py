@@ -20,7 +20,11 @@ Nothing sees the test fold
 Seeds
     Each task draws its seed from ``(seed, kind, permutation, repeat, fold)``
     (:func:`task_seed`), so results do not depend on which worker ran which fold, nor on how
-    many workers there were (given the same device type and threads per worker).
+    many workers there were (given the same device type and threads per worker). On GPUs the
+    training is deterministic by default (``TrainConfig.deterministic``: fixed-order reductions
+    in the fused kernels, torch's deterministic mode, one cuBLAS workspace setting and the same
+    TF32/cuDNN flags in every worker), so one GPU, two GPUs or two runs give bit-identical
+    results on GPUs of one model with the same software (``tests/test_determinism.py``).
 
 Metrics (per fold, at session level: each test PET session is one sample)
     The predicted class is the one with the largest probability (score). With two classes the
@@ -94,6 +98,7 @@ TRAIN_FIELDS = (
     "val_fraction",
     "sloppy",
     "amp",
+    "deterministic",
 )
 
 
@@ -477,6 +482,10 @@ def _worker_main(rank, device, threads, spec, fit, config_cls, train_kwargs, tas
         local = device
         if physical is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = physical
+            # before CUDA starts: the fixed cuBLAS workspace of deterministic GPU training
+            # (``train.CUBLAS_WORKSPACE``; a value inherited from the parent wins, so that
+            # every worker and the parent's own fits use one setting)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             local = "cuda:0"
         if threads:
             _set_threads(threads)

@@ -13,10 +13,11 @@ function is four kernels that never write a patch:
 ``_conv2_fwd``
     per block of layer-2 rows: gather 27 x 8 values from layer 1, (BR x 256) @ (256 x 16), bias,
     ReLU, and the adaptive pooling fused in: the block's (64 x BR) pooling weights times its
-    output, atomically added to the pooled features (S, R, 16, 64) in float32;
+    output, a partial of the pooled features (S, R, 16, 64) in float32 (see Determinism);
 ``_conv2_bwd``
     recomputes layer 2's pre-activation, pulls the pooled gradient back through the pooling
-    weights, and accumulates dW2/db2 over its samples in registers (one atomic add per block);
+    weights, and accumulates dW2/db2 over its samples in registers (one partial per block,
+    reduced in a fixed order; or one atomic add per block on the non-deterministic path);
     writes the gradient of the layer-2 patches (BR x 256 per sample);
 ``_conv1_bwd``
     per block of layer-1 rows: sums the patch gradients that read each row (the transposed
@@ -28,6 +29,16 @@ buckets), so one launch serves all 116 regions. Padded rows read only the ZERO s
 produce exactly 0 and zero gradients. Inputs are bfloat16 (the CUDA AMP path); products
 accumulate in float32. Checked against the portable engine and the per-region loop in
 ``tests/test_model_siamese.py`` (GPU) and ``benchmarks/bench_train.py``.
+
+Determinism (the default, ``deterministic=True``)
+    Every sum that crosses thread blocks is done in a fixed order: each block writes its
+    partial sum (pooled features per sample; dW2, db2, dW1 per block and sample group) to a
+    buffer, and ``_segment_sum`` adds a region's partials block after block, always in the same
+    order. The same inputs then give bit-identical outputs and gradients on every run, process
+    and GPU of the same model. ``deterministic=False`` keeps the original ``tl.atomic_add``
+    accumulation, whose order depends on scheduling (rounding differences of ~1e-7 relative that
+    training amplifies: 250-subject CV probabilities up to 0.72 apart between two runs); its
+    speed difference is measured in ``docs/benchmarks.md``.
 
 Imported only on CUDA machines with Triton (which ships with PyTorch's CUDA builds); everything
 else uses the portable engine.
@@ -61,6 +72,8 @@ class RaggedTables:
     blk2: torch.Tensor  # (rows2 / BR2,) int32
     pool2: torch.Tensor  # (rows2, 64) float32 pooling weights (0 on padded rows)
     sc1: torch.Tensor  # (rows1, W) int32 flat layer-2 patch positions reading each row
+    seg1: torch.Tensor  # (R + 1,) int32 first layer-1 block of each region (+ end)
+    seg2: torch.Tensor  # (R + 1,) int32 first layer-2 block of each region (+ end)
     rows1: int
     rows2: int
     pool3: int
@@ -132,6 +145,8 @@ def ragged_tables(geom: Geometry) -> RaggedTables:
         blk2=as32(blk2),
         pool2=torch.as_tensor(pool2),
         sc1=as32(sc1),
+        seg1=as32(start1 // BR1),  # the trailing zero block belongs to no region
+        seg2=as32(start2 // BR2),
         rows1=rows1,
         rows2=rows2,
         pool3=pool**3,
@@ -178,8 +193,10 @@ def _conv1_fwd(
 def _conv2_fwd(
     h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, out_ptr, S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
-    C2: tl.constexpr, P3: tl.constexpr,
+    C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
+    # DET: out_ptr is the (S, blocks, C2, P3) partial buffer, reduced by _segment_sum;
+    # else the pooled features (S, R, C2, P3), accumulated with atomics
     pid = tl.program_id(0)
     s0 = tl.program_id(1) * SB
     region = tl.load(blk_ptr + pid).to(tl.int64)
@@ -200,8 +217,13 @@ def _conv2_fwd(
             v = tl.load(h_ptr + s64 * n_rows1 * C1 + offs)
             h2 = tl.maximum(tl.dot(v, w) + b[None, :], 0.0)  # (BR, C2) float32
             contrib = tl.dot(pw_t, h2)  # (P3, C2)
-            ptrs = out_ptr + ((s64 * R + region) * C2 + c2[None, :]) * P3 + p3[:, None]
-            tl.atomic_add(ptrs, contrib, sem="relaxed")
+            if DET:
+                n_blk = tl.num_programs(0)
+                ptrs = out_ptr + ((s64 * n_blk + pid) * C2 + c2[None, :]) * P3 + p3[:, None]
+                tl.store(ptrs, contrib)
+            else:
+                ptrs = out_ptr + ((s64 * R + region) * C2 + c2[None, :]) * P3 + p3[:, None]
+                tl.atomic_add(ptrs, contrib, sem="relaxed")
 
 
 @triton.jit
@@ -209,8 +231,9 @@ def _conv2_bwd(
     h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, dp_ptr, dw_ptr,
     db_ptr, n_rows2, S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
-    C2: tl.constexpr, P3: tl.constexpr,
+    C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
+    # DET: dw_ptr/db_ptr are (blocks, sample groups, ...) partial buffers (see _segment_sum)
     pid = tl.program_id(0)
     s0 = tl.program_id(1) * SB
     region = tl.load(blk_ptr + pid).to(tl.int64)
@@ -246,15 +269,20 @@ def _conv2_bwd(
             dp = tl.dot(dpre_lo, w_t)  # (BR, 256)
             ptrs = dp_ptr + (s64 * n_rows2 + rows[:, None]) * (TAPS * C1) + k[None, :]
             tl.store(ptrs, dp.to(dp_ptr.dtype.element_ty))
-    tl.atomic_add(dw_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :], acc_w)
-    tl.atomic_add(db_ptr + region * C2 + c2, acc_b)
+    if DET:
+        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(dw_ptr + part * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :], acc_w)
+        tl.store(db_ptr + part * C2 + c2, acc_b)
+    else:
+        tl.atomic_add(dw_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :], acc_w)
+        tl.atomic_add(db_ptr + region * C2 + c2, acc_b)
 
 
 @triton.jit
 def _conv1_bwd(
     x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, sc_ptr, dp_ptr, n_rows2, dw_ptr, S,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
-    NP: tl.constexpr, SCW: tl.constexpr,
+    NP: tl.constexpr, SCW: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     s0 = tl.program_id(1) * SB
@@ -280,7 +308,33 @@ def _conv1_bwd(
             dpre = tl.where(pre > 0, dh, 0.0)
             v_t = tl.load(xs + idx_t)
             acc += tl.dot(v_t, dpre.to(v_t.dtype))
-    tl.atomic_add(dw_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :], acc)
+    if DET:
+        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(dw_ptr + part * TAPS * NP + taps[:, None] * NP + cols[None, :], acc)
+    else:
+        tl.atomic_add(dw_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :], acc)
+
+
+@triton.jit
+def _segment_sum(
+    p_ptr, p_stride, seg_ptr, scale, out_ptr, out_stride, K,
+    BK: tl.constexpr,
+):  # fmt: skip
+    """out[b, r, :] = sum over j in [seg[r] * scale, seg[r + 1] * scale) of p[b, j, :], j in
+    increasing order (one program per region, batch entry and column chunk): the fixed-order
+    replacement of the atomic adds."""
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BK + tl.arange(0, BK)
+    mask = cols < K
+    first = tl.load(seg_ptr + r) * scale
+    last = tl.load(seg_ptr + r + 1) * scale
+    ptrs = p_ptr + b * p_stride + first.to(tl.int64) * K + cols
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    for _ in range(first, last):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += K
+    tl.store(out_ptr + b * out_stride + r * K + cols, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +342,19 @@ def _conv1_bwd(
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(x, w1, w2, b2, t: RaggedTables, n_regions: int):
+def _segment_reduce(part: torch.Tensor, seg: torch.Tensor, scale: int, n_regions: int):
+    """Fixed-order sums of a region's partials: ``part`` (B, J, K) -> (B, R, K) float32, row
+    ``j`` of region ``r`` for ``seg[r] * scale <= j < seg[r + 1] * scale``."""
+    b, _, k = part.shape
+    out = torch.empty((b, n_regions, k), device=part.device, dtype=torch.float32)
+    bk = min(1024, triton.next_power_of_2(k))
+    _segment_sum[(n_regions, b, triton.cdiv(k, bk))](
+        part, part.stride(0), seg, scale, out, out.stride(0), k, BK=bk, num_warps=4
+    )
+    return out
+
+
+def _forward(x, w1, w2, b2, t: RaggedTables, n_regions: int, deterministic: bool = True):
     s_count = x.shape[0]
     dev = x.device
     h1 = torch.empty((s_count, t.rows1, C1), device=dev, dtype=x.dtype)
@@ -297,47 +363,71 @@ def _forward(x, w1, w2, b2, t: RaggedTables, n_regions: int):
         x, x.stride(0), t.tab1, t.blk1, w1, h1, t.rows1, s_count,
         BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, num_warps=4,
     )  # fmt: skip
-    pooled = torch.zeros((s_count, n_regions, C2, t.pool3), device=dev, dtype=torch.float32)
-    grid2 = (t.rows2 // BR2, triton.cdiv(s_count, SB))
+    n_blk2 = t.rows2 // BR2
+    grid2 = (n_blk2, triton.cdiv(s_count, SB))
+    if deterministic:  # every (sample, block) partial is written: no zero fill needed
+        out = torch.empty((s_count, n_blk2, C2, t.pool3), device=dev, dtype=torch.float32)
+    else:
+        out = torch.zeros((s_count, n_regions, C2, t.pool3), device=dev, dtype=torch.float32)
     _conv2_fwd[grid2](
-        h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, pooled, s_count, n_regions,
-        BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, num_warps=4,
+        h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, out, s_count, n_regions,
+        BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=deterministic, num_warps=4,
     )  # fmt: skip
-    return h1, pooled
+    if deterministic:
+        out = _segment_reduce(out.view(s_count, n_blk2, -1), t.seg2, 1, n_regions)
+    return h1, out.view(s_count, n_regions, C2, t.pool3)
 
 
 class FusedConvs(torch.autograd.Function):
-    """(x, w1, w2, b2) -> pooled features (S, R, 16 * pool^3) float32 (see module docstring)."""
+    """(x, w1, w2, b2) -> pooled features (S, R, 16 * pool^3) float32 (see module docstring).
+
+    ``deterministic`` (default True): fixed-order reductions instead of atomic adds (see the
+    module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, b2, tables: RaggedTables, n_regions: int):
-        h1, pooled = _forward(x, w1, w2, b2, tables, n_regions)
+    def forward(ctx, x, w1, w2, b2, tables: RaggedTables, n_regions: int, deterministic=True):
+        deterministic = bool(deterministic)
+        h1, pooled = _forward(x, w1, w2, b2, tables, n_regions, deterministic)
         ctx.save_for_backward(x, w1, w2, b2, h1)
-        ctx.tables, ctx.n_regions = tables, n_regions
+        ctx.tables, ctx.n_regions, ctx.deterministic = tables, n_regions, deterministic
         return pooled.view(x.shape[0], n_regions, C2 * tables.pool3)
 
     @staticmethod
     def backward(ctx, dpooled):
         x, w1, w2, b2, h1 = ctx.saved_tensors
-        t, n_regions = ctx.tables, ctx.n_regions
+        t, n_regions, det = ctx.tables, ctx.n_regions, ctx.deterministic
         s_count = x.shape[0]
+        dev = x.device
         dpooled = dpooled.contiguous().float()
-        dw2 = torch.zeros(w2.shape, device=x.device, dtype=torch.float32)
-        db2 = torch.zeros(b2.shape, device=x.device, dtype=torch.float32)
-        dp = torch.empty((s_count, t.rows2, TAPS * C1), device=x.device, dtype=x.dtype)
-        grid2 = (t.rows2 // BR2, triton.cdiv(s_count, SB))
-        _conv2_bwd[grid2](
+        n_blk1, n_blk2, n_sg = t.rows1 // BR1, t.rows2 // BR2, triton.cdiv(s_count, SB)
+        if det:  # per (block, sample group) partials, each written exactly once
+            dw2 = torch.empty((n_blk2 * n_sg,) + tuple(w2.shape[1:]), device=dev,
+                              dtype=torch.float32)  # fmt: skip
+            db2 = torch.empty((n_blk2 * n_sg,) + tuple(b2.shape[1:]), device=dev,
+                              dtype=torch.float32)  # fmt: skip
+            dw1 = torch.empty((n_blk1 * n_sg,) + tuple(w1.shape[1:]), device=dev,
+                              dtype=torch.float32)  # fmt: skip
+        else:
+            dw2 = torch.zeros(w2.shape, device=dev, dtype=torch.float32)
+            db2 = torch.zeros(b2.shape, device=dev, dtype=torch.float32)
+            dw1 = torch.zeros(w1.shape, device=dev, dtype=torch.float32)
+        dp = torch.empty((s_count, t.rows2, TAPS * C1), device=dev, dtype=x.dtype)
+        _conv2_bwd[(n_blk2, n_sg)](
             h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, dpooled, dp, dw2, db2, t.rows2,
             s_count, n_regions,
-            BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, num_warps=4,
+            BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=det, num_warps=4,
         )  # fmt: skip
-        dw1 = torch.zeros(w1.shape, device=x.device, dtype=torch.float32)
-        grid1 = (t.rows1 // BR1, triton.cdiv(s_count, SB))
-        _conv1_bwd[grid1](
+        _conv1_bwd[(n_blk1, n_sg)](
             x, x.stride(0), t.tab1, t.blk1, w1, t.sc1, dp, t.rows2, dw1, s_count,
-            BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, SCW=t.sc1.shape[1], num_warps=4,
+            BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, SCW=t.sc1.shape[1], DET=det,
+            num_warps=4,
         )  # fmt: skip
-        return None, dw1.to(w1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None, None
+        if det:
+            dw2 = _segment_reduce(dw2.view(1, n_blk2 * n_sg, -1), t.seg2, n_sg, n_regions)
+            db2 = _segment_reduce(db2.view(1, n_blk2 * n_sg, -1), t.seg2, n_sg, n_regions)
+            dw1 = _segment_reduce(dw1.view(1, n_blk1 * n_sg, -1), t.seg1, n_sg, n_regions)
+            dw2, db2, dw1 = dw2.view(w2.shape), db2.view(b2.shape), dw1.view(w1.shape)
+        return None, dw1.to(w1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None, None, None
 
 
 def pack_weights(conv1_w, conv1_b, conv2_w, conv2_b, dtype):

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import Geometry, RegionGrid, build_geometry
+from .geometry import Geometry, RegionGrid, cached_geometry
 
 __all__ = ["SiameseArch", "RegionNet", "LoopSiamese", "SiameseBank", "extend", "PARAM_NAMES"]
 
@@ -184,6 +184,8 @@ def _triton_ok() -> bool:
 
 
 _TRITON = None
+#: the fused kernels' tables (~50 MB on the device for the atlas) per geometry and device
+_RAGGED_CACHE: dict = {}
 
 
 class _GatherRows(torch.autograd.Function):
@@ -226,6 +228,7 @@ class SiameseBank(nn.Module):
         index_dtype: torch.dtype = torch.int32,
         scatter: str = "gather",
         fused: bool | None = None,
+        deterministic: bool = True,
     ):
         super().__init__()
         if scatter not in ("gather", "index_add"):
@@ -234,8 +237,10 @@ class SiameseBank(nn.Module):
         self.grid = grid
         self.scatter = scatter
         self.fused = fused
+        # fused kernels: fixed-order reductions (bit-reproducible) or atomic adds (kernels.py)
+        self.deterministic = bool(deterministic)
         self._ragged = None
-        geom = build_geometry(
+        geom, self._geometry_key = cached_geometry(
             grid,
             kernel=arch.kernel,
             stride=arch.stride,
@@ -331,7 +336,13 @@ class SiameseBank(nn.Module):
         from . import kernels
 
         if self._ragged is None or self._ragged.tab1.device != x.device:
-            self._ragged = kernels.ragged_tables(self.geometry).to(x.device)
+            key = (self._geometry_key, str(x.device))
+            self._ragged = _RAGGED_CACHE.get(key)
+            if self._ragged is None:  # once per geometry and device in this process
+                self._ragged = kernels.ragged_tables(self.geometry).to(x.device)
+                _RAGGED_CACHE[key] = self._ragged
+                while len(_RAGGED_CACHE) > 4:
+                    _RAGGED_CACHE.pop(next(iter(_RAGGED_CACHE)))
         w1, w2, b2 = kernels.pack_weights(
             self.param("conv1.weight"),
             self.param("conv1.bias"),
@@ -339,7 +350,9 @@ class SiameseBank(nn.Module):
             self.param("conv2.bias"),
             dtype,
         )
-        return kernels.FusedConvs.apply(x.contiguous(), w1, w2, b2, self._ragged, self.n_regions)
+        return kernels.FusedConvs.apply(
+            x.contiguous(), w1, w2, b2, self._ragged, self.n_regions, self.deterministic
+        )
 
     def pooled(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Both convolutions and the pooling: (S, V + 2) -> (S, R, features), engine order."""

@@ -49,7 +49,10 @@ Precision, devices, speed
     batch replays a captured CUDA graph of the whole step (:class:`SiameseStep`). Seeds:
     ``seed`` drives the weight initialisation (drawn on the CPU, so identical on every
     device), the validation split and the batch order; nothing reads or sets global RNGs. On the
-    CPU, the same seed and thread count give the same model.
+    CPU, the same seed and thread count give the same model. On CUDA too, by default
+    (``deterministic=True``): fixed-order reductions in the fused kernels and torch's
+    deterministic mode (:func:`_tf32`) give the same bits on every run, process and GPU of one
+    model; ``deterministic=False`` is the opt-in atomic path (docs/benchmarks.md).
 
 Sloppy mode (``sloppy=True``, for tests and quick looks; same code path)
     Crops averaged over 2x2x2 blocks (3 mm voxels, 8x fewer) and pooled to 2^3 instead of 4^3
@@ -63,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -118,6 +122,9 @@ class TrainConfig:
     seed: int = 42
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" ... the caller picks
     amp: bool | None = None  # None: bf16/TF32 on CUDA, float32 on CPU
+    # CUDA: fixed-order reductions + torch deterministic mode (bit-reproducible on any number of
+    # GPUs of one model); False: atomic adds, the opt-in fast path (``--nondeterministic-gpu``)
+    deterministic: bool = True
     progress: Callable[[dict], None] | None = None  # per epoch: stage, epoch, losses
 
     def effective(self) -> TrainConfig:
@@ -166,18 +173,70 @@ def split_validation(labels, subjects, fraction: float, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
+#: cuBLAS workspace setting that makes its GEMMs reproducible (NVIDIA's cuBLAS docs, "Results
+#: reproducibility"); torch refuses cuBLAS calls in deterministic mode without it. Read when a
+#: process first uses cuBLAS: ``cv`` sets it in every worker before CUDA starts, ``fit`` (for
+#: this process) before its first CUDA call.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
 @contextlib.contextmanager
-def _tf32(enabled: bool):
+def _tf32(enabled: bool, deterministic: bool = True):
+    """The numerics of a CUDA fit or prediction (``enabled``; on the CPU nothing changes).
+
+    Every setting that decides which kernels run is set here to the same value in every process
+    (so that a task's result does not depend on the process or GPU that ran it) and restored on
+    exit: TF32 products for the float32 linear layers, reduced-precision bf16/fp16 GEMM
+    reductions as torch's default, no cuDNN autotuning. ``deterministic`` (the default; see
+    ``TrainConfig.deterministic``) also turns on ``torch.use_deterministic_algorithms`` (warn
+    only: an op without a deterministic kernel warns instead of stopping a run;
+    ``tests/test_determinism.py`` requires no such warning) with the fixed cuBLAS workspace.
+    Uninitialised-memory filling, which deterministic mode adds to every ``torch.empty``, is
+    switched off: the fused kernels write every element of their buffers, and the fill would
+    add ~1 GB of memsets per training step of 16 subjects (the layer-2 patch gradient alone is
+    0.7 GB; sizes, not a timing).
+    """
     if not enabled:
         yield
         return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    import torch.utils.deterministic as tud
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = (
+        mm.allow_tf32,
+        cudnn.allow_tf32,
+        mm.allow_bf16_reduced_precision_reduction,
+        mm.allow_fp16_reduced_precision_reduction,
+        cudnn.deterministic,
+        cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        tud.fill_uninitialized_memory,
+    )
+    mm.allow_tf32 = cudnn.allow_tf32 = True
+    mm.allow_bf16_reduced_precision_reduction = True
+    mm.allow_fp16_reduced_precision_reduction = True
+    cudnn.deterministic = bool(deterministic)
+    cudnn.benchmark = False
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    tud.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        (
+            mm.allow_tf32,
+            cudnn.allow_tf32,
+            mm.allow_bf16_reduced_precision_reduction,
+            mm.allow_fp16_reduced_precision_reduction,
+            cudnn.deterministic,
+            cudnn.benchmark,
+            enabled_before,
+            warn_only,
+            tud.fill_uninitialized_memory,
+        ) = old
+        torch.use_deterministic_algorithms(enabled_before, warn_only=warn_only)
 
 
 def _compute_dtype(device: torch.device, amp: bool | None) -> torch.dtype:
@@ -550,7 +609,7 @@ class FittedModel:
     def _embeddings(self, data: RegionDataset) -> torch.Tensor:
         outs = []
         step = 64
-        with _tf32(self.device.type == "cuda"):
+        with _tf32(self.device.type == "cuda", self.config.deterministic):
             for start in range(0, len(data), step):
                 part = data.subset(np.arange(start, min(len(data), start + step)))
                 xm, xp = self._inputs.tensors(part, self.device, self.dtype)
@@ -650,6 +709,7 @@ class FittedModel:
         arch = SiameseArch.from_dict(meta["architecture"])
         dev = torch.device(device)
         bank = SiameseBank(coarsen(RegionGrid.from_layout(layout), arch.downsample)[0], arch)
+        bank.deterministic = config.deterministic
         bank.load_region_state(
             {n: torch.as_tensor(np.asarray(tensors[f"siamese.{n}"])) for n in PARAM_NAMES}
         )
@@ -703,9 +763,10 @@ def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
     generator = torch.Generator().manual_seed(int(eff.seed))
     inputs = _Inputs(layout, arch, standardizer)
     bank = SiameseBank(inputs.grid, arch, generator=generator).to(device)
+    bank.deterministic = config.deterministic
     history: list = []
     eval_chunk = 64 if device.type == "cuda" else 8
-    with _tf32(device.type == "cuda"):
+    with _tf32(device.type == "cuda", config.deterministic):
         xm, xp = inputs.tensors(train, device, dtype)
         t = torch.as_tensor(siamese_targets(labels), device=device)
         stop_epochs = train_siamese(

@@ -238,6 +238,14 @@ def group_text(summary: dict) -> str:
         "PET or both) were fit on the same folds. Region relevance was read from the attention "
         "module's weights and averaged over folds."
     )
+    if train.get("deterministic") is False and any(
+        str(d).startswith("cuda") for d in summary.get("devices", [])
+    ):
+        text += (
+            " GPU training used non-deterministic (atomic) accumulation in the convolution "
+            "kernels (`--nondeterministic-gpu`): a rerun with the same seed gives slightly "
+            "different per-subject results."
+        )
     perm = summary.get("permutation")
     if perm:
         text += (

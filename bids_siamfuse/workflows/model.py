@@ -241,10 +241,16 @@ def plan_group(settings) -> GroupPlan:
         "patience": mo.patience,
         "val_fraction": mo.val_fraction,
         "sloppy": bool(wf.sloppy),
+        "deterministic": not mo.nondeterministic_gpu,
     }
     notes = []
     if wf.sloppy:
         notes.append("--sloppy: coarse crops and capped epochs, for tests and quick looks only")
+    if mo.nondeterministic_gpu and any(d.startswith("cuda") for d in devices):
+        notes.append(
+            "--nondeterministic-gpu: results differ between runs and GPU counts (not "
+            "bit-reproducible)"
+        )
     return GroupPlan(
         bids_dir=Path(ex.bids_dir),
         deriv_dir=deriv,
