@@ -84,7 +84,7 @@ def _write_crash(settings, exc: BaseException) -> str:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     out = settings.execution.output_dir
     candidates = []
-    if out is not None:
+    if out is not None and not settings.execution.dry_run:  # a dry run writes nothing there
         candidates.append(Path(out) / "logs")
     candidates.append(Path(tempfile.gettempdir()))
     for folder in candidates:
@@ -188,9 +188,10 @@ def plan_participants(settings):
 
 def screen_pairs(plan):
     """Header checks of every pair: unusable ones move to ``plan.invalid`` (exit 65 later)."""
-    from ..checks import check_pair_headers
+    from ..checks import check_pair_headers, screen_duplicates
     from ..errors import DataError
 
+    screen_duplicates(plan)  # one name, several files: resolved or refused per pair
     valid = []
     for pair in plan.pairs:
         try:
@@ -259,6 +260,8 @@ def run(settings) -> int:
             return 0 if plan.pairs else EXIT_DATAERR
         if not plan.pairs:
             raise DataError(plan.invalid[0][1])
+        if plan.invalid and ex.stop_on_first_crash:
+            raise DataError(f"{plan.invalid[0][1]} (--stop-on-first-crash)")
         logs = prepare_output(settings)
         resolve_work_dir(settings)
         settings.write(logs)
