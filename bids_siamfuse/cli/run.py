@@ -40,10 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         _say(exc)
         return exc.exit_code
     _setup_logging(settings.execution.verbosity)
+    from .. import signals
+
+    signals.install()  # SIGTERM/SIGINT/SIGHUP: stop workers, status table, 143/130/129
     try:
         return run(settings)
     except SiamFuseError as exc:
         _say(exc)
+        return exc.exit_code
+    except signals.Interrupted as exc:
+        signals.stop_processes(signals.descendants())  # group-level workers, anything left
+        sys.stderr.write(f"bids_siamfuse: {exc}; {_resume_hint(settings)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("bids_siamfuse: interrupted\n")
@@ -54,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
             f"bids_siamfuse: error: unexpected {type(exc).__name__}: {exc} (details in {where})\n"
         )
         return EXIT_FAILURE
+    finally:
+        signals.restore()
+
+
+def _resume_hint(settings) -> str:
+    ex = settings.execution
+    parts = []
+    if ex.output_dir is not None and ex.analysis_level == "participant":
+        parts.append(f"status in {Path(ex.output_dir) / 'logs'}/participant-{ex.run_uuid}.tsv")
+    if ex.work_dir is not None:
+        parts.append(f"rerun with -w {ex.work_dir} to resume")
+    return "; ".join(parts) or "nothing was left half-written"
 
 
 def _say(exc: SiamFuseError) -> None:
