@@ -167,16 +167,18 @@ def prepare_output(settings) -> Path:
 
 def resolve_work_dir(settings) -> Path:
     """``-w`` when given, else ``./work`` (fMRIPrep's default), else a temporary folder."""
+    from ..safety import default_work_dir, make_work_dir
+
     ex = settings.execution
-    if ex.work_dir is not None:
+    explicit = ex.work_dir is not None
+    if explicit:
         work = Path(ex.work_dir)
     else:
-        work = Path.cwd() / "work"
-        if not os.access(Path.cwd(), os.W_OK):
-            work = Path(tempfile.gettempdir()) / "bids_siamfuse_work"
+        work = default_work_dir()  # never a fixed shared path (safety.py)
+        if work.parent != Path.cwd():
             LOGGER.warning("current folder not writable: work directory is %s", work)
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        make_work_dir(work, explicit=explicit)  # refuses folders others can write (64)
     except OSError as exc:
         raise CannotWriteError(f"cannot create work directory {work}: {exc.strerror}") from None
     ex.work_dir = work.absolute()
