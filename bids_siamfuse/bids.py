@@ -561,13 +561,27 @@ def save_derivative(
     ``entities`` adds or overrides (space, res, label, desc...). The sidecar JSON is written
     before the data, so a data file present on disk always has its metadata.
     """
-    import nibabel as nb
 
     ent = {**source, **entities}
     rel = build_path(ent, datatype=datatype, suffix=suffix, extension=extension)
     path = Path(out_dir) / rel
+    sidecar = path.with_name(rel.name[: -len(extension)] + ".json")
     if meta is not None:
-        save_json(path.with_name(rel.name[: -len(extension)] + ".json"), meta)
+        save_json(sidecar, meta)
+    try:
+        return _save_data(path, obj, ent, extension=extension, dtype=dtype)
+    except BaseException:
+        # a disk full (or an interrupt) while writing the data: no sidecar left without its
+        # data file (13 were, after a disk-full run)
+        if meta is not None and not path.exists():
+            sidecar.unlink(missing_ok=True)
+        raise
+
+
+def _save_data(path: Path, obj, ent: dict, *, extension: str, dtype=None) -> Path:
+    """The data part of :func:`save_derivative` (image, table, dict or existing file)."""
+    import nibabel as nb
+
     space = ent.get("space")
     if isinstance(obj, (str, Path)):
         src = Path(obj)
