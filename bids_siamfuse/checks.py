@@ -267,8 +267,10 @@ def _numbers(path: Path, name: str, value) -> np.ndarray:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
     ):
         shown = json_preview(value)
+        sidecar = sidecar_of(path)
+        where = sidecar if sidecar.is_file() else f"{path} (its sidecar)"
         raise DataError(
-            f"{path}: sidecar field {name} must be a number or a list of numbers, got {shown}"
+            f"{where}: field {name} must be a number or a list of numbers, got {shown}"
         )
     return np.atleast_1d(np.asarray(items, dtype=float))
 
@@ -283,13 +285,18 @@ def json_preview(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def sidecar_of(path: Path) -> Path:
+    """The JSON sidecar beside an image (``x.nii.gz`` -> ``x.json``)."""
+    name = Path(path).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.rsplit(".", 1)[0]
+    return Path(path).with_name(stem + ".json")
+
+
 def _sidecar_problem(path: Path) -> None:
     """The PET's own sidecar exists but was left out of the index: say why (DataError)."""
     import json
 
-    name = Path(path).name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.rsplit(".", 1)[0]
-    sidecar = Path(path).with_name(stem + ".json")
+    sidecar = sidecar_of(path)
     if not sidecar.is_file():
         return
     try:
@@ -380,8 +387,7 @@ def screen_duplicates(plan) -> None:
             others = sorted((str(p.pet) for p in pairs if p is not best), key=len)
             more = f" and {len(others) - 1} other path(s)" if len(others) > 1 else ""
             best.notes.append(
-                f"the same file also reached as {others[0][:200]}{more} (a symbolic link; "
-                "ignored)"
+                f"the same file also reached as {others[0][:200]}{more} (a symbolic link; ignored)"
             )
             LOGGER.warning("%s: the same PET reached through %d paths", key, len(pairs))
             keep.append(best)
