@@ -278,6 +278,8 @@ class NodeCrashFilter(logging.Filter):
         "Workflow did not execute cleanly",
         "***********************************",
         "Node crashed",
+        "[Node] Error on",
+        "Storing result file without outputs",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -380,6 +380,7 @@ def test_bundle_json_validated_and_hashed(bundle_dir, edit, needle):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.slow  # trains the real network for one epoch (~60 s on a loaded 2-core machine)
 def test_bundle_tensor_shape_edit_is_a_data_error(synth_derivs, tmp_path):
     """A weights file rewritten with a wrong-shaped tensor (hashes updated): 65, not exit 1."""
     from safetensors.numpy import load_file, save_file
@@ -722,8 +723,15 @@ def _descendants(pid: int) -> list[int]:
     return descendants(pid)
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129),
-                                           (signal.SIGINT, 130)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sig", "code"),
+    [
+        (signal.SIGTERM, 143),
+        pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+    ],
+    ids=["SIGTERM", "SIGHUP", "SIGINT"],
+)
 def test_signal_stops_workers_and_writes_status(tmp_path, sig, code):
     """A real CLI process (toy workflow) gets the signal while two workers run: conventional
     exit code, one line, status table with 'interrupted', no process left behind."""
@@ -934,3 +942,80 @@ def test_dockerfile_checks_every_download():
         assert re.search(rf'-z "\$\{{{name}_SHA256\}}"', text), f"{name}: an empty hash must fail"
     assert not re.search(r"(curl|wget) [^|\n]*\| *(sh|bash)", text)
     assert not re.search(r"^\s*ADD\s+https?://", text, re.M)
+
+
+# ----------------------------------------------------------------------------------------------
+# slow: the real participant workflow
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_ds(tmp_path_factory):
+    from bids_siamfuse.synth import generate
+
+    root = tmp_path_factory.mktemp("hardening_real")
+    ds = generate(root / "ds", n_per_group=1, groups=("CN", "AD"), seed=2,
+                  two_session_fraction=0.0)  # fmt: skip
+    return root, ds
+
+
+def _real_cmd(ds, out, work, *extra):
+    return [sys.executable, "-m", "bids_siamfuse", str(ds), str(out), "participant", "--sloppy",
+            "-w", str(work), "--skip-bids-validation", "--omp-nthreads", "1", "--nprocs", "2",
+            "--participant-label", "001", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_real_run_and_resume(real_ds):
+    """SIGTERM to a real run once nodes finished: 143, status table, no process left; the rerun
+    with the same work folder finishes."""
+    root, ds = real_ds
+    out, work = root / "term_out", root / "term_work"
+    proc = subprocess.Popen(_real_cmd(ds, out, work), stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(work.rglob("result_*.pklz"))) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    children = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    time.sleep(0.5)
+    assert [p for p in children if Path(f"/proc/{p}").exists()] == []
+    table = next((out / "logs").glob("participant-*.tsv")).read_text()
+    assert "interrupted" in table
+    again = subprocess.run(_real_cmd(ds, out, work), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_real_pet_failure_cancels_t1w_and_prints_one_line(real_ds):
+    """All-NaN PET: the PET reference node fails; the T1w workflow stops after its running
+    node; the terminal has one line naming the file, no traceback."""
+    root, ds = real_ds
+    bad = root / "bad_ds"
+    shutil.copytree(ds, bad, ignore=shutil.ignore_patterns("derivatives"))
+    pet = next(bad.glob("sub-001/ses-01/pet/*_pet.nii.gz"))
+    img = nb.load(pet)
+    data = np.full(img.shape, np.nan, np.float32)
+    data[0, 0, 0], data[1, 1, 1] = 1, 2
+    nb.Nifti1Image(data, img.affine, img.header).to_filename(pet)
+    out, work = root / "nan_out", root / "nan_work"
+    t0 = time.monotonic()
+    proc = subprocess.run(_real_cmd(bad, out, work), capture_output=True, text=True)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if str(pet) in line]
+    assert len(lines) == 1 and "NaN/infinite" in lines[0]
+    anat = {p.parent.name for p in work.rglob("anat_*_wf/*/result_*.pklz")}
+    assert len(anat) <= 2, anat  # the node(s) running when the PET failed
+    print(f"PET failure run: {seconds:.0f} s, T1w nodes run: {sorted(anat)}")
