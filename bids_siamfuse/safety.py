@@ -123,7 +123,7 @@ RULES = {
     "mem_mb": _memory,
     "random_seed": _int_range(0, 2**32 - 1),
     "device": _choice("auto", "cpu", "cuda"),
-    "verbosity": _int_range(-1, 3),
+    "verbosity": _int_range(-1, 10),
     "backend": _choice("ants", "spm"),
     "pet_ref_region": _choice("none", "cerebellum"),
     "classes": _class_list,
