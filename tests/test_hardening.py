@@ -718,9 +718,22 @@ raise SystemExit(main(sys.argv[1:2] + sys.argv[3:]))
 
 
 def _descendants(pid: int) -> list[int]:
-    from bids_siamfuse.signals import descendants
-
-    return descendants(pid)
+    """Processes below ``pid``, from /proc (the test's own scan, not the one under test)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat_text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat_text.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.mark.parametrize(
