@@ -35,6 +35,7 @@ import time
 from nipype.pipeline.plugins.linear import LinearPlugin
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin
 
+from . import signals
 from .errors import CannotWriteError, UsageError
 from .signals import descendants, stop_processes
 
@@ -130,6 +131,7 @@ class _Guard:
     # -- the watchdog -------------------------------------------------------------------------
 
     def _watch(self):
+        signals.check()  # a signal whose exception was swallowed on the way
         if self._fatal is not None:
             raise self._fatal
         import numpy as np
@@ -172,7 +174,7 @@ class GuardedMultiProc(_Guard, MultiProcPlugin):
     def _async_callback(self, args):
         try:
             super()._async_callback(args)
-        except BaseException as exc:  # noqa: BLE001 - swallowed by concurrent.futures before
+        except Exception as exc:  # noqa: BLE001 - swallowed by concurrent.futures before
             taskid = next((t for t, f in self._task_obj.items() if f is args), None)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._fatal = CannotWriteError(f"cannot store a node's result: {exc.strerror}")
@@ -230,6 +232,7 @@ class GuardedLinear(_Guard, LinearPlugin):
         nodes, _ = topological_sort(graph)
         try:
             for node in nodes:
+                signals.check()
                 if node in donotrun or any(
                     node.fullname.startswith(prefix + ".") for prefix in self._dead
                 ):

@@ -23,6 +23,11 @@ from pathlib import Path
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MAIN_PID: int | None = None
+#: The signal received, if any. The scheduler checks it on every poll (``check()``): the
+#: exception raised by the handler can land in code that swallows it (a completion callback
+#: that runs in the main thread when its future is already done), so the flag is the
+#: authoritative record.
+requested: int | None = None
 
 
 class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt
@@ -39,16 +44,24 @@ def _handler(signum, frame):  # noqa: ARG001 - signal API
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    # once: a second signal while cleaning up must not interrupt the cleanup
-    for sig in HANDLED:
-        signal.signal(sig, signal.SIG_IGN)
+    global requested
+    if requested is not None:  # a second signal while cleaning up: the first one stands
+        return
+    requested = signum
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal was received (called by the scheduler)."""
+    if requested is not None and os.getpid() == _MAIN_PID:
+        raise Interrupted(requested)
 
 
 def install() -> None:
     """Install the handlers in the main process (call from the main thread)."""
-    global _MAIN_PID
+    global _MAIN_PID, requested
     _MAIN_PID = os.getpid()
+    requested = None
     for sig in HANDLED:
         try:
             signal.signal(sig, _handler)
