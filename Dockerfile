@@ -15,6 +15,8 @@
 #   PIP_FIND_LINKS         a folder of local wheels mounted into the build (pip --find-links)
 #   EXTRAS                 package extras to install, e.g. "gpu" (FireANTs registration)
 #   WITH_SPM               1: add SPM12 standalone + MATLAB Runtime for --backend spm
+#   MCR_SHA256, SPM_SHA256 sha256 of the MATLAB Runtime and SPM12 zips (required with
+#                          WITH_SPM=1; every download is checked with sha256sum -c)
 #   TEMPLATEFLOW_PREFETCH  auto (default: use TemplateFlow when reachable, else nilearn's
 #                          packaged ICBM152 maps), yes (must succeed), no
 #   VERSION, VCS_REF, BUILD_DATE   OCI labels; VERSION is checked against the package
@@ -107,12 +109,21 @@ ARG MCR_VERSION
 ARG PIP_CERT
 ARG MCR_URL=https://ssd.mathworks.com/supportfiles/downloads/R2019b/Release/9/deploy/MATLAB_Runtime_R2019b_Update_9_glnxa64.zip
 ARG SPM_URL=https://www.fil.ion.ucl.ac.uk/spm/download/restricted/bids/spm12_r7771_Linux_R2019b.zip
+# sha256 of both archives (required with WITH_SPM=1: the build fails without them, and when a
+# download does not match). Not pinned here because they could not be verified offline when
+# this was written; record them once from a trusted download (sha256sum *.zip) and pass them
+# with --build-arg, or set them in scripts/build_image.sh. docs/containers.md says more.
+ARG MCR_SHA256=""
+ARG SPM_SHA256=""
 ENV MCR_INHIBIT_CTF_LOCK=1 \
     SPM_HTML_BROWSER=0
 # hadolint ignore=DL3008,SC2086
 RUN --mount=type=bind,from=spm_downloads,target=/downloads \
     mkdir -p /opt/spm \
     && if [ "${WITH_SPM}" != 1 ]; then echo "SPM12 not included (WITH_SPM=${WITH_SPM})"; exit 0; fi \
+    && if [ -z "${MCR_SHA256}" ] || [ -z "${SPM_SHA256}" ]; then \
+         echo "WITH_SPM=1 needs --build-arg MCR_SHA256=... and SPM_SHA256=... (sha256 of the archives)" >&2; \
+         exit 1; fi \
     && apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl unzip \
          libxext6 libxt6 libxmu6 libxpm4 libncurses5 \
@@ -121,9 +132,11 @@ RUN --mount=type=bind,from=spm_downloads,target=/downloads \
          else curl -fsSL --retry 3 ${PIP_CERT:+--cacert "$PIP_CERT"} -o "$2" "$1"; fi; \
        } \
     && fetch "${MCR_URL}" /tmp/mcr.zip \
+    && echo "${MCR_SHA256}  /tmp/mcr.zip" | sha256sum -c - \
     && unzip -q /tmp/mcr.zip -d /tmp/mcr_install \
     && /tmp/mcr_install/install -mode silent -agreeToLicense yes -destinationFolder /opt/spm/mcr \
     && fetch "${SPM_URL}" /tmp/spm12.zip \
+    && echo "${SPM_SHA256}  /tmp/spm12.zip" | sha256sum -c - \
     && unzip -q /tmp/spm12.zip -d /opt/spm \
     && chmod +x /opt/spm/spm12/run_spm12.sh /opt/spm/spm12/spm12 \
     && /opt/spm/spm12/run_spm12.sh "/opt/spm/mcr/${MCR_VERSION}" function exit \

@@ -125,11 +125,47 @@ def load_layout(bids_dir: Path):
 
     ignore = [re.compile(rf"^/{name}(/|$)") for name in IGNORE_INPUT]
     ignore.append(re.compile(r"/\."))  # hidden files and folders
+    ignore += [re.compile(rf"^{re.escape(rel)}$") for rel in non_object_sidecars(bids_dir)]
     indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
     try:
         return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
     except (ValueError, OSError) as exc:
         raise InvalidBIDSError(f"{bids_dir}: pybids cannot read it ({exc})") from None
+
+
+def non_object_sidecars(bids_dir: Path) -> list[str]:
+    """Sidecars that are valid JSON but not an object (e.g. an array), as ``/rel/path``.
+
+    pybids crashed on them while indexing the whole dataset (a TypeError, exit 1); they are
+    left out of the index instead, and the pair whose PET they belong to is refused on its
+    own at screening (:func:`bids_siamfuse.checks.check_pet_sidecar`). Walks without following
+    symbolic links (a link loop cannot trap it).
+    """
+    root = Path(bids_dir)
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        rel_folder = Path(folder).relative_to(root)
+        if rel_folder.parts and (
+            rel_folder.parts[0] in IGNORE_INPUT or any(p.startswith(".") for p in rel_folder.parts)
+        ):
+            dirs[:] = []
+            continue
+        for name in files:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            try:
+                with open(Path(folder) / name, "rb") as handle:
+                    head = handle.read(64).lstrip()
+            except OSError:
+                continue
+            if head[:1] and head[:1] != b"{":
+                try:
+                    value = json.loads((Path(folder) / name).read_text())
+                except (ValueError, OSError):
+                    continue  # not JSON at all: pybids reports it (exit 16)
+                if not isinstance(value, dict):
+                    found.append("/" + (rel_folder / name).as_posix())
+    return found
 
 
 @dataclass
@@ -144,6 +180,8 @@ class SessionPair:
     pet_meta: dict = field(default_factory=dict)
     pet_entities: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: why the PET sidecar could not be read (the pair is then refused at screening, alone)
+    meta_error: str | None = None
 
     @property
     def key(self) -> str:
@@ -259,10 +297,13 @@ def collect_pairs(
                     + ", ignoring "
                     + ", ".join(Path(c.path).name for c in candidates[1:])
                 )
+            meta_error = None
             try:
                 meta = pet.get_metadata()
-            except (ValueError, OSError) as exc:
-                raise DataError(f"{pet.path}: cannot read its JSON sidecar ({exc})") from None
+            except Exception as exc:  # noqa: BLE001 - pybids raises many kinds; this pair only
+                meta, meta_error = {}, f"{pet.path}: cannot read its JSON sidecar ({exc})"
+            if not isinstance(meta, dict):  # pragma: no cover - pybids merges into a dict
+                meta, meta_error = {}, f"{pet.path}: its JSON sidecar is not an object"
             entities = {k: pet.entities[k] for k in _PET_KEEP if pet.entities.get(k) is not None}
             pairs.append(
                 SessionPair(
@@ -274,6 +315,7 @@ def collect_pairs(
                     pet_meta=dict(meta),
                     pet_entities=entities,
                     notes=notes,
+                    meta_error=meta_error,
                 )
             )
     if session_label:
@@ -519,13 +561,27 @@ def save_derivative(
     ``entities`` adds or overrides (space, res, label, desc...). The sidecar JSON is written
     before the data, so a data file present on disk always has its metadata.
     """
-    import nibabel as nb
 
     ent = {**source, **entities}
     rel = build_path(ent, datatype=datatype, suffix=suffix, extension=extension)
     path = Path(out_dir) / rel
+    sidecar = path.with_name(rel.name[: -len(extension)] + ".json")
     if meta is not None:
-        save_json(path.with_name(rel.name[: -len(extension)] + ".json"), meta)
+        save_json(sidecar, meta)
+    try:
+        return _save_data(path, obj, ent, extension=extension, dtype=dtype)
+    except BaseException:
+        # a disk full (or an interrupt) while writing the data: no sidecar left without its
+        # data file (13 were, after a disk-full run)
+        if meta is not None and not path.exists():
+            sidecar.unlink(missing_ok=True)
+        raise
+
+
+def _save_data(path: Path, obj, ent: dict, *, extension: str, dtype=None) -> Path:
+    """The data part of :func:`save_derivative` (image, table, dict or existing file)."""
+    import nibabel as nb
+
     space = ent.get("space")
     if isinstance(obj, (str, Path)):
         src = Path(obj)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
+import os
 import zlib
 from pathlib import Path
 
@@ -93,13 +95,16 @@ def check_header(path: Path, kind: str) -> dict:
         raise DataError(f"{path}: {len(shape)}-D image of shape {shape}; expected 3-D or 4-D")
     if kind == "T1w" and frames > 1:
         raise DataError(f"{path}: a 4-D T1w with {frames} volumes; give one 3-D volume")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * max(dtype.itemsize, 4)
+    # Python integers: np.prod in int64 wrapped to 0 for a NIfTI-2 header of 2**40 per axis
+    nbytes = math.prod(shape) * max(dtype.itemsize, 4)
     limit = MAX_IMAGE_BYTES[kind]
     if nbytes > limit:
         raise DataError(
             f"{path}: {nbytes / 1024**3:.1f} GB in memory (shape {shape}), over "
             f"the {limit / 1024**3:.0f} GB limit for a {kind}; crop or downsample it"
         )
+    _check_raw_header(path, img)
+    _check_expansion(path, img, shape, dtype)
     affine = img.affine
     if not np.isfinite(affine).all():
         raise DataError(f"{path}: the affine holds NaN or infinite values")
@@ -124,13 +129,120 @@ def check_header(path: Path, kind: str) -> dict:
     }
 
 
+def _check_raw_header(path: Path, img) -> None:
+    """Voxel sizes as stored: nibabel silently turns a zero ``pixdim`` into 1 mm on load.
+
+    The qform's voxel sizes are ``pixdim[1:4]`` (used when ``qform_code`` > 0, or when neither
+    form is set); the sform carries its own (checked through the affine in :func:`check_header`).
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            raw = type(img.header).from_fileobj(handle, check=False)
+    except Exception as exc:  # noqa: BLE001 - the header was just read once; report plainly
+        raise DataError(f"{path}: unreadable header ({_short(exc)})") from None
+    qcode, scode = int(raw["qform_code"]), int(raw["sform_code"])
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if qcode > 0 or scode == 0:
+        if not np.isfinite(pixdim).all() or np.any(np.abs(pixdim) < 1e-3):
+            raise DataError(
+                f"{path}: zero or invalid voxel size in the header (pixdim "
+                f"{np.round(pixdim, 4).tolist()}{', qform' if qcode else ''}); "
+                "fix the header rather than let a reader assume 1 mm"
+            )
+
+
+#: Largest size a compressed image may declare without being compared with its file size.
+GZIP_CHECK_ABOVE = 64 * 1024**2
+#: Largest expansion of a ``.nii.gz`` (declared data size / file size). Real scans compress
+#: 2-10x (skull-stripped PET with much background up to ~30x); gzip's ceiling is ~1030x, which
+#: a 1.9 MB file that expands to 1.9 GB of zeros reaches.
+MAX_GZIP_RATIO = 200
+
+
+def _check_expansion(path: Path, img, shape, dtype) -> None:
+    """A small ``.gz`` that declares a huge image (decompression bomb) is refused."""
+    if not str(path).endswith(".gz"):
+        return
+    declared = math.prod(shape) * dtype.itemsize + int(img.header.get("vox_offset", 0) or 0)
+    size = max(Path(path).stat().st_size, 1)
+    if declared > GZIP_CHECK_ABOVE and declared / size > MAX_GZIP_RATIO:
+        raise DataError(
+            f"{path}: a {size / 1024**2:.1f} MB file that expands to "
+            f"{declared / 1024**3:.2f} GB ({declared / size:.0f}x, over the {MAX_GZIP_RATIO}x "
+            "a real scan compresses); refused as a possible decompression bomb"
+        )
+
+
+#: Smallest field of view (mm) and voxel count per axis, largest voxel count per axis, per
+#: modality. Below them registration to MNI fails minutes into preprocessing (a 2 mm slab).
+MIN_FOV_MM = {"T1w": 100.0, "PET": 60.0}
+MIN_VOXELS = {"T1w": 32, "PET": 16}
+MAX_VOXELS = {"T1w": 2048, "PET": 1024}
+MAX_FRAMES = 1000
+
+
+def check_extent(path: Path, info: dict, kind: str) -> None:
+    """Shape limits per modality (planning time; :func:`check_header` gives ``info``)."""
+    shape, zooms = info["shape"][:3], info["zooms"]
+    fov = [round(n * z, 1) for n, z in zip(shape, zooms)]
+    if min(shape) < MIN_VOXELS[kind] or min(fov) < MIN_FOV_MM[kind]:
+        raise DataError(
+            f"{path}: too small for a {kind} (shape {tuple(shape)}, field of view {fov} mm; "
+            f"at least {MIN_VOXELS[kind]} voxels and {MIN_FOV_MM[kind]:g} mm per axis)"
+        )
+    if max(shape) > MAX_VOXELS[kind]:
+        raise DataError(
+            f"{path}: {max(shape)} voxels along one axis, over the {MAX_VOXELS[kind]} "
+            f"accepted for a {kind}"
+        )
+    if info["frames"] > MAX_FRAMES:
+        raise DataError(f"{path}: {info['frames']} frames, over the {MAX_FRAMES} accepted")
+
+
+def check_labels(pair) -> None:
+    """Entity labels must be BIDS labels that fit in every derivative's file name."""
+    from .bids import OUTPUTS, output_path
+    from .safety import LABEL, MAX_LABEL
+
+    for key, value in pair.source_entities.items():
+        if value is None:
+            continue
+        text = str(value)
+        if not LABEL.match(text) or len(text) > MAX_LABEL:
+            raise DataError(
+                f"{pair.pet}: the {key} label {text[:40]!r}{'...' if len(text) > 40 else ''} "
+                f"({len(text)} characters) is not a BIDS label of at most {MAX_LABEL} letters "
+                "and digits"
+            )
+    longest = max(
+        (output_path(Path("/"), key, pair.source_entities).name for key in OUTPUTS), key=len
+    )
+    if len(longest.encode()) > 255:
+        raise DataError(
+            f"{pair.pet}: its labels make derivative names of {len(longest.encode())} bytes "
+            "(file names stop at 255)"
+        )
+
+
 def check_data(path: Path, kind: str):
     """Read the voxels and check them; returns the (possibly cleaned) float32 array and image."""
     img = _load(path)
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: truncated or corrupt image data ({_short(exc)})") from None
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4:
+        # float64 values beyond float32's range would turn into inf below and be reported as
+        # "NaN/infinite voxels"; name them for what they are
+        big = np.isfinite(data) & (np.abs(data) > np.finfo(np.float32).max)
+        if big.any():
+            raise DataError(
+                f"{path}: {int(big.sum())} voxel(s) beyond float32's range (largest "
+                f"{float(np.abs(data[big]).max()):.3g}); rescale the image"
+            )
+    data = np.asarray(data, dtype=np.float32)
     finite = np.isfinite(data)
     bad = data.size - int(finite.sum())
     if bad:
@@ -148,8 +260,60 @@ def check_data(path: Path, kind: str):
     return data, img
 
 
+def _numbers(path: Path, name: str, value) -> np.ndarray:
+    """A sidecar field that must hold a number or a flat list of numbers (DataError if not)."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
+    ):
+        shown = json_preview(value)
+        sidecar = sidecar_of(path)
+        where = sidecar if sidecar.is_file() else f"{path} (its sidecar)"
+        raise DataError(
+            f"{where}: field {name} must be a number or a list of numbers, got {shown}"
+        )
+    return np.atleast_1d(np.asarray(items, dtype=float))
+
+
+def json_preview(value, limit: int = 60) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sidecar_of(path: Path) -> Path:
+    """The JSON sidecar beside an image (``x.nii.gz`` -> ``x.json``)."""
+    name = Path(path).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.rsplit(".", 1)[0]
+    return Path(path).with_name(stem + ".json")
+
+
+def _sidecar_problem(path: Path) -> None:
+    """The PET's own sidecar exists but was left out of the index: say why (DataError)."""
+    import json
+
+    sidecar = sidecar_of(path)
+    if not sidecar.is_file():
+        return
+    try:
+        value = json.loads(sidecar.read_text())
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{sidecar}: not readable JSON ({_short(exc)})") from None
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{sidecar}: a JSON {type(value).__name__}, not an object ({json_preview(value)})"
+        )
+
+
 def check_pet_sidecar(path: Path, meta: dict, frames: int) -> dict:
     """Timing fields of a PET sidecar, checked against the image; returns them cleaned."""
+    if meta is not None and not isinstance(meta, dict):
+        raise DataError(f"{path}: its JSON sidecar is not an object ({json_preview(meta)})")
+    _sidecar_problem(path)
     if not meta:
         raise DataError(f"{path}: no JSON sidecar (BIDS requires one for PET)")
     starts = meta.get("FrameTimesStart")
@@ -157,8 +321,8 @@ def check_pet_sidecar(path: Path, meta: dict, frames: int) -> dict:
     if starts is None or durations is None:
         missing = [k for k in ("FrameTimesStart", "FrameDuration") if meta.get(k) is None]
         raise DataError(f"{path}: sidecar lacks {', '.join(missing)}")
-    starts = np.atleast_1d(np.asarray(starts, dtype=float))
-    durations = np.atleast_1d(np.asarray(durations, dtype=float))
+    starts = _numbers(path, "FrameTimesStart", starts)
+    durations = _numbers(path, "FrameDuration", durations)
     if starts.size != durations.size:
         raise DataError(
             f"{path}: FrameTimesStart has {starts.size} values but FrameDuration {durations.size}"
@@ -180,6 +344,79 @@ def check_pet_sidecar(path: Path, meta: dict, frames: int) -> dict:
 
 def check_pair_headers(pair) -> None:
     """Header and sidecar checks of one PET/T1w pair (raises DataError)."""
-    check_header(pair.t1w, "T1w")
+    meta_error = getattr(pair, "meta_error", None)
+    if meta_error:
+        raise DataError(meta_error)
+    check_labels(pair)
+    t1w = check_header(pair.t1w, "T1w")
+    check_extent(pair.t1w, t1w, "T1w")
     pet = check_header(pair.pet, "PET")
+    check_extent(pair.pet, pet, "PET")
     check_pet_sidecar(pair.pet, pair.pet_meta, pet["frames"])
+
+
+def _same_file(paths) -> bool:
+    try:
+        return len({os.path.realpath(p) for p in paths}) == 1
+    except OSError:  # pragma: no cover
+        return False
+
+
+def screen_duplicates(plan) -> None:
+    """Pairs that would share one name, resolved or refused *per pair* at planning time.
+
+    * the same file reached through several paths (a directory symbolic link, a loop under
+      ``--skip-bids-validation``): kept once, through its shortest path, with a note;
+    * two different files with the same entities (a PET stored as ``.nii`` *and*
+      ``.nii.gz``): which one is meant cannot be known, so the pair is refused (exit 65 at the
+      end) while the other pairs run.
+
+    Before this, both ended the whole dataset with nipype's "Duplicate node name" (exit 1).
+    """
+    groups: dict[str, list] = {}
+    for pair in plan.pairs:
+        groups.setdefault(pair.key, []).append(pair)
+    keep = []
+    for key, pairs in groups.items():
+        if len(pairs) == 1:
+            keep.append(pairs[0])
+            continue
+        pets = [p.pet for p in pairs]
+        if _same_file(pets) and _same_file([p.t1w for p in pairs]):
+            best = min(pairs, key=lambda p: (len(str(p.pet)), str(p.pet)))
+            others = sorted((str(p.pet) for p in pairs if p is not best), key=len)
+            more = f" and {len(others) - 1} other path(s)" if len(others) > 1 else ""
+            best.notes.append(
+                f"the same file also reached as {others[0][:200]}{more} (a symbolic link; ignored)"
+            )
+            LOGGER.warning("%s: the same PET reached through %d paths", key, len(pairs))
+            keep.append(best)
+            continue
+        names = ", ".join(sorted(str(p) for p in pets))
+        why = f"{pets[0]}: stored more than once ({names}); keep one file per series"
+        LOGGER.error(why)
+        plan.invalid.append((pairs[0], why))
+    # a T1w stored twice (.nii and .nii.gz) is refused for the pairs that use it
+    out = []
+    for pair in sorted(keep, key=lambda p: plan.pairs.index(p)):
+        twin = _twin(pair.t1w)
+        if twin is not None:
+            why = f"{pair.t1w}: stored twice ({pair.t1w.name} and {twin.name}); keep one"
+            plan.invalid.append((pair, why))
+        else:
+            out.append(pair)
+    plan.pairs = out
+
+
+def _twin(path: Path) -> Path | None:
+    """The same image under the other NIfTI extension, when both exist."""
+    name = Path(path).name
+    if name.endswith(".nii.gz"):
+        other = Path(path).with_name(name[: -len(".gz")])
+    elif name.endswith(".nii"):
+        other = Path(path).with_name(name + ".gz")
+    else:
+        return None
+    if other.exists() and not _same_file([path, other]):
+        return other
+    return None

@@ -129,8 +129,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return False
             raise ValueError(value)
         if hint is int:
-            if isinstance(value, bool):
-                raise ValueError(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"{value!r} is not a whole number")
             return int(value)
         if hint is float:
             return float(value)
@@ -158,24 +158,41 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
 
     @classmethod
-    def from_sources(cls, file_values: dict | None = None, cli_values: dict | None = None):
-        """Merge defaults, then the config file, then the command line."""
+    def from_sources(
+        cls,
+        file_values: dict | None = None,
+        cli_values: dict | None = None,
+        *,
+        file_label: str = "the config file",
+    ):
+        """Merge defaults, then the config file, then the command line; then validate all."""
         settings = cls()
         from_file = _flatten(file_values or {})
         from_file.pop("run_uuid", None)  # a repeated run is a new run
-        for source in (from_file, cli_values or {}):
+        sources = {}
+        for label, source in ((file_label, from_file), ("the command line", cli_values or {})):
             for name, value in source.items():
-                settings.set(name, value)
+                settings.set(name, value, source=label)
+                sources[name] = label
+        from .safety import validate_settings
+
+        validate_settings(settings, sources)  # one check whatever the source (exit 64)
         if not settings.execution.run_uuid:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             settings.execution.run_uuid = f"{stamp}_{uuid.uuid4().hex[:8]}"
         return settings
 
-    def set(self, name: str, value: Any) -> None:
+    def set(self, name: str, value: Any, *, source: str | None = None) -> None:
         if name not in FIELDS:
-            raise UsageError(f"unknown setting '{name}'")
+            raise UsageError(f"unknown setting '{name}'" + (f" (in {source})" if source else ""))
         section, hint = FIELDS[name]
-        setattr(getattr(self, section), name, _coerce(name, value, hint))
+        try:
+            coerced = _coerce(name, value, hint)
+        except UsageError as exc:
+            if source is None:
+                raise
+            raise UsageError(f"{exc} (from {source})") from None
+        setattr(getattr(self, section), name, coerced)
 
     def get(self, name: str) -> Any:
         return getattr(getattr(self, FIELDS[name][0]), name)

@@ -15,6 +15,9 @@ code    exception                   meaning
 66      ``NoInputError``            an input path or a required file does not exist
 73      ``CannotWriteError``        the output or work directory cannot be created or written
 ======  ==========================  =========================================================
+
+A run stopped by a signal exits ``128 + signal``: 143 (SIGTERM), 130 (SIGINT), 129 (SIGHUP),
+after writing its status table (:mod:`bids_siamfuse.signals`).
 """
 
 from __future__ import annotations

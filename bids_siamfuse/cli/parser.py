@@ -209,7 +209,8 @@ def _add_performance_args(parser):
         dest="mem_mb",
         type=_memory_mb,
         metavar="MB",
-        help="memory the workflow engine may plan for (e.g. 16000, 16GB)",
+        help="memory the workflow engine may plan for: a number is megabytes (MB), or give "
+        "the unit: 16000, 16000MB, 16GB (at least 2048 MB; default: 90%% of the machine's)",
     )
     g.add_argument(
         "--device",
@@ -412,7 +413,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     quiet = args.pop("quiet", False)
     if verbose or quiet:
         args["verbosity"] = -1 if quiet else verbose
-    return Settings.from_sources(file_values, args)
+    label = f"--config-file {config_file}" if config_file is not None else "the config file"
+    return Settings.from_sources(file_values, args, file_label=label)
 
 
 FILTER_QUERIES = ("t1w", "pet")
@@ -427,14 +429,6 @@ def load_bids_filters(path: Path) -> dict:
         filters = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--bids-filter-file {path}: not valid JSON ({exc})") from None
-    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
-        raise UsageError(
-            f"--bids-filter-file {path}: expected an object of objects, "
-            'e.g. {"t1w": {"acquisition": "mprage"}}'
-        )
-    unknown = sorted(set(filters) - set(FILTER_QUERIES))
-    if unknown:
-        raise UsageError(
-            f"--bids-filter-file {path}: unknown queries {unknown}; use {list(FILTER_QUERIES)}"
-        )
-    return filters
+    from ..safety import check_bids_filters
+
+    return check_bids_filters(filters, f"--bids-filter-file {path}")

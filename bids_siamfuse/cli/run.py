@@ -40,10 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         _say(exc)
         return exc.exit_code
     _setup_logging(settings.execution.verbosity)
+    from .. import signals
+
+    signals.install()  # SIGTERM/SIGINT/SIGHUP: stop workers, status table, 143/130/129
     try:
         return run(settings)
     except SiamFuseError as exc:
         _say(exc)
+        return exc.exit_code
+    except signals.Interrupted as exc:
+        signals.stop_processes(signals.descendants())  # group-level workers, anything left
+        sys.stderr.write(f"bids_siamfuse: {exc}; {_resume_hint(settings)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("bids_siamfuse: interrupted\n")
@@ -54,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
             f"bids_siamfuse: error: unexpected {type(exc).__name__}: {exc} (details in {where})\n"
         )
         return EXIT_FAILURE
+    finally:
+        signals.restore()
+
+
+def _resume_hint(settings) -> str:
+    ex = settings.execution
+    parts = []
+    if ex.output_dir is not None and ex.analysis_level == "participant":
+        parts.append(f"status in {Path(ex.output_dir) / 'logs'}/participant-{ex.run_uuid}.tsv")
+    if ex.work_dir is not None:
+        parts.append(f"rerun with -w {ex.work_dir} to resume")
+    return "; ".join(parts) or "nothing was left half-written"
 
 
 def _say(exc: SiamFuseError) -> None:
@@ -84,7 +103,7 @@ def _write_crash(settings, exc: BaseException) -> str:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     out = settings.execution.output_dir
     candidates = []
-    if out is not None:
+    if out is not None and not settings.execution.dry_run:  # a dry run writes nothing there
         candidates.append(Path(out) / "logs")
     candidates.append(Path(tempfile.gettempdir()))
     for folder in candidates:
@@ -148,16 +167,18 @@ def prepare_output(settings) -> Path:
 
 def resolve_work_dir(settings) -> Path:
     """``-w`` when given, else ``./work`` (fMRIPrep's default), else a temporary folder."""
+    from ..safety import default_work_dir, make_work_dir
+
     ex = settings.execution
-    if ex.work_dir is not None:
+    explicit = ex.work_dir is not None
+    if explicit:
         work = Path(ex.work_dir)
     else:
-        work = Path.cwd() / "work"
-        if not os.access(Path.cwd(), os.W_OK):
-            work = Path(tempfile.gettempdir()) / "bids_siamfuse_work"
+        work = default_work_dir()  # never a fixed shared path (safety.py)
+        if work.parent != Path.cwd():
             LOGGER.warning("current folder not writable: work directory is %s", work)
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        make_work_dir(work, explicit=explicit)  # refuses folders others can write (64)
     except OSError as exc:
         raise CannotWriteError(f"cannot create work directory {work}: {exc.strerror}") from None
     ex.work_dir = work.absolute()
@@ -188,9 +209,10 @@ def plan_participants(settings):
 
 def screen_pairs(plan):
     """Header checks of every pair: unusable ones move to ``plan.invalid`` (exit 65 later)."""
-    from ..checks import check_pair_headers
+    from ..checks import check_pair_headers, screen_duplicates
     from ..errors import DataError
 
+    screen_duplicates(plan)  # one name, several files: resolved or refused per pair
     valid = []
     for pair in plan.pairs:
         try:
@@ -280,6 +302,8 @@ def run(settings) -> int:
             return 0 if plan.pairs else EXIT_DATAERR
         if not plan.pairs:
             raise DataError(plan.invalid[0][1])
+        if plan.invalid and ex.stop_on_first_crash:
+            raise DataError(f"{plan.invalid[0][1]} (--stop-on-first-crash)")
         logs = prepare_output(settings)
         resolve_work_dir(settings)
         settings.write(logs)

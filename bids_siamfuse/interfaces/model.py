@@ -70,13 +70,14 @@ def bundle_description(bundle) -> dict:
 
 def read_region_file(path: Path, bundle) -> tuple[np.ndarray, np.ndarray]:
     """(gm, pet) compact vectors of a region file, checked against the bundle (exit 65)."""
+    from ..preproc.regions import read_region_arrays
+
     path = Path(path)
+    gm, pet, text = read_region_arrays(path, None)  # shape checked below
     try:
-        with np.load(path, allow_pickle=False) as f:
-            signature = json.loads(str(f["signature"]))
-            gm, pet = np.asarray(f["gm"], np.float32), np.asarray(f["pet"], np.float32)
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise DataError(f"{path}: unreadable region file ({exc})") from None
+        signature = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{path}: unreadable signature ({exc})") from None
     if json.dumps(signature, sort_keys=True) != json.dumps(bundle.signature, sort_keys=True):
         raise DataError(
             f"{path}: made with another atlas or grid than the model bundle {bundle.path} "

@@ -41,7 +41,25 @@ from ..errors import CannotWriteError, DataError, NoInputError
 from .data import RegionLayout
 
 BUNDLE_FORMAT = "bids_siamfuse-model-bundle"
-BUNDLE_VERSION = 1
+#: 2: ``content_sha256`` covers model.json's semantic content (classes, signature, settings)
+BUNDLE_VERSION = 2
+#: Keys of model.json whose content decides predictions; ``content_sha256`` covers them (with
+#: the weights' hash), so an edited ``classes`` (reversed: every prediction flipped, exit 0)
+#: is refused at load time.
+CONTENT_KEYS = (
+    "classes",
+    "signature",
+    "regions",
+    "grid_shape",
+    "crop_boxes",
+    "standardization",
+    "model",
+    "training",
+    "weights_sha256",
+)
+#: Deepest nesting accepted in model.json (ours is 4 levels deep; json.loads recursed until a
+#: RecursionError on a deeply nested file).
+MAX_JSON_DEPTH = 32
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
 _LAYOUT_KEYS = ("boxes", "offsets", "local_index")
@@ -160,6 +178,8 @@ def save_bundle(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+    meta = _jsonable(meta)
+    meta["content_sha256"] = content_hash(meta)
     path = folder / META_NAME
     text = json.dumps(_jsonable(meta), indent=2, sort_keys=True, allow_nan=False) + "\n"
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -180,16 +200,113 @@ def bundle_paths(path: Path) -> tuple[Path, Path]:
     return meta, meta.with_suffix(".safetensors")
 
 
+def content_hash(meta: dict) -> str:
+    """sha256 of model.json's semantic content (:data:`CONTENT_KEYS`), canonical JSON."""
+    content = {k: meta.get(k) for k in CONTENT_KEYS}
+    text = json.dumps(_jsonable(content), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text (strings skipped), without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _scalar_tree(value, depth: int = 0) -> bool:
+    """JSON scalars, or lists of them (the atlas/grid signature's values)."""
+    if isinstance(value, list):
+        return depth < 3 and all(_scalar_tree(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def validate_meta(meta: dict, where: str) -> None:
+    """Structure of model.json: every field the loader uses has the right shape (exit 65)."""
+
+    def bad(key, expected):
+        shown = json.dumps(meta.get(key))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise DataError(f"{where}: '{key}' must be {expected}, got {shown}")
+
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        bad("format_version", "a positive integer")
+    classes = meta.get("classes")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c.strip() for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        bad("classes", "a list of at least two different, non-empty labels")
+    signature = meta.get("signature")
+    if (
+        not isinstance(signature, dict)
+        or not signature
+        or not all(isinstance(k, str) and _scalar_tree(v) for k, v in signature.items())
+    ):
+        bad("signature", "an object of atlas/grid properties")
+    boxes = meta.get("crop_boxes")
+    if not isinstance(boxes, list) or not all(
+        isinstance(b, list) and len(b) == 6 and all(_is_int(x) and x >= 0 for x in b)
+        for b in boxes
+    ):
+        bad("crop_boxes", "a list of [x0, y0, z0, x1, y1, z1] integer boxes")
+    regions = meta.get("regions", [])
+    if not isinstance(regions, list) or not all(isinstance(r, str) for r in regions):
+        bad("regions", "a list of region names")
+    if regions and len(regions) != len(boxes):
+        raise DataError(f"{where}: {len(regions)} region names but {len(boxes)} crop boxes")
+    grid = meta.get("grid_shape", [])
+    if not isinstance(grid, list) or (grid and (len(grid) != 3 or not all(map(_is_int, grid)))):
+        bad("grid_shape", "three integers")
+    for key in ("model", "standardization"):
+        if not isinstance(meta.get(key, {}), dict):
+            bad(key, "an object")
+    for key in ("weights_sha256", "content_sha256"):
+        value = meta.get(key)
+        if key in meta and not (
+            isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
+        ):
+            bad(key, "a sha256 hex digest")
+
+
 def read_meta(path: Path) -> dict:
-    """The bundle's JSON, checked for its format (DataError otherwise); weights not read."""
+    """The bundle's JSON, checked for its format and structure (DataError); weights not read."""
     meta_path, _ = bundle_paths(path)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        text = meta_path.read_text()
+        if _depth(text) > MAX_JSON_DEPTH:
+            raise DataError(
+                f"model bundle {meta_path}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            )
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as exc:
         raise DataError(f"model bundle {meta_path}: not readable JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
         raise DataError(f"model bundle {meta_path}: not a bids_siamfuse model bundle")
-    if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
+    version = meta.get("format_version")
+    if _is_int(version) and version > BUNDLE_VERSION:
         raise DataError(
             f"model bundle {meta_path}: format version {meta.get('format_version')} is newer "
             f"than this bids_siamfuse reads ({BUNDLE_VERSION}); upgrade bids_siamfuse"
@@ -197,7 +314,21 @@ def read_meta(path: Path) -> dict:
     for key in ("classes", "signature", "crop_boxes", "model", "weights_sha256"):
         if key not in meta:
             raise DataError(f"model bundle {meta_path}: '{key}' missing from the JSON")
+    validate_meta(meta, f"model bundle {meta_path}")
+    if version >= 2 and "content_sha256" not in meta:
+        raise DataError(f"model bundle {meta_path}: 'content_sha256' missing from the JSON")
     return meta
+
+
+def check_content(meta: dict, meta_path: Path) -> None:
+    """model.json's semantic content matches the hash it was written with (exit 65)."""
+    if "content_sha256" not in meta:  # format 1 (before the hash): weights hash only
+        return
+    if content_hash(meta) != meta["content_sha256"]:
+        raise DataError(
+            f"model bundle {meta_path}: model.json was changed after training (its classes, "
+            "signature or settings no longer match content_sha256); use the bundle as written"
+        )
 
 
 def _canonical(signature: dict) -> str:
@@ -241,9 +372,12 @@ class Bundle:
             return model_cls.from_state(
                 self.tensors, self.meta["model"], self.layout, device=device
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            # RuntimeError: torch's size mismatch of a tensor whose shape was edited
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise DataError(
-                f"model bundle {self.path}: cannot rebuild the model ({exc})"
+                f"model bundle {self.path}: cannot rebuild the model "
+                f"({type(exc).__name__}: {text})"
             ) from None
 
 
@@ -261,6 +395,9 @@ def load_bundle(path: Path, *, layout: RegionLayout | None = None) -> Bundle:
 
     meta_path, weights = bundle_paths(path)
     meta = read_meta(meta_path)
+    if layout is not None:  # "another atlas" says more than "changed": checked first
+        check_compatible(meta, layout, where=f"model bundle {meta_path}")
+    check_content(meta, meta_path)
     if not weights.is_file():
         raise DataError(f"model bundle {meta_path}: its weights file {weights.name} is missing")
     if _sha256(weights) != meta["weights_sha256"]:
@@ -275,6 +412,12 @@ def load_bundle(path: Path, *, layout: RegionLayout | None = None) -> Bundle:
     missing = [k for k in _LAYOUT_KEYS if f"layout.{k}" not in tensors]
     if missing:
         raise DataError(f"model bundle {weights}: no layout tensors {missing}")
+    bad = sorted(k for k, v in tensors.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
+    if bad:
+        raise DataError(f"model bundle {weights}: non-finite values in {', '.join(bad[:5])}")
+    boxes = tensors["layout.boxes"]
+    if boxes.ndim != 2 or boxes.shape[1] != 6 or tensors["layout.offsets"].ndim != 1:
+        raise DataError(f"model bundle {weights}: malformed layout tensors")
     own = RegionLayout(
         boxes=tensors.pop("layout.boxes").astype(np.int64),
         offsets=tensors.pop("layout.offsets").astype(np.int64),

@@ -158,6 +158,53 @@ def write_region_outputs(
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)")
 
 
+#: Arrays a region file must hold (anything else is ignored).
+REGION_KEYS = ("gm", "pet", "signature")
+
+
+def read_region_arrays(path: Path, n_voxels: int | None, expected_signature: str | None = None):
+    """(gm, pet, signature) of one region file, fully checked; DataError (65) naming it.
+
+    Checks: a readable zip (a truncated file failed as ``BadZipFile``, exit 1), the arrays
+    present, 1-D float vectors of the layout's voxel count, finite values (a NaN trained the
+    model on NaN loss before), and the atlas/grid signature.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in REGION_KEYS if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: not a region file (no {', '.join(missing)} array)")
+            signature = str(f["signature"])
+            gm, pet = f["gm"], f["pet"]
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib_error()) as exc:
+        raise DataError(f"{path}: unreadable region file ({type(exc).__name__}: {exc})") from None
+    if expected_signature is not None and signature != expected_signature:
+        raise DataError(
+            f"{path}: made with another atlas or grid than this run "
+            "(signature mismatch); rerun the participant level"
+        )
+    for name, arr in (("gm", gm), ("pet", pet)):
+        if arr.dtype.kind not in "fiu":
+            raise DataError(f"{path}: '{name}' holds {arr.dtype} values, expected numbers")
+        if arr.ndim != 1 or (n_voxels is not None and arr.shape != (n_voxels,)):
+            raise DataError(f"{path}: '{name}' has shape {arr.shape}, expected ({n_voxels},)")
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise DataError(f"{path}: '{name}' holds {bad} NaN/infinite value(s)")
+    return gm.astype(np.float32), pet.astype(np.float32), signature
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
 def parse_entities(name: str) -> dict:
     return {k: v for k, v in _ENTITY.findall(name.split(".")[0])}
 
@@ -243,20 +290,7 @@ def load_cohort(
     gm = np.empty((n, v), dtype=np.float32)
     pet = np.empty((n, v), dtype=np.float32)
     for i, (path, *_rest) in enumerate(selected):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                signature = str(f["signature"])
-                if signature != expected:
-                    raise DataError(
-                        f"{path}: made with another atlas or grid than this run "
-                        "(signature mismatch); rerun the participant level"
-                    )
-                if f["gm"].shape != (v,) or f["pet"].shape != (v,):
-                    raise DataError(f"{path}: has {f['gm'].shape[0]} voxels, expected {v}")
-                gm[i] = f["gm"]
-                pet[i] = f["pet"]
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise DataError(f"{path}: unreadable region file ({exc})") from None
+        gm[i], pet[i], _ = read_region_arrays(path, v, expected)
     return RegionDataset(
         gm=gm,
         pet=pet,

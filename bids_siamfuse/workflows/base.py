@@ -268,6 +268,9 @@ def run_participant(settings, plan) -> int:
         }
     )
     _route_nipype_logs()
+    from ..engine import quiet_node_crashes
+
+    quiet_node_crashes(ex.verbosity)  # tracebacks to the crash files, not the terminal
     workflow = init_bids_siamfuse_wf(
         plan=plan,
         output_dir=output_dir,
@@ -295,6 +298,7 @@ def run_participant(settings, plan) -> int:
     if ex.mem_mb:
         plugin_args["memory_gb"] = ex.mem_mb / 1024.0
     plugin = "MultiProc" if nprocs > 1 else "Linear"
+    runner = _guarded_runner(plugin, plugin_args, plan)  # see bids_siamfuse/engine.py
     LOGGER.info(
         "participant workflow: %d pair(s), backend %s%s, %d process(es) x %d thread(s); "
         "work directory %s",
@@ -311,13 +315,17 @@ def run_participant(settings, plan) -> int:
     gc.freeze()
     error = None
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args if plugin == "MultiProc" else {})
+        workflow.run(plugin=runner)
     except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError and others
+        error = exc
+    except BaseException as exc:  # noqa: BLE001 - signals.Interrupted: status, then out
         error = exc
     finally:
         gc.unfreeze()
     status = pair_status(plan, output_dir, ex.run_uuid, error)
+    _mark_interrupted(status, error)
     _write_status(status, output_dir, ex.run_uuid)
+    _raise_fatal(error)  # interrupts (130/143/129), disk full (73), stuck scheduler (64)
     write_participant_reports(
         output_dir,
         sorted({p.subject for p in plan.pairs}),
@@ -349,6 +357,35 @@ def run_participant(settings, plan) -> int:
         LOGGER.error("the workflow did not finish: %s", error)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _guarded_runner(plugin: str, plugin_args: dict, plan):
+    """The scheduler with the guards of :mod:`bids_siamfuse.engine` (stops, cancels, ends)."""
+    from ..engine import GuardedLinear, GuardedMultiProc, branches
+
+    tree = branches(plan, anat_name=_anat_name, pet_name=_pet_name, safe=_safe)
+    if plugin == "MultiProc":
+        return GuardedMultiProc(plugin_args={**plugin_args, "branches": tree})
+    return GuardedLinear(plugin_args={"branches": tree})
+
+
+def _mark_interrupted(status: list[dict], error) -> None:
+    """Pairs left unfinished by an interrupt say so in the status table."""
+    if error is None or isinstance(error, Exception):
+        return
+    for row in status:
+        if row["status"] == "incomplete":
+            row["status"], row["message"] = "interrupted", str(error) or type(error).__name__
+
+
+def _raise_fatal(error) -> None:
+    """Errors that end the whole run (not one pair) leave run_participant as they are."""
+    from ..errors import CannotWriteError
+
+    if error is None:
+        return
+    if not isinstance(error, Exception) or isinstance(error, (CannotWriteError, UsageError)):
+        raise error
 
 
 def write_participant_reports(output_dir: Path, subjects, *, bids_dir=None, workflow=None):
