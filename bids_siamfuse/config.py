@@ -89,6 +89,10 @@ class ModelSettings:
     permutation_tests: int = 0
     gpus: int = 0
     cpu_workers: int = 1
+    # issue 12: what reaches the attention stage, which siamese epochs count, ablations
+    fusion: str = "similarity"  # "similarity" (embeddings + MRI-PET similarity) or "paper"
+    gate: str = "paired"  # "paired", "se" (previous), "none"; see model/train.py
+    ablations: bool = True  # train the ablation heads in every CV fold
 
 
 SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}

@@ -59,6 +59,43 @@ def toy_cohort(n_per_class=16, classes=("CN", "AD"), effect=0.25, seed=0, layout
     )
 
 
+COUPLED = (0, 2, 4)  # regions whose MRI-PET relation flips with the class (coupling_cohort)
+
+
+def coupling_cohort(n_per_class=20, seed=0, rho=0.9, layout=None, shuffle=False):
+    """A pure coupling effect: per subject and region a GM deviation and a PET deviation, both
+    N(0, 1) in every class (identical marginals), correlated +rho in the first class and -rho
+    in the second in the COUPLED regions, independent elsewhere. No linear model on region
+    means can separate the classes; the sign of the GM x PET product can."""
+    layout = layout or toy_layout()
+    rng = np.random.default_rng(seed)
+    counts = np.diff(layout.offsets)
+    r = layout.n_regions
+    n = 2 * n_per_class
+    labels = np.repeat([0, 1], n_per_class)
+    if shuffle:
+        labels = rng.permutation(labels)
+    sign = np.where(labels == 0, 1.0, -1.0)[:, None]
+    dg = rng.standard_normal((n, r))
+    dp = rng.standard_normal((n, r))
+    c = list(COUPLED)
+    dp[:, c] = sign * rho * dg[:, c] + np.sqrt(1 - rho**2) * dp[:, c]
+    base = rng.uniform(0.4, 0.8, r)
+    gm = np.repeat(base * (1 + 0.1 * dg), counts, axis=1)
+    pet = np.repeat(3.5 * base * (1 + 0.1 * dp), counts, axis=1)
+    gm = gm + 0.05 * rng.standard_normal(gm.shape)
+    pet = pet + 0.2 * rng.standard_normal(pet.shape)
+    return RegionDataset(
+        gm=gm.astype(np.float32),
+        pet=pet.astype(np.float32),
+        labels=labels,
+        classes=("CN", "AD"),
+        subjects=np.array([f"{i:03d}" for i in range(n)]),
+        sessions=np.array([""] * n),
+        layout=layout,
+    )
+
+
 FAST = dict(sloppy=True, epochs=25, patience=10, batch_size=8)
 
 
@@ -108,9 +145,9 @@ def test_fit_separates_a_strong_effect(model, cohort, split):
 
 def test_relevance_points_at_planted_regions(model):
     rel = model.relevance()
-    assert set(rel) == {"mri", "pet", "combined"}
-    assert np.isclose(rel["mri"].sum() + rel["pet"].sum(), 1.0)
-    assert np.allclose(rel["combined"], rel["mri"] + rel["pet"])
+    assert set(rel) == {"mri", "pet", "similarity", "combined"}
+    assert np.isclose(rel["combined"].sum(), 1.0)
+    assert np.allclose(rel["combined"], rel["mri"] + rel["pet"] + rel["similarity"])
     planted = set(PLANTED_GM) | set(PLANTED_PET)
     top = set(np.argsort(-rel["combined"])[: len(planted)].tolist())
     assert len(top & planted) >= 2, rel["combined"]
@@ -129,7 +166,7 @@ def test_outputs_and_their_shapes(model, cohort, split):
     subj = model.subject_relevance(test)
     assert subj["combined"].shape == (8, 6)
     assert np.allclose(subj["combined"].sum(1), 1)
-    assert np.allclose(subj["combined"], subj["mri"] + subj["pet"])
+    assert np.allclose(subj["combined"], subj["mri"] + subj["pet"] + subj["similarity"])
 
 
 def test_history_and_progress(cohort, split, model):

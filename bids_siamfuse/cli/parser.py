@@ -324,6 +324,30 @@ def _add_model_args(parser):
         type=_nonnegative_int,
         help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
     )
+    # issue 12 (model variants and ablations)
+    g.add_argument(
+        "--fusion",
+        dest="fusion",
+        choices=["similarity", "paper"],
+        help="attention-stage input: region embeddings plus the per-region MRI-PET similarity "
+        "(similarity, default) or the embeddings only, as in the paper (paper)",
+    )
+    g.add_argument(
+        "--gate",
+        dest="gate",
+        choices=["paired", "se", "none"],
+        help="when a siamese epoch may replace the untrained network: paired one-sided test "
+        "over validation subjects (paired, default), 2 SE below the untrained loss (se), "
+        "any improvement (none)",
+    )
+    g.add_argument(
+        "--no-ablations",
+        "--no_ablations",
+        dest="ablations",
+        action="store_false",
+        help="skip the ablations (similarity only, untrained networks, MRI/PET only, other "
+        "fusion) trained beside the model in every CV fold",
+    )
 
 
 def _add_other_args(parser):
