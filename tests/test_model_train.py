@@ -282,3 +282,108 @@ def test_fit_on_cuda_and_back_to_cpu(cohort, split):
     tensors, meta = m.state()
     cpu = FittedModel.from_state(tensors, meta, cohort.layout, device="cpu")
     assert np.abs(cpu.predict_proba(test) - prob).max() < 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 12: the gate, the similarity fusion, the ablations
+# ----------------------------------------------------------------------------------------------
+
+
+def test_paired_gate_passes_consistent_gains_that_the_se_gate_misses():
+    """Region 0: every validation subject improves by 0.2 while the untrained hinge spreads
+    1..2.8 between subjects (the untrained cosine is alike for all, so the hinge is low for one
+    class and high for the other); region 1: the same mean gain but from noise (half better,
+    half worse); region 2: worse. Only region 0 may replace its untrained weights, and only
+    under the paired gate."""
+    from bids_siamfuse.model.train import _RegionEarlyStop
+
+    n = 6
+    h0 = torch.tensor([[1.0, 1.1, 1.2, 2.6, 2.7, 2.8]] * 3)
+    gain = torch.stack(
+        [
+            torch.full((n,), -0.2),
+            torch.tensor([-1.0, 0.6, -1.0, 0.6, -0.8, 0.4]),
+            torch.full((n,), 0.1),
+        ]
+    )
+    h1 = h0 + gain
+    results = {}
+    for gate in ("paired", "se", "none"):
+        params = [torch.zeros(3, 2)]
+        stop = _RegionEarlyStop(params, h0, threshold=0.01, patience=5, gate=gate)
+        params[0].fill_(1.0)  # "training" moved every region
+        stop.update(h1, epoch=1)
+        stop.restore()
+        results[gate] = params[0][:, 0].tolist()
+    assert results["paired"] == [1.0, 0.0, 0.0]
+    assert results["se"] == [0.0, 0.0, 0.0]  # 0.2 < 2 SE of a 1..2.8 spread over 6 subjects
+    assert results["none"] == [1.0, 1.0, 0.0]  # the noisy "gain" gets through without a gate
+
+
+def test_gate_and_fusion_are_checked():
+    with pytest.raises(ValueError, match="fusion"):
+        TrainConfig(fusion="cosine")
+    with pytest.raises(ValueError, match="gate"):
+        TrainConfig(gate="maybe")
+
+
+@pytest.fixture(scope="module")
+def coupled():
+    data = coupling_cohort(24, seed=5)
+    rng = np.random.default_rng(2)
+    test = np.concatenate([rng.choice(np.flatnonzero(data.labels == c), 6, False) for c in (0, 1)])
+    train = np.setdiff1d(np.arange(len(data)), test)
+    model = fit(data.subset(train), TrainConfig(seed=7, ablations=True, **FAST))
+    return data, train, test, model
+
+
+def test_similarity_fusion_trains_the_coupled_regions_and_records_it(coupled):
+    data, train, test, model = coupled
+    info = model.info
+    assert info["fusion"] == "similarity" and info["gate"] == "paired"
+    kept = np.asarray(info["siamese_stop_epochs"])
+    improvement = np.subtract(info["siamese_val_hinge_initial"], info["siamese_val_hinge_kept"])
+    assert info["regions_trained"] == int((kept > 0).sum())
+    assert np.all(improvement[kept == 0] == 0) and np.all(improvement[kept > 0] > 0)
+    # the coupled regions' networks train; the others mostly keep their initial weights
+    coupled_regions = list(COUPLED)
+    other = [r for r in range(data.layout.n_regions) if r not in coupled_regions]
+    assert (kept[coupled_regions] > 0).sum() >= 2, kept
+    assert (kept[other] > 0).sum() <= 1, kept
+    # the similarity feature: sign follows the class in the coupled regions (test subjects)
+    sim = model.similarity(data.subset(test))
+    y = data.labels[test]
+    trained = [r for r in coupled_regions if kept[r] > 0]
+    gap = sim[y == 0][:, trained].mean() - sim[y == 1][:, trained].mean()
+    assert gap > 0.5, sim
+
+
+def test_ablations_predict_and_relevance_sums_to_one(coupled):
+    data, _, test, model = coupled
+    out = model.predict_ablations(data.subset(test))
+    assert set(out) == {"paper_fusion", "similarity_only", "untrained", "mri_only", "pet_only"}
+    for p in out.values():
+        assert p.shape == (len(test), 2) and np.allclose(p.sum(1), 1)
+    rel = model.relevance()
+    assert np.isclose(rel["combined"].sum(), 1.0) and rel["similarity"].sum() > 0
+    # the untrained control really uses the networks at initialisation
+    assert model.init_bank is not None
+    a = model._embeddings(data.subset(test[:2]))
+    b = model._embeddings(data.subset(test[:2]), model.init_bank)
+    assert not torch.allclose(a, b)
+
+
+def test_fusion_round_trip_and_old_bundles_are_paper(coupled, tmp_path):
+    data, _, test, model = coupled
+    tensors, meta = model.state()
+    assert meta["fusion"] == "similarity" and meta["attention"]["n_features"] == 41
+    back = FittedModel.from_state(tensors, json.loads(json.dumps(meta)), data.layout)
+    sub = data.subset(test)
+    assert np.allclose(back.predict_proba(sub), model.predict_proba(sub), atol=1e-6)
+    paper = fit(data.subset(test), TrainConfig(seed=1, fusion="paper", **dict(FAST, epochs=2)))
+    t2, m2 = paper.state()
+    m2.pop("fusion")  # a version-1 bundle has no fusion field and 40 features per region
+    m2["attention"].pop("groups")
+    again = FittedModel.from_state(t2, m2, data.layout)
+    assert again.fusion == "paper"
+    assert np.allclose(again.predict_proba(sub), paper.predict_proba(sub), atol=1e-6)
