@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,15 +65,11 @@ def truth_regions(dataset: Path) -> dict:
     import pandas as pd
 
     table = pd.read_csv(dataset / "derivatives" / "synth-truth" / "regions.tsv", sep="\t")
-    weights = [
-        c
-        for c in table.columns
-        if c.endswith("_weight") or c in ("coupling", "effect", "planted", "affected")
-    ]
-    planted = np.zeros(len(table), dtype=bool)
-    for c in weights:
-        planted |= pd.to_numeric(table[c], errors="coerce").fillna(0).to_numpy() != 0
-    return {"names": table["name"].tolist(), "planted": planted.tolist(), "columns": weights}
+    if "planted" in table:  # the realistic generator marks them for every effect family
+        planted = table["planted"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    else:
+        planted = (table["atrophy_weight"] > 0) | (table["hypometabolism_weight"] > 0)
+    return {"names": table["name"].tolist(), "planted": np.asarray(planted).tolist()}
 
 
 def cmd_make(args) -> None:
@@ -84,27 +79,21 @@ def cmd_make(args) -> None:
     out = Path(args.out)
     ds = out.with_suffix(".ds")
     if not (ds / "participants.tsv").is_file():
-        cmd = [
-            sys.executable,
-            "-m",
-            "bids_siamfuse.synth",
-            str(ds),
-            "--n-per-group",
-            str(args.n_per_group),
-            "--groups",
-            *args.groups,
-            "--seed",
-            str(args.seed),
-            "--effect",
-            args.effect,
-            "--preprocessed",
-            "--skip-raw",
-            "--jobs",
-            str(args.jobs),
-            *args.extra,
-        ]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        from bids_siamfuse.synth import generate
+
+        t0 = time.perf_counter()
+        generate(
+            ds,
+            n_per_group=args.n_per_group,
+            groups=tuple(args.groups),
+            seed=args.seed,
+            effect=args.effect,
+            preprocessed=True,
+            raw=False,
+            regions_only=True,
+            jobs=args.jobs,
+        )
+        print(f"generated {ds} in {time.perf_counter() - t0:.1f} s", flush=True)
     data = regions.load_cohort(
         ds / "derivatives" / "bids_siamfuse", read_participants(ds), classes=tuple(args.groups)
     )
@@ -150,7 +139,10 @@ def cmd_cv(args) -> None:
     if args.epochs:
         train_kwargs["epochs"] = args.epochs
     t0 = time.perf_counter()
-    devices = cv.resolve_devices(args.device, 0, args.workers)
+    if args.device.startswith("cuda") and args.workers > 1:  # several workers on one GPU
+        devices = [args.device if ":" in args.device else "cuda:0"] * args.workers
+    else:
+        devices = cv.resolve_devices(args.device, 0, args.workers)
     res = cv.cross_validate(
         data,
         folds=args.folds,
@@ -298,7 +290,6 @@ def main(argv=None) -> None:
     m.add_argument("--groups", nargs="+", default=["CN", "AD"])
     m.add_argument("--jobs", type=int, default=2)
     m.add_argument("--out", required=True)
-    m.add_argument("extra", nargs="*", help="more generator flags (after --)")
     c = sub.add_parser("cv")
     c.add_argument("cohort")
     c.add_argument("--folds", type=int, default=5)
