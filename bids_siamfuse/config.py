@@ -90,7 +90,7 @@ class ModelSettings:
     gpus: int = 0
     cpu_workers: int = 1
     # issue 12: what reaches the attention stage, which siamese epochs count, ablations
-    fusion: str = "similarity"  # "similarity" (embeddings + MRI-PET similarity) or "paper"
+    fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
     gate: str = "paired"  # "paired", "se" (previous), "none"; see model/train.py
     ablations: bool = True  # train the ablation heads in every CV fold
 

@@ -27,7 +27,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "cpu"
     amp: object = None
-    fusion: str = "similarity"
+    fusion: str = "paper"
     gate: str = "paired"
     ablations: bool = False
     progress: object = None

@@ -333,7 +333,9 @@ def coupled():
     rng = np.random.default_rng(2)
     test = np.concatenate([rng.choice(np.flatnonzero(data.labels == c), 6, False) for c in (0, 1)])
     train = np.setdiff1d(np.arange(len(data)), test)
-    model = fit(data.subset(train), TrainConfig(seed=7, ablations=True, **FAST))
+    model = fit(
+        data.subset(train), TrainConfig(seed=7, ablations=True, fusion="similarity", **FAST)
+    )
     return data, train, test, model
 
 
@@ -380,7 +382,7 @@ def test_fusion_round_trip_and_old_bundles_are_paper(coupled, tmp_path):
     back = FittedModel.from_state(tensors, json.loads(json.dumps(meta)), data.layout)
     sub = data.subset(test)
     assert np.allclose(back.predict_proba(sub), model.predict_proba(sub), atol=1e-6)
-    paper = fit(data.subset(test), TrainConfig(seed=1, fusion="paper", **dict(FAST, epochs=2)))
+    paper = fit(data.subset(test), TrainConfig(seed=1, **dict(FAST, epochs=2)))  # default
     t2, m2 = paper.state()
     m2.pop("fusion")  # a version-1 bundle has no fusion field and 40 features per region
     m2["attention"].pop("groups")

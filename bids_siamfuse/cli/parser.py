@@ -329,8 +329,8 @@ def _add_model_args(parser):
         "--fusion",
         dest="fusion",
         choices=["similarity", "paper"],
-        help="attention-stage input: region embeddings plus the per-region MRI-PET similarity "
-        "(similarity, default) or the embeddings only, as in the paper (paper)",
+        help="attention-stage input: the region embeddings only, as in the paper (paper, "
+        "default), or plus the per-region MRI-PET similarity (similarity)",
     )
     g.add_argument(
         "--gate",

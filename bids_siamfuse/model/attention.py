@@ -1,8 +1,10 @@
 """Attention module and classifier (paper 3.3) and the relevance read-outs (Figures 6 and 7).
 
 Input
-    The region embeddings of one subject, (R, 40): per region the MRI branch output (20) then
-    the PET branch output (20), flattened region-major to F = 40 R features. They are first
+    The region features of one subject, (R, F): per region the MRI branch output (20) then
+    the PET branch output (20) (the paper; F = 40), optionally followed by the region's MRI-PET
+    similarity (``fusion="similarity"``, F = 41; see :mod:`.train`), flattened region-major to
+    F R features; ``groups`` names each of a region's F features. They are first
     standardized feature-wise with the mean and SD of the *training* subjects' embeddings
     (stored as buffers, fit with :meth:`AttentionClassifier.fit_scaling`), so features of
     different regions and scales compete on equal terms and the first-layer weights are

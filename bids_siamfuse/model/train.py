@@ -41,6 +41,18 @@ What :func:`fit` does, seeing nothing but ``train``
        embedding standardization and the mean attention mask (Figure 7) come from the training
        part.
 
+Fusion variants, gate, ablations (issue 12)
+    ``fusion="paper"`` (default) feeds the attention stage the region embeddings (R x 40), as
+    the paper does; ``fusion="similarity"`` adds per region the MRI-PET similarity, the scaled
+    cosine the hinge loss trained (R x 41). ``gate`` picks which siamese epochs may replace a
+    region's untrained network (:class:`_RegionEarlyStop`; default ``"paired"``).
+    ``ablations=True`` (cross-validation) also trains, from the same networks and split, the
+    attention heads of ``ablation_specs``: the other fusion variant, the similarities alone,
+    the untrained networks (a copy of the bank at initialisation), MRI-only and PET-only
+    embeddings; :meth:`FittedModel.predict_ablations` scores them. The model itself is trained
+    first, so it does not depend on whether ablations run. ``FittedModel.info`` records per
+    region the kept epoch and the mean validation hinge of the untrained and kept networks.
+
 Precision, devices, speed
     ``device`` is whatever the caller passes (``"cpu"``, ``"cuda"``, ``"cuda:1"``). ``amp=None``
     runs the convolutions in bfloat16 on CUDA (fused Triton kernels, :mod:`.kernels`, when
@@ -113,7 +125,7 @@ FEATURE_SETS = {
     "mri_only": ("mri",),
     "pet_only": ("pet",),
 }
-FUSIONS = ("similarity", "paper")
+FUSIONS = ("paper", "similarity")
 GATES = ("paired", "se", "none")
 #: One-sided level of the paired gate (see :class:`_RegionEarlyStop`).
 GATE_ALPHA = 0.05
@@ -164,7 +176,9 @@ class TrainConfig:
     seed: int = 42
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" ... the caller picks
     amp: bool | None = None  # None: bf16/TF32 on CUDA, float32 on CPU
-    fusion: str = "similarity"  # "similarity": + per-region MRI-PET similarity; "paper"
+    # "paper": region embeddings only (default: on the development cohorts the similarity
+    # feature did not help, docs/benchmarks.md); "similarity": + the per-region MRI-PET similarity
+    fusion: str = "paper"
     gate: str = "paired"  # which epochs may replace the untrained network (see _RegionEarlyStop)
     ablations: bool = False  # also train the ablation heads (ABLATIONS; cross-validation only)
     progress: Callable[[dict], None] | None = None  # per epoch: stage, epoch, losses

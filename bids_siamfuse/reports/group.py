@@ -314,7 +314,7 @@ def task_section(folder: Path, background, *, bids_dir: Path | None) -> dict:
         shown = [m for m in methods if m == MODEL_METHOD] + [m for m in best if m in methods]
         shown += [m for m in methods if m not in shown and not m.startswith(MODEL_METHOD)]
         section["calibration"] = png_uri(figures.calibration_figure(calibration, shown))
-        brier = (summary.get("metrics") or {})
+        brier = summary.get("metrics") or {}
         section["brier"] = [
             {"method": m, "cell": _ci_cell((brier.get(m) or {}).get("brier"))} for m in shown
         ]

@@ -246,7 +246,7 @@ def plan_group(settings) -> GroupPlan:
         "patience": mo.patience,
         "val_fraction": mo.val_fraction,
         "sloppy": bool(wf.sloppy),
-        "fusion": getattr(mo, "fusion", "similarity"),
+        "fusion": getattr(mo, "fusion", "paper"),
         "gate": getattr(mo, "gate", "paired"),
     }
     notes = []
