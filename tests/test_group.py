@@ -691,8 +691,8 @@ def ad_eval(tmp_path_factory):
 
 
 COUPLING_NOT_MET = (
-    "issue 12 acceptance not met (docs/benchmarks.md): on coupling-1101 the model scored 0.52-0.55 "
-    "(target 0.85) and ranked the planted regions at 0.32 (target 0.85)"
+    "issue 12 acceptance not met (docs/benchmarks.md): on coupling-1101 the model scored "
+    "0.52-0.55 (target 0.85) and ranked the planted regions at 0.32 (target 0.85)"
 )
 
 
@@ -716,7 +716,9 @@ def test_acceptance_ad_model_within_003_of_best_baseline(ad_eval):
 @pytest.mark.parametrize(
     "which",
     [
-        pytest.param("coupling_eval", marks=pytest.mark.xfail(strict=True, reason=COUPLING_NOT_MET)),
+        pytest.param(
+            "coupling_eval", marks=pytest.mark.xfail(strict=True, reason=COUPLING_NOT_MET)
+        ),
         "ad_eval",
     ],
 )
