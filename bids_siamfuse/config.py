@@ -91,7 +91,7 @@ class ModelSettings:
     cpu_workers: int = 1
     # issue 12: what reaches the attention stage, which siamese epochs count, ablations
     fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
-    gate: str = "paired"  # "paired", "se" (previous), "none"; see model/train.py
+    gate: str = "paired"  # "paired", "constant", "se" (previous), "none"; see model/train.py
     ablations: bool = True  # train the ablation heads in every CV fold
 
 

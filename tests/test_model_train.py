@@ -320,6 +320,27 @@ def test_paired_gate_passes_consistent_gains_that_the_se_gate_misses():
     assert results["none"] == [1.0, 1.0, 0.0]  # the noisy "gain" gets through without a gate
 
 
+def test_constant_gate_rejects_gains_without_class_information():
+    """Region 0: the untrained hinge is 1.5 for everybody and training brings it to 1.0 for
+    everybody (a cosine shrunk towards 0: beats the untrained network, says nothing about the
+    class); region 1: 0.2 for everybody (informative). The paired gate keeps both, the
+    constant gate only region 1."""
+    from bids_siamfuse.model.train import _RegionEarlyStop
+
+    h0 = torch.full((2, 6), 1.5)
+    h1 = torch.stack([torch.full((6,), 1.0), torch.full((6,), 0.2)])
+    targets = torch.tensor([1.0, 1, 1, -1, -1, -1])
+    kept = {}
+    for gate in ("paired", "constant"):
+        params = [torch.zeros(2, 1)]
+        stop = _RegionEarlyStop(params, h0, 0.01, 5, gate=gate, targets=targets)
+        params[0].fill_(1.0)
+        stop.update(h1, epoch=1)
+        stop.restore()
+        kept[gate] = params[0][:, 0].tolist()
+    assert kept == {"paired": [1.0, 1.0], "constant": [0.0, 1.0]}
+
+
 def test_gate_and_fusion_are_checked():
     with pytest.raises(ValueError, match="fusion"):
         TrainConfig(fusion="cosine")

@@ -335,10 +335,11 @@ def _add_model_args(parser):
     g.add_argument(
         "--gate",
         dest="gate",
-        choices=["paired", "se", "none"],
+        choices=["paired", "constant", "se", "none"],
         help="when a siamese epoch may replace the untrained network: paired one-sided test "
-        "over validation subjects (paired, default), 2 SE below the untrained loss (se), "
-        "any improvement (none)",
+        "over validation subjects (paired, default), the same and also against the best "
+        "constant similarity (constant), 2 SE below the untrained loss (se), any improvement "
+        "(none)",
     )
     g.add_argument(
         "--no-ablations",

@@ -126,7 +126,7 @@ FEATURE_SETS = {
     "pet_only": ("pet",),
 }
 FUSIONS = ("paper", "similarity")
-GATES = ("paired", "se", "none")
+GATES = ("paired", "constant", "se", "none")
 #: One-sided level of the paired gate (see :class:`_RegionEarlyStop`).
 GATE_ALPHA = 0.05
 #: Ablations trained beside the model when ``TrainConfig.ablations``: name -> (feature set or
@@ -334,6 +334,13 @@ class _RegionEarlyStop:
       initialisation is large (the untrained cosine is similar for every subject, so the
       hinge is near 0 for one class and near 2-3 for the other) and which made the old gate
       nearly impossible to pass on a handful of validation subjects.
+    * ``"constant"`` (not evaluated on realistic cohorts yet, docs/benchmarks.md): the paired
+      test above *and* a one-sided t-test that the validation subjects' hinge is below the mean
+      hinge of the best constant similarity (``y = +1`` or ``y = -1`` for every subject,
+      whichever is lower on the validation part; 1 with balanced classes). The untrained
+      network's cosine is about the same for every subject, so merely shrinking it towards 0
+      already beats the untrained network on unseen subjects without carrying class
+      information; a constant cannot be beaten that way. Needs ``targets``.
     * ``"se"`` (the previous gate): the loss must fall below the untrained loss minus two
       standard errors of the per-subject untrained hinge.
     * ``"none"``: any epoch with a lower validation loss is kept.
@@ -345,8 +352,15 @@ class _RegionEarlyStop:
     separate the training subjects and nobody else.
     """
 
-    def __init__(self, params, hinge0, threshold, patience, gate="paired", significance=2.0):
+    def __init__(
+        self, params, hinge0, threshold, patience, gate="paired", significance=2.0, targets=None
+    ):
         self.params = params
+        self.hinge_const = None
+        if gate == "constant":
+            t = torch.as_tensor(targets, dtype=hinge0.dtype, device=hinge0.device).reshape(1, -1)
+            best = min(float(hinge(torch.full_like(t, c), t).mean()) for c in (1.0, -1.0))
+            self.hinge_const = torch.full_like(hinge0, best)
         self.best_params = [p.detach().clone() for p in params]
         self.hinge0 = hinge0
         init_val = hinge0.mean(1)
@@ -373,10 +387,16 @@ class _RegionEarlyStop:
             return torch.ones_like(val, dtype=torch.bool)
         if self.gate_mode == "se":
             return val <= self.se_gate
-        d = hinges - self.hinge0  # (R, n) paired differences
+        ok = self._paired(hinges - self.hinge0)  # (R, n) paired differences
+        if self.hinge_const is not None:
+            ok &= self._paired(hinges - self.hinge_const)
+        return ok
+
+    def _paired(self, d: torch.Tensor) -> torch.Tensor:
+        """One-sided paired t-test per region that the differences (R, n) are below 0."""
         n = d.shape[1]
         if n < 2:
-            return torch.zeros_like(val, dtype=torch.bool)
+            return torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
         mean = d.mean(1)
         se = d.std(1, unbiased=True) / math.sqrt(n)
         # t <= -t_crit, written without dividing by a zero SE (all differences equal)
@@ -515,7 +535,12 @@ def train_siamese(
         bank.eval()
         h0 = _region_hinges(_embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)  # (R, n)
         stopper = _RegionEarlyStop(
-            step.params, h0, config.early_stop_loss, config.patience, gate=config.gate
+            step.params,
+            h0,
+            config.early_stop_loss,
+            config.patience,
+            gate=config.gate,
+            targets=t_va,
         )
     n_tr = tr.numel()
     last = 0

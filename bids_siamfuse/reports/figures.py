@@ -163,7 +163,8 @@ def roc_figure(roc, method: str, *, title: str = "", baselines=()) -> bytes:
     methods whose mean curve is drawn beside the model's, each with its own colour, dash
     pattern and marker. The axes run from -0.02 to 1.02, so folds whose curve follows the
     frame (a perfect fold runs up the left edge and along the top) stay visible, each fold in
-    its own colour.
+    its own colour and dash pattern, shifted by a small distinct offset (at most 0.015) so that
+    coinciding curves (two perfect folds) do not hide each other.
     """
     plt = _pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.4, 4.8))
@@ -182,19 +183,27 @@ def roc_figure(roc, method: str, *, title: str = "", baselines=()) -> bytes:
 
     own = roc[roc["method"] == method]
     groups = list(own.groupby(["repeat", "fold"]))
-    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(1, len(groups))))
+    n = max(1, len(groups))
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    dashes = ["-", "--", "-.", ":"]
+    # folds whose curves coincide (e.g. two perfect folds, both running up the left edge and
+    # along the top) would hide each other: each fold is shifted by a small, distinct offset
+    # (at most 0.015) so that every one stays visible, in its own colour and dash pattern
+    step = 0.03 / n
     for k, ((rep, fold), frame) in enumerate(groups):
         frame = frame.sort_values(["fpr", "tpr"])
+        shift = (k - (n - 1) / 2) * step
         ax.plot(
-            frame["fpr"],
-            frame["tpr"],
-            lw=1.2,
-            alpha=0.8,
-            color=colours[k],
+            frame["fpr"] + shift,
+            frame["tpr"] - shift,
+            lw=1.3,
+            alpha=0.9,
+            color=cmap(k % cmap.N),
+            ls=dashes[(k // 10) % len(dashes)] if n > 10 else dashes[k % len(dashes)],
             clip_on=False,
             zorder=3,
             label=(f"fold {fold}" + (f" (repeat {rep})" if own["repeat"].nunique() > 1 else ""))
-            if len(groups) <= 10
+            if n <= 10
             else None,
         )
     mean = mean_curve(own)
@@ -203,8 +212,8 @@ def roc_figure(roc, method: str, *, title: str = "", baselines=()) -> bytes:
     for a in (ax, ax2):
         a.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
         a.set_xlabel("false positive rate (1 - specificity)")
-        a.set_xlim(-0.02, 1.02)
-        a.set_ylim(-0.02, 1.02)
+        a.set_xlim(-0.03, 1.03)
+        a.set_ylim(-0.03, 1.03)
         a.set_aspect("equal")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title(title or f"ROC: {method} per fold", fontsize=10)
