@@ -240,6 +240,13 @@ def group_text(summary: dict) -> str:
             "t-test over the validation subjects (level 0.05); otherwise it kept its "
             "initial weights. "
         )
+    elif gate == "constant":
+        text += (
+            "A region's network replaced its initial weights only with an epoch whose "
+            "validation hinge was lower, in one-sided t-tests over the validation subjects "
+            "(level 0.05), than both the untrained network's (paired) and the best constant "
+            "similarity's; otherwise it kept its initial weights. "
+        )
     elif gate == "se":
         text += (
             "A region's network replaced its initial weights only with an epoch whose "
