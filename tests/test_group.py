@@ -761,3 +761,25 @@ def test_acceptance_no_effect_and_shuffled_labels_score_chance(tmp_path_factory,
     for method in res.methods:
         assert _ci_covers(res.summary[method]["balanced_accuracy"]), (method, res.summary[method])
         assert res.p_values[method] > 0.05, (method, res.p_values[method])
+
+
+def test_methods_text_states_what_ran():
+    from bids_siamfuse.reports.boilerplate import group_text
+
+    base = {"classes": ["CN", "AD"], "cross_validation": {"folds": 5, "repeats": 2}}
+    paper = group_text(
+        {**base, "training": {"epochs": 200, "sloppy": True, "fusion": "paper", "gate": "paired"}}
+    )
+    assert "sloppy mode" in paper and "at most 30 epochs" in paper  # sloppy caps at 30
+    assert "As in the original method" in paper and "paired t-test" in paper
+    assert "repeated 2 times" in paper and "[@nadeau]" in paper
+    sim = group_text(
+        {
+            **base,
+            "training": {"epochs": 200, "fusion": "similarity", "gate": "se"},
+            "methods": ["siamese_attention", "siamese_attention_untrained", "svm_gm"],
+        }
+    )
+    assert "Beyond the original method" in sim and "two standard errors" in sim
+    assert "at most 200 epochs" in sim and "sloppy" not in sim
+    assert "Ablations were trained in the same folds: untrained" in sim
