@@ -693,21 +693,33 @@ def format_summary(plan: GroupPlan, result) -> str:
     def cell(stats):
         if stats["mean"] is None:
             return "n/a"
-        return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+        if stats.get("ci_low") is None:
+            return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+        return f"{stats['mean']:.3f} [{stats['ci_low']:.2f}, {stats['ci_high']:.2f}]"
 
+    width = max([20] + [len(m) + 2 for m in result.summary])
     lines = [
         f"{plan.out_dir.name}: {sum(n['subjects'] for n in plan.counts().values())} subjects, "
-        f"{plan.folds}-fold CV x {plan.repeats}",
-        f"  {'method':<20}{'balanced acc.':>18}{'AUC':>18}{'sensitivity':>18}{'specificity':>18}",
+        f"{plan.folds}-fold CV x {plan.repeats}; per subject, mean [95 % CI]",
+        f"  {'method':<{width}}{'balanced acc.':>20}{'AUC':>20}{'sensitivity':>20}"
+        f"{'specificity':>20}",
     ]
     for method, stats in result.summary.items():
         lines.append(
-            f"  {method:<20}"
+            f"  {method:<{width}}"
             + "".join(
-                f"{cell(stats[m]):>18}"
+                f"{cell(stats[m]):>20}"
                 for m in ("balanced_accuracy", "auc", "sensitivity", "specificity")
             )
         )
+    for c in getattr(result, "comparisons", []) or []:
+        best = c.get("best_baseline") and c["metric"] == "balanced_accuracy"
+        if best and c.get("t") is not None:
+            lines.append(
+                f"  {cv.MODEL_METHOD} - {c['versus']} (best baseline): "
+                f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
+                f"p = {c['p_value']:.3g} (corrected resampled t)"
+            )
     if result.p_values:
         lines.append(
             f"  permutation test ({plan.permutations} reruns): p = "
