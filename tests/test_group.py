@@ -429,13 +429,19 @@ def test_group_cli_real_network(synth_derivs, ds, capsys):
     """``bids_siamfuse DS DS/derivatives/bids_siamfuse group ... --sloppy`` end to end."""
     out = synth_derivs / "derivatives" / "bids_siamfuse"
     args = ["--classes", "CN", "AD", "--folds", "3", "--sloppy", "--epochs", "2"]
+    args += ["--no-ablations"]  # the ablations of the real network: test_model_train.py
     code = run(synth_derivs, out, "group", *args, "--device", "cpu", "--random-seed", "1")
     assert code == 0
     task = out / "group" / "CN_vs_AD"
     assert GROUP_FILES <= {p.name for p in task.iterdir()}
     hist = pd.read_csv(task / "history.tsv", sep="\t")
     assert set(hist.stage) == {"siamese", "attention"} and hist.epoch.max() <= 2
-    assert set(pd.read_csv(task / "metrics.tsv", sep="\t").method) == METHODS
+    assert set(pd.read_csv(task / "metrics.tsv", sep="\t").method) == METHODS - ABLATIONS
+    training = pd.read_csv(task / "training.tsv", sep="\t")  # the real record of every fold
+    assert len(training) == 3 * 116 and training.kept_epoch.between(0, 2).all()
+    moved = training[training.trained]
+    assert (moved.val_hinge_improvement > 0).all()
+    assert (training[~training.trained].val_hinge_improvement == 0).all()
     err = capsys.readouterr().err
     assert "fold 3" in err and "epoch" in err  # progress on the terminal
     # the bundle applies to a session of the copy (participant level, --model-only)
