@@ -180,6 +180,13 @@ def plan_group(settings) -> GroupPlan:
         raise UsageError(f"--classes lists {', '.join(repeated)} more than once")
     if mo.folds < 2:
         raise UsageError(f"--folds must be 2 or more, got {mo.folds}")
+    # issue 12 variants (also reachable from a config file, so checked here, not only by argparse)
+    for flag, value, allowed in (
+        ("--fusion", getattr(mo, "fusion", "paper"), ("paper", "similarity")),
+        ("--gate", getattr(mo, "gate", "paired"), ("paired", "constant", "se", "none")),
+    ):
+        if value not in allowed:
+            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     participants = bids.read_participants(ex.bids_dir, ex.label_column)
     present = sorted({str(v) for v in participants[ex.label_column]} - {"", "n/a"})
     unknown = [c for c in classes if c not in present]
