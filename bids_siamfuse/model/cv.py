@@ -308,8 +308,8 @@ def corrected_paired_test(diffs, test_train_ratio: float) -> dict:
         }
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     se = math.sqrt((1 / k + test_train_ratio) * sd**2)
-    if se == 0:
-        t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    if se == 0:  # every split the same difference: no t (JSON has no infinity)
+        t, p = (0.0, 1.0) if mean == 0 else (None, 0.0)
     else:
         t = mean / se
         p = float(2 * student_t.sf(abs(t), k - 1))
