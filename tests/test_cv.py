@@ -263,7 +263,10 @@ def test_cv_separates_strong_effect_and_shuffles_score_chance(cohort):
     keys = {(p["participant_id"], p["session"]) for p in preds}
     assert len(keys) == len(cohort)
     rows = [m for m in res.metrics if m["method"] == cv.MODEL_METHOD]
-    assert sum(m["n_test"] for m in rows) == len(cohort)
+    sessions = [m for m in rows if m["level"] == "session"]
+    assert sum(m["n_test"] for m in sessions) == len(cohort)
+    subjects = [m for m in rows if m["level"] == "subject"]
+    assert sum(m["n_test"] for m in subjects) == len(np.unique(cohort.subjects))
 
 
 def test_a_leak_would_fail_the_chance_test(cohort, monkeypatch):
@@ -286,7 +289,8 @@ def test_repeats_use_different_folds(cohort):
     res = _cv(cohort, repeats=2, final_model=False, baselines=False)
     a, b = res.folds[(0, 0)], res.folds[(0, 1)]
     assert not np.array_equal(a, b)
-    assert len([m for m in res.metrics if m["method"] == cv.MODEL_METHOD]) == 6
+    rows = [m for m in res.metrics if m["method"] == cv.MODEL_METHOD]
+    assert len(rows) == 6 * len(cv.LEVELS)
     assert res.summary[cv.MODEL_METHOD]["balanced_accuracy"]["n"] == 6
 
 
