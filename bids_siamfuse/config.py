@@ -92,6 +92,10 @@ class ModelSettings:
     gpus: int = 0
     cpu_workers: int = 1
     nondeterministic_gpu: bool = False  # opt-in atomic-add GPU training (not reproducible)
+    # issue 12: what reaches the attention stage, which siamese epochs count, ablations
+    fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
+    gate: str = "paired"  # "paired", "constant", "se" (previous), "none"; see model/train.py
+    ablations: bool = True  # train the ablation heads in every CV fold
 
 
 SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}

@@ -572,6 +572,7 @@ class CohortOptions:
     sessions: bool
     preprocessed: bool
     raw: bool = True
+    effect: object = None  # synth_effects.EffectSettings for --effect cohorts
 
 
 def _session_dir(out: Path, label: str, session: str | None, datatype: str) -> Path:
@@ -590,7 +591,12 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
 
     All random choices come from the subject's generator in a fixed order, and image noise from
     generators of their own, so ``raw=False`` (derivatives only) gives the same subjects.
+    ``--effect`` cohorts are made by :func:`bids_siamfuse.synth_effects.make_subject`.
     """
+    if opts.effect is not None:
+        from .synth_effects import make_subject as make_effect_subject
+
+        return make_effect_subject(spec, opts)
     t0 = time.time()
     head = head_model()
     params = subject_parameters(spec, len(head.aal_names), head.aal_names)
@@ -943,8 +949,17 @@ def generate(
     preprocessed: bool = False,
     raw: bool = True,
     jobs: int = 1,
+    effect: str | None = None,
+    sites: int = 0,
+    regions_only: bool = False,
 ) -> Path:
-    """Write a synthetic cohort to ``out``; see the module docstring."""
+    """Write a synthetic cohort to ``out``; see the module docstring.
+
+    ``effect`` (``ad``, ``coupling``, ``nonlinear``, ``none``) makes a realistic benchmark
+    cohort (:mod:`bids_siamfuse.synth_effects`); ``sites`` > 1 adds site effects;
+    ``regions_only`` writes the region files but not the MNI maps (``--preprocessed``).
+    Without ``effect`` the original generator runs unchanged.
+    """
     import pandas as pd
 
     unknown = sorted(set(groups) - set(STAGES))
@@ -959,11 +974,33 @@ def generate(
         raise CannotWriteError(f"cannot create {out}: {exc.strerror}") from None
     if not raw and not preprocessed:
         raise UsageError("--skip-raw writes only derivatives: add --preprocessed")
+    settings = None
+    if effect is not None:
+        from . import synth_effects
+
+        if effect not in synth_effects.FAMILIES:
+            choices = list(synth_effects.FAMILIES)
+            raise UsageError(f"unknown effect {effect!r}; choose from {choices}")
+        if sites < 0:
+            raise UsageError("--sites must be 0 or more")
+        settings = synth_effects.EffectSettings(effect, effect_size, sites, regions_only)
     opts = CohortOptions(
-        out, seed, effect_size, tracer, pet_frames, frame_duration, sessions, preprocessed, raw
+        out,
+        seed,
+        effect_size,
+        tracer,
+        pet_frames,
+        frame_duration,
+        sessions,
+        preprocessed,
+        raw,
+        settings,
     )
     specs = plan_cohort(n_per_group, groups, seed, two_session_fraction, sessions, effect_size)
-    head_model()  # built once, shared with forked workers
+    if settings is None or raw:
+        head_model()  # built once, shared with forked workers
+    if settings is not None:
+        synth_effects.grid_model()
     if jobs > 1 and len(specs) > 1:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(jobs, len(specs)), initializer=_fork_worker_init) as pool:
@@ -971,6 +1008,8 @@ def generate(
     else:
         rows = [make_subject(s, opts) for s in specs]
 
+    if settings is not None:
+        return _write_effect_cohort(out, rows, opts, groups, n_per_group)
     head = head_model()
     _write_dataset_files(out, rows, opts, head)
     truth = out / "derivatives" / "synth-truth"
@@ -1039,6 +1078,60 @@ def generate(
     return out
 
 
+def _write_effect_cohort(out: Path, rows, opts: CohortOptions, groups, n_per_group) -> Path:
+    """Dataset files and truth tables of an ``--effect`` cohort."""
+    import pandas as pd
+
+    from . import synth_effects
+
+    settings = opts.effect
+    _write_dataset_files(out, rows, opts, None)
+    truth = out / "derivatives" / "synth-truth"
+    columns = (
+        "participant_id",
+        "diagnosis",
+        "stage",
+        "severity",
+        "atrophy_share",
+        "site",
+        "head_scale",
+        "warp_max_mm",
+        "warp_min_jacobian",
+    )
+    subjects = pd.DataFrame([{k: r[k] for k in columns} for r in rows])
+    subjects["effect_size"] = opts.effect_size
+    subjects["effect_family"] = settings.family
+    with atomic_path(truth / "subjects.tsv") as tmp:
+        subjects.to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="n/a")
+    names = synth_effects.grid_model().names
+    synth_effects.write_truth_tables(out, rows, settings, names, opts.seed)
+    save_json(
+        truth / "dataset_description.json",
+        {
+            "Name": "bids_siamfuse synthetic ground truth",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "bids_siamfuse-synth", "Version": __version__}],
+        },
+    )
+    save_json(
+        truth / "cohort.json",
+        {
+            "seed": opts.seed,
+            "effect_size": opts.effect_size,
+            "groups": list(groups),
+            "n_per_group": n_per_group,
+            "tracer": opts.tracer,
+            "pet_frames": opts.pet_frames,
+            "frame_duration": opts.frame_duration,
+            **synth_effects.cohort_parameters(settings),
+        },
+    )
+    if opts.preprocessed:
+        ensure_dataset_description(out / "derivatives" / "bids_siamfuse", out)
+    return out
+
+
 def _write_dataset_files(out: Path, rows, opts: CohortOptions, head) -> None:
     import pandas as pd
 
@@ -1066,9 +1159,10 @@ def _write_dataset_files(out: Path, rows, opts: CohortOptions, head) -> None:
             "Built from the ICBM152 2009a templates and the AAL atlas; the ground truth is in "
             "derivatives/synth-truth. Not real data.\n"
         )
-    table = pd.DataFrame(
-        [{k: r[k] for k in ("participant_id", "diagnosis", "age", "sex", "MMSE")} for r in rows]
-    )
+    columns = ["participant_id", "diagnosis", "age", "sex", "MMSE"]
+    if opts.effect is not None and opts.effect.sites > 1:
+        columns.append("site")
+    table = pd.DataFrame([{k: r[k] for k in columns} for r in rows])
     with atomic_path(out / "participants.tsv") as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     save_json(
@@ -1086,6 +1180,11 @@ def _write_dataset_files(out: Path, rows, opts: CohortOptions, head) -> None:
             "age": {"Description": "age at the first session", "Units": "year"},
             "sex": {"Description": "sex", "Levels": {"M": "male", "F": "female"}},
             "MMSE": {"Description": "Mini-Mental State Examination score", "Units": "points"},
+            **(
+                {"site": {"Description": "acquisition site (synthetic site effects)"}}
+                if "site" in columns
+                else {}
+            ),
         },
     )
     for r in rows:
@@ -1156,6 +1255,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(2, os.cpu_count() or 1),
         help="subjects generated in parallel",
     )
+    parser.add_argument(
+        "--effect",
+        choices=["ad", "coupling", "nonlinear", "none"],
+        default=None,
+        help="realistic benchmark cohort with this effect family (per-subject anatomy, PSF, "
+        "noise, age/sex; see docs/benchmarks.md); without it the original generator runs",
+    )
+    parser.add_argument(
+        "--sites",
+        type=int,
+        default=0,
+        help="with --effect: number of sites with their own GM/PET scale, offset and PSF "
+        "(0 or 1: none); the site goes to participants.tsv",
+    )
+    parser.add_argument(
+        "--regions-only",
+        action="store_true",
+        help="with --effect --preprocessed: write the region files but not the MNI maps",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     return parser
 
@@ -1186,6 +1304,9 @@ def main(argv=None) -> int:
             preprocessed=args.preprocessed,
             raw=not args.skip_raw,
             jobs=args.jobs,
+            effect=args.effect,
+            sites=args.sites,
+            regions_only=args.regions_only,
         )
     except SiamFuseError as exc:
         print(f"bids_siamfuse-synth: error: {exc}", file=sys.stderr)

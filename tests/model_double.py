@@ -28,6 +28,9 @@ class TrainConfig:
     device: str = "cpu"
     amp: object = None
     deterministic: bool = True
+    fusion: str = "paper"
+    gate: str = "paired"
+    ablations: bool = False
     progress: object = None
 
 
@@ -47,6 +50,32 @@ class FittedModel:
         self.layout = layout
         self.history = list(history)
         self.seen_subjects = set(seen)
+        self.ablations = False
+        r = layout.n_regions
+        # the real model's training record: here "trained" = a nonzero GM weight > median
+        w = np.abs(self.coef).sum(0)[:r]
+        self.info = {
+            "siamese_stop_epochs": [int(v > np.median(w)) * 3 for v in w],
+            "siamese_val_hinge_initial": [1.0] * r,
+            "siamese_val_hinge_kept": [float(1.0 - 0.5 * (v > np.median(w))) for v in w],
+        }
+
+    def predict_ablations(self, data) -> dict:
+        """Two stand-in ablations: the GM half and the PET half of the classifier."""
+        if not self.ablations:
+            return {}
+        r = self.layout.n_regions
+        f = _features(self.standardizer, data)
+        out = {}
+        for name, part in (("mri_only", slice(0, r)), ("pet_only", slice(r, 2 * r))):
+            z = f[:, part] @ self.coef[:, part].T + self.intercept
+            if z.shape[1] == 1:
+                p = 1 / (1 + np.exp(-z[:, 0]))
+                out[name] = np.stack([1 - p, p], 1)
+            else:
+                e = np.exp(z - z.max(1, keepdims=True))
+                out[name] = e / e.sum(1, keepdims=True)
+        return out
 
     def _logits(self, data):
         return _features(self.standardizer, data) @ self.coef.T + self.intercept
@@ -69,7 +98,8 @@ class FittedModel:
         r = self.layout.n_regions
         w = np.abs(self.coef).sum(0) if source == "effective" else (self.coef**2).sum(0)
         w = w / w.sum()  # the real model's contract: mri + pet sums to 1 over regions
-        return {"mri": w[:r], "pet": w[r:], "combined": w[:r] + w[r:]}
+        zero = np.zeros(r)
+        return {"mri": w[:r], "pet": w[r:], "similarity": zero, "combined": w[:r] + w[r:]}
 
     def activation_counts(self, data) -> dict:
         f = np.abs(_features(self.standardizer, data))
@@ -85,6 +115,7 @@ class FittedModel:
         return {
             "mri": contrib[:, :r],
             "pet": contrib[:, r:],
+            "similarity": np.zeros_like(contrib[:, :r]),
             "combined": contrib[:, :r] + contrib[:, r:],
         }
 
@@ -136,7 +167,7 @@ def fit(train: RegionDataset, config: TrainConfig) -> FittedModel:
             history.append(entry)
             if config.progress is not None:
                 config.progress(entry)
-    return FittedModel(
+    model = FittedModel(
         train.classes,
         std,
         clf.coef_,
@@ -145,6 +176,8 @@ def fit(train: RegionDataset, config: TrainConfig) -> FittedModel:
         history=history,
         seen=set(np.asarray(train.subjects).tolist()),
     )
+    model.ablations = bool(getattr(config, "ablations", False))
+    return model
 
 
 def fit_boom(train: RegionDataset, config: TrainConfig) -> FittedModel:

@@ -263,7 +263,10 @@ def test_cv_separates_strong_effect_and_shuffles_score_chance(cohort):
     keys = {(p["participant_id"], p["session"]) for p in preds}
     assert len(keys) == len(cohort)
     rows = [m for m in res.metrics if m["method"] == cv.MODEL_METHOD]
-    assert sum(m["n_test"] for m in rows) == len(cohort)
+    sessions = [m for m in rows if m["level"] == "session"]
+    assert sum(m["n_test"] for m in sessions) == len(cohort)
+    subjects = [m for m in rows if m["level"] == "subject"]
+    assert sum(m["n_test"] for m in subjects) == len(np.unique(cohort.subjects))
 
 
 def test_a_leak_would_fail_the_chance_test(cohort, monkeypatch):
@@ -286,7 +289,8 @@ def test_repeats_use_different_folds(cohort):
     res = _cv(cohort, repeats=2, final_model=False, baselines=False)
     a, b = res.folds[(0, 0)], res.folds[(0, 1)]
     assert not np.array_equal(a, b)
-    assert len([m for m in res.metrics if m["method"] == cv.MODEL_METHOD]) == 6
+    rows = [m for m in res.metrics if m["method"] == cv.MODEL_METHOD]
+    assert len(rows) == 6 * len(cv.LEVELS)
     assert res.summary[cv.MODEL_METHOD]["balanced_accuracy"]["n"] == 6
 
 
@@ -367,3 +371,115 @@ def test_gpu_workers_see_only_their_gpu(monkeypatch):
     assert cv._physical_gpu("cuda:1") == "1" and cv._physical_gpu("cpu") is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert cv._physical_gpu("cuda:0") == "4" and cv._physical_gpu("cuda:1") == "6"
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 12: statistics, subject level, calibration, ablations, tuned baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_corrected_interval_and_paired_test_by_hand():
+    from scipy.stats import t as student_t
+
+    values = [0.8, 0.9, 0.7, 0.85, 0.75]
+    s = cv.summarize(values, test_train_ratio=0.25)
+    sd = np.std(values, ddof=1)
+    half = student_t.ppf(0.975, 4) * np.sqrt((1 / 5 + 0.25) * sd**2)
+    assert s["ci_low"] == pytest.approx(np.mean(values) - half)
+    assert s["ci_high"] == pytest.approx(np.mean(values) + half)
+    # wider than the naive interval that ignores the overlap of the training sets
+    assert half > student_t.ppf(0.975, 4) * sd / np.sqrt(5)
+    assert cv.summarize(values)["ci_low"] is None  # no ratio, no interval
+    d = [0.1, 0.2, 0.15, 0.05, 0.1]
+    test = cv.corrected_paired_test(d, 0.25)
+    t = np.mean(d) / np.sqrt((1 / 5 + 0.25) * np.var(d, ddof=1))
+    assert test["t"] == pytest.approx(t)
+    assert test["p_value"] == pytest.approx(2 * student_t.sf(t, 4))
+    assert cv.corrected_paired_test([0.1, -0.1, 0.1, -0.1], 0.25)["p_value"] == pytest.approx(1)
+
+
+def test_subject_scores_average_sessions():
+    subjects = np.array(["b", "a", "b", "c"])
+    y = np.array([1, 0, 1, 0])
+    scores = np.array([[0.2, 0.8], [0.9, 0.1], [0.6, 0.4], [0.5, 0.5]])
+    uniq, labels, out = cv.subject_scores(subjects, y, scores)
+    assert uniq.tolist() == ["a", "b", "c"] and labels.tolist() == [0, 1, 0]
+    assert np.allclose(out[1], [0.4, 0.6])
+
+
+def test_brier_and_reliability():
+    y = np.array([0, 0, 1, 1])
+    scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.05, 0.95]])
+    m = cv.compute_metrics(y, scores, 2)
+    assert m["brier"] == pytest.approx(np.mean([0.01, 0.16, 0.09, 0.0025]))
+    rows = cv.reliability(y, scores, n_bins=2)
+    assert [r["n"] for r in rows] == [2, 2]
+    assert rows[0]["observed"] == 0 and rows[1]["observed"] == 1
+    assert rows[0]["mean_predicted"] == pytest.approx(0.25)
+
+
+def test_baseline_regularisation_is_tuned_inside_the_training_rows(monkeypatch):
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(30), 2).astype(str)  # two sessions per subject
+    y = np.repeat(np.arange(30) % 2, 2)
+    x = rng.standard_normal((60, 40))
+    x[:, 0] += 3 * y  # one informative feature among 40
+    seen = []
+    from sklearn import model_selection
+
+    class Spy(model_selection.StratifiedGroupKFold):
+        def split(self, X, y=None, groups=None):
+            for tr, te in super().split(X, y, groups):
+                seen.append((set(groups[tr]), set(groups[te])))
+                yield tr, te
+
+    monkeypatch.setattr(model_selection, "StratifiedGroupKFold", Spy)
+    c = cv.tune_baseline_c("logreg", x, y, subjects, seed=1)
+    assert c in cv.BASELINE_C_GRID
+    assert len(seen) == cv.BASELINE_INNER_FOLDS
+    assert all(not (a & b) for a, b in seen)  # sessions of a subject on one side
+    scores = cv.baseline_scores("svm", x, y, x[:4], 2, 1, groups=subjects)
+    assert scores.shape == (4, 2)
+
+
+def test_cv_tables_with_ablations_levels_and_statistics():
+    from test_model_train import coupling_cohort
+
+    data = coupling_cohort(12, seed=3)
+    # two sessions for some subjects: subject level differs from session level
+    extra = np.arange(0, len(data), 3)
+    both = np.concatenate([np.arange(len(data)), extra])
+    data = data.subset(both)
+    data = dataclasses.replace(
+        data, sessions=np.array(["1"] * (len(both) - len(extra)) + ["2"] * len(extra))
+    )
+    res = cv.cross_validate(
+        data,
+        folds=3,
+        repeats=2,
+        seed=5,
+        permutations=2,
+        fit=md.fit,
+        config_cls=md.TrainConfig,
+        final_model=False,
+    )
+    ablations = [cv.ABLATION_PREFIX + "mri_only", cv.ABLATION_PREFIX + "pet_only"]
+    assert res.methods == [cv.MODEL_METHOD, *ablations, *cv.BASELINES]
+    assert {r["level"] for r in res.metrics} == {"subject", "session"}
+    n_sub = len(np.unique(data.subjects))
+    for level, n in (("subject", n_sub), ("session", len(data))):
+        rows = [r for r in res.metrics if r["level"] == level and r["method"] == cv.MODEL_METHOD]
+        assert len(rows) == 6 and sum(r["n_test"] for r in rows) == 2 * n
+    s = res.summary[cv.MODEL_METHOD]["balanced_accuracy"]
+    assert s["ci_low"] < s["mean"] < s["ci_high"] and s["n"] == 6
+    assert set(res.summary_session) == set(res.summary)
+    assert {(r["method"], r["repeat"]) for r in res.per_repeat if r["level"] == "subject"} == {
+        (m, k) for m in res.methods for k in (1, 2)
+    }
+    best = [c for c in res.comparisons if c["best_baseline"]]
+    assert {c["metric"] for c in best} == {"balanced_accuracy", "auc", "brier"}
+    assert best[0]["versus"] in cv.BASELINES and best[0]["n"] == 6
+    assert set(res.p_values) == set(res.methods)
+    assert {r["method"] for r in res.calibration} == set(res.methods)
+    assert len(res.training) == 6 * data.layout.n_regions
+    assert {"kept_epoch", "trained", "val_hinge_improvement"} <= set(res.training[0])

@@ -345,6 +345,31 @@ def _add_model_args(parser):
         "no longer bit-reproducible between runs or GPU counts (measured speed gain on an H200: "
         "none to 5 %%; see docs/benchmarks.md)",
     )
+    # issue 12 (model variants and ablations)
+    g.add_argument(
+        "--fusion",
+        dest="fusion",
+        choices=["similarity", "paper"],
+        help="attention-stage input: the region embeddings only, as in the paper (paper, "
+        "default), or plus the per-region MRI-PET similarity (similarity)",
+    )
+    g.add_argument(
+        "--gate",
+        dest="gate",
+        choices=["paired", "constant", "se", "none"],
+        help="when a siamese epoch may replace the untrained network: paired one-sided test "
+        "over validation subjects (paired, default), the same and also against the best "
+        "constant similarity (constant), 2 SE below the untrained loss (se), any improvement "
+        "(none)",
+    )
+    g.add_argument(
+        "--no-ablations",
+        "--no_ablations",
+        dest="ablations",
+        action="store_false",
+        help="skip the ablations (similarity only, untrained networks, MRI/PET only, other "
+        "fusion) trained beside the model in every CV fold",
+    )
 
 
 def _add_other_args(parser):

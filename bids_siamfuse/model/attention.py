@@ -1,8 +1,10 @@
 """Attention module and classifier (paper 3.3) and the relevance read-outs (Figures 6 and 7).
 
 Input
-    The region embeddings of one subject, (R, 40): per region the MRI branch output (20) then
-    the PET branch output (20), flattened region-major to F = 40 R features. They are first
+    The region features of one subject, (R, F): per region the MRI branch output (20) then
+    the PET branch output (20) (the paper; F = 40), optionally followed by the region's MRI-PET
+    similarity (``fusion="similarity"``, F = 41; see :mod:`.train`), flattened region-major to
+    F R features; ``groups`` names each of a region's F features. They are first
     standardized feature-wise with the mean and SD of the *training* subjects' embeddings
     (stored as buffers, fit with :meth:`AttentionClassifier.fit_scaling`), so features of
     different regions and scales compete on equal terms and the first-layer weights are
@@ -55,22 +57,47 @@ __all__ = [
     "mask_counts",
     "subject_relevance",
     "ACTIVATION_THRESHOLD",
+    "GROUPS",
+    "default_groups",
 ]
 
 ACTIVATION_THRESHOLD = 0.9
+#: What a region's features can be: its MRI embedding, its PET embedding, the MRI-PET similarity.
+GROUPS = ("mri", "pet", "similarity")
+
+
+def default_groups(n_features: int) -> tuple:
+    """The paper's per-region features: the MRI embedding, then the PET embedding."""
+    half = n_features // 2
+    return ("mri",) * half + ("pet",) * (n_features - half)
 
 
 class AttentionClassifier(nn.Module):
-    """MLP + sigmoid mask over the flattened region embeddings, then a linear classifier."""
+    """MLP + sigmoid mask over the flattened region features, then a linear classifier.
+
+    ``groups`` names what each of a region's ``n_features`` features is (``"mri"``, ``"pet"``
+    or ``"similarity"``); the read-outs sum relevance per region and group. Default: the
+    paper's 20 MRI then 20 PET embedding features.
+    """
 
     def __init__(
-        self, n_regions: int, n_features: int = 40, n_classes: int = 2, hidden: int = 128
+        self,
+        n_regions: int,
+        n_features: int = 40,
+        n_classes: int = 2,
+        hidden: int = 128,
+        groups: tuple | list | None = None,
     ):
         super().__init__()
         self.n_regions = n_regions
         self.n_features = n_features
         self.hidden = hidden
         self.n_classes = n_classes
+        self.groups = tuple(groups) if groups is not None else default_groups(n_features)
+        if len(self.groups) != n_features or not set(self.groups) <= set(GROUPS):
+            raise ValueError(
+                f"groups must name each of the {n_features} features, one of {GROUPS}"
+            )
         width = n_regions * n_features
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("scale", torch.ones(width))
@@ -108,13 +135,23 @@ class AttentionClassifier(nn.Module):
             "n_features": self.n_features,
             "n_classes": self.n_classes,
             "hidden": self.hidden,
+            "groups": list(self.groups),
         }
 
 
-def _per_region_modality(values: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(..., R * 40) -> sums over the 20 MRI and the 20 PET features of each region."""
-    v = values.reshape(*values.shape[:-1], n_regions, 2, -1).sum(-1)
-    return v[..., 0], v[..., 1]
+def _per_region_group(values: np.ndarray, module: AttentionClassifier) -> dict[str, np.ndarray]:
+    """(..., R * F) -> per group present (mri, pet, similarity): sum over the region's features
+    of that group, (..., R); a group absent from the module gives zeros."""
+    v = values.reshape(*values.shape[:-1], module.n_regions, module.n_features)
+    groups = np.asarray(module.groups)
+    return {g: v[..., groups == g].sum(-1) for g in GROUPS}
+
+
+def _normalized(parts: dict[str, np.ndarray], total) -> dict[str, np.ndarray]:
+    """Divide by ``total``; ``combined`` = the sum over the groups (sums to 1 over regions)."""
+    out = {g: parts[g] / total for g in GROUPS}
+    out["combined"] = out["mri"] + out["pet"] + out["similarity"]
+    return out
 
 
 def _class_spread(module: AttentionClassifier) -> torch.Tensor:
@@ -131,18 +168,17 @@ def weight_relevance(module: AttentionClassifier, source: str = "effective"):
         w = module.mlp[0].weight.detach().abs().sum(0)
     else:
         raise ValueError(f"source must be 'effective' or 'first_layer', not {source!r}")
-    mri, pet = _per_region_modality(w.double().cpu().numpy(), module.n_regions)
-    total = float(mri.sum() + pet.sum()) or 1.0
-    mri, pet = mri / total, pet / total
-    return {"mri": mri, "pet": pet, "combined": mri + pet}
+    parts = _per_region_group(w.double().cpu().numpy(), module)
+    total = float(sum(v.sum() for v in parts.values())) or 1.0
+    return _normalized(parts, total)
 
 
 @torch.no_grad()
 def mask_counts(module: AttentionClassifier, emb: torch.Tensor, threshold=ACTIVATION_THRESHOLD):
     """Figure 6: counts of mask values > threshold per region and modality, each (N, R)."""
     m = module.mask(module.standardized(emb)).cpu().numpy()
-    mri, pet = _per_region_modality((m > threshold).astype(np.int64), module.n_regions)
-    return {"mri": mri, "pet": pet, "fused": mri + pet}
+    parts = _per_region_group((m > threshold).astype(np.int64), module)
+    return {"mri": parts["mri"], "pet": parts["pet"], "fused": parts["mri"] + parts["pet"]}
 
 
 @torch.no_grad()
@@ -151,8 +187,7 @@ def subject_relevance(module: AttentionClassifier, emb: torch.Tensor) -> dict[st
     z = module.standardized(emb)
     m = module.mask(z)
     contrib = (m * z.abs() * _class_spread(module)).double().cpu().numpy()
-    mri, pet = _per_region_modality(contrib, module.n_regions)
-    total = mri.sum(-1, keepdims=True) + pet.sum(-1, keepdims=True)
+    parts = _per_region_group(contrib, module)
+    total = sum(v.sum(-1, keepdims=True) for v in parts.values())
     total[total == 0] = 1.0
-    mri, pet = mri / total, pet / total
-    return {"mri": mri, "pet": pet, "combined": mri + pet}
+    return _normalized(parts, total)

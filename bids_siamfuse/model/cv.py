@@ -81,8 +81,19 @@ BASELINES = {
     "logreg_pet": ("logreg", ("pet",)),
     "logreg_both": ("logreg", ("gm", "pet")),
 }
-METRICS = ("balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
-RELEVANCE_KEYS = ("mri", "pet", "combined")
+#: Ablations trained in every CV fold beside the model (``train.ablation_specs``), named
+#: ``siamese_attention_<ablation>`` in the outputs.
+ABLATION_PREFIX = MODEL_METHOD + "_"
+METRICS = ("balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "brier")
+#: Unit of the metrics: ``subject`` (a subject's sessions averaged, the headline) or ``session``.
+LEVELS = ("subject", "session")
+#: Inner grid of the baselines' regularisation (C of LinearSVC / LogisticRegression), chosen by
+#: nested subject-level CV inside each training fold.
+BASELINE_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+BASELINE_INNER_FOLDS = 3
+#: Bins of the reliability curve (probability of the positive class).
+CALIBRATION_BINS = 10
+RELEVANCE_KEYS = ("mri", "pet", "similarity", "combined")
 #: The paper's literal Figure 7 reading (|W| of the attention MLP's first layer), kept beside
 #: the default effective-weight relevance (see :mod:`.attention`).
 FIRST_LAYER_SUFFIX = "_first_layer"
@@ -99,6 +110,8 @@ TRAIN_FIELDS = (
     "sloppy",
     "amp",
     "deterministic",
+    "fusion",
+    "gate",
 )
 
 
@@ -194,6 +207,11 @@ def compute_metrics(y_true, scores, n_classes: int) -> dict[str, float]:
         f1_den = support + predicted
         f1 = np.where(f1_den > 0, 2 * tp / np.maximum(f1_den, 1), 0.0)
     present = np.unique(y_true)
+    onehot = np.eye(n_classes)[y_true]
+    if n_classes == 2:
+        brier = float(np.mean((scores[:, 1] - onehot[:, 1]) ** 2))
+    else:
+        brier = float(np.mean(((scores - onehot) ** 2).sum(1)))
     if n_classes == 2:
         sens, spec = float(recall[1]), float(recall[0])
         out = {
@@ -221,6 +239,7 @@ def compute_metrics(y_true, scores, n_classes: int) -> dict[str, float]:
             )
         else:
             out["auc"] = math.nan
+    out["brier"] = brier
     return out
 
 
@@ -243,13 +262,113 @@ def roc_points(y_true, scores, classes) -> list[dict]:
     return rows
 
 
-def summarize(values) -> dict:
-    """Mean, SD (ddof 1) and count of the finite values."""
+def summarize(values, test_train_ratio: float | None = None) -> dict:
+    """Mean, SD (ddof 1), count of the finite values, and a 95 % confidence interval.
+
+    The interval is Nadeau and Bengio's corrected resampled t interval (Mach. Learn. 52,
+    2003): ``mean +- t(0.975, k - 1) sqrt((1/k + n_test/n_train) SD^2)`` over the k folds of
+    all repeats; the ``n_test/n_train`` term accounts for the overlap of the training sets,
+    which makes the plain ``SD/sqrt(k)`` far too narrow. Without ``test_train_ratio`` (or
+    with fewer than 2 values) no interval is given.
+    """
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
     if arr.size == 0:
-        return {"mean": None, "sd": None, "n": 0}
+        return {"mean": None, "sd": None, "n": 0, "ci_low": None, "ci_high": None}
     sd = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return {"mean": float(arr.mean()), "sd": sd, "n": int(arr.size)}
+    out = {
+        "mean": float(arr.mean()),
+        "sd": sd,
+        "n": int(arr.size),
+        "ci_low": None,
+        "ci_high": None,
+    }
+    if test_train_ratio is not None and arr.size > 1:
+        half = _nb_halfwidth(sd, arr.size, test_train_ratio)
+        out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def _nb_halfwidth(sd: float, k: int, ratio: float, level: float = 0.95) -> float:
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.5 + level / 2, k - 1) * math.sqrt((1 / k + ratio) * sd**2))
+
+
+def corrected_paired_test(diffs, test_train_ratio: float) -> dict:
+    """Nadeau-Bengio corrected resampled t-test of paired per-fold differences (same splits):
+    ``t = mean / sqrt((1/k + n_test/n_train) SD^2)``, k - 1 degrees of freedom, two-sided p,
+    and the corrected 95 % interval of the mean difference."""
+    from scipy.stats import t as student_t
+
+    d = np.asarray([v for v in diffs if v is not None and np.isfinite(v)], dtype=np.float64)
+    k = d.size
+    if k < 2:
+        return {
+            "mean_difference": float(d.mean()) if k else None,
+            "t": None,
+            "p_value": None,
+            "ci_low": None,
+            "ci_high": None,
+            "n": int(k),
+        }
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    se = math.sqrt((1 / k + test_train_ratio) * sd**2)
+    if se == 0:  # every split the same difference: no t (JSON has no infinity)
+        t, p = (0.0, 1.0) if mean == 0 else (None, 0.0)
+    else:
+        t = mean / se
+        p = float(2 * student_t.sf(abs(t), k - 1))
+    half = _nb_halfwidth(sd, k, test_train_ratio)
+    return {
+        "mean_difference": mean,
+        "t": t,
+        "p_value": p,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "n": int(k),
+        "df": int(k - 1),
+    }
+
+
+def subject_scores(subjects, y, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(subjects, labels, scores) with each subject's sessions averaged (subject-level unit)."""
+    subjects = np.asarray(subjects).astype(str)
+    uniq, inverse = np.unique(subjects, return_inverse=True)
+    out = np.zeros((len(uniq), scores.shape[1]))
+    np.add.at(out, inverse, scores)
+    out /= np.bincount(inverse)[:, None]
+    labels = np.zeros(len(uniq), dtype=np.int64)
+    labels[inverse] = y
+    return uniq, labels, out
+
+
+def reliability(y_true, scores, n_bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Reliability curve: two classes, the positive class's probability in equal-width bins
+    against the observed share of positives; more classes, the top probability against the
+    accuracy. Empty bins are left out."""
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape[1] == 2:
+        p, hit = scores[:, 1], (y_true == 1).astype(float)
+    else:
+        p, hit = scores.max(1), (scores.argmax(1) == y_true).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        sel = which == b
+        if sel.any():
+            rows.append(
+                {
+                    "bin": b + 1,
+                    "bin_low": float(edges[b]),
+                    "bin_high": float(edges[b + 1]),
+                    "mean_predicted": float(p[sel].mean()),
+                    "observed": float(hit[sel].mean()),
+                    "n": int(sel.sum()),
+                }
+            )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,25 +381,63 @@ def region_features(data: RegionDataset) -> dict[str, np.ndarray]:
     return {"gm": data.layout.region_means(data.gm), "pet": data.layout.region_means(data.pet)}
 
 
-def baseline_scores(kind: str, x_train, y_train, x_test, n_classes: int, seed: int):
-    """Fit a StandardScaler + linear classifier on the training rows; scores of the test rows.
-
-    Logistic regression gives probabilities. The linear SVM's decision values go through a
-    logistic (two classes) or softmax (more) function: a monotone score in [0, 1] for the
-    ROC/AUC and the argmax, not a calibrated probability.
-    """
+def _baseline_pipe(kind: str, c: float, seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
     if kind == "svm":
-        clf = LinearSVC(C=1.0, random_state=seed, max_iter=20000)
+        clf = LinearSVC(C=c, random_state=seed, max_iter=20000)
     elif kind == "logreg":
-        clf = LogisticRegression(C=1.0, max_iter=5000)
+        clf = LogisticRegression(C=c, max_iter=5000)
     else:
         raise ValueError(f"unknown baseline {kind!r}")
-    pipe = make_pipeline(StandardScaler(), clf).fit(x_train, y_train)
+    return make_pipeline(StandardScaler(), clf)
+
+
+def tune_baseline_c(kind: str, x_train, y_train, groups, seed: int) -> float:
+    """C of the baseline chosen by subject-level stratified inner CV on the training rows
+    (balanced accuracy, ``BASELINE_C_GRID``, ``BASELINE_INNER_FOLDS`` folds; ties: the smaller
+    C, the stronger regularisation). Too few subjects per class for inner folds: C = 1."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = np.asarray(groups).astype(str)
+    _, first = np.unique(groups, return_index=True)
+    per_class = np.bincount(np.asarray(y_train)[first])
+    n_inner = min(BASELINE_INNER_FOLDS, int(per_class[per_class > 0].min()))
+    if n_inner < 2 or len(per_class[per_class > 0]) < 2:
+        return 1.0
+    inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed % (2**31))
+    n_classes = int(np.max(y_train)) + 1
+    scores = np.zeros(len(BASELINE_C_GRID))
+    for tr, te in inner.split(x_train, y_train, groups):
+        if len(np.unique(y_train[tr])) < 2:
+            continue
+        for k, c in enumerate(BASELINE_C_GRID):
+            pipe = _baseline_pipe(kind, c, seed).fit(x_train[tr], y_train[tr])
+            pred = pipe.predict(x_train[te])
+            rec = [
+                np.mean(pred[y_train[te] == j] == j)
+                for j in range(n_classes)
+                if np.any(y_train[te] == j)
+            ]
+            scores[k] += float(np.mean(rec))
+    return float(BASELINE_C_GRID[int(np.argmax(scores))])  # argmax: first (smallest C) of ties
+
+
+def baseline_scores(kind: str, x_train, y_train, x_test, n_classes: int, seed: int, groups=None):
+    """Fit a StandardScaler + linear classifier on the training rows; scores of the test rows.
+
+    With ``groups`` (the training rows' subjects) the regularisation C is tuned by nested CV
+    inside the training rows (:func:`tune_baseline_c`); without, C = 1.
+    Logistic regression gives probabilities. The linear SVM's decision values go through a
+    logistic (two classes) or softmax (more) function: a monotone score in [0, 1] for the
+    ROC/AUC and the argmax, not a calibrated probability.
+    """
+    y_train = np.asarray(y_train)
+    c = 1.0 if groups is None else tune_baseline_c(kind, x_train, y_train, groups, seed)
+    pipe = _baseline_pipe(kind, c, seed).fit(x_train, y_train)
     if kind == "logreg":
         probs = np.zeros((len(x_test), n_classes))
         probs[:, pipe.classes_] = pipe.predict_proba(x_test)
@@ -310,6 +467,7 @@ class Task:
     test_index: np.ndarray
     labels: np.ndarray | None = None  # shuffled labels (None: the dataset's own)
     details: bool = True  # history, relevance, activation counts (observed CV and final only)
+    ablations: bool = False  # train and score the ablations (CV tasks)
 
     @property
     def key(self) -> tuple[int, int, int, int]:
@@ -349,7 +507,10 @@ def run_task(
     labels = data.labels if task.labels is None else task.labels
     full = dataclasses.replace(data, labels=labels) if task.labels is not None else data
     train = full.subset(task.train_index)
-    config = config_cls(**train_kwargs, seed=task.seed, device=device, progress=progress)
+    kwargs = dict(train_kwargs)
+    if task.ablations and "ablations" in getattr(config_cls, "__dataclass_fields__", {}):
+        kwargs["ablations"] = True
+    config = config_cls(**kwargs, seed=task.seed, device=device, progress=progress)
     model = fit(train, config)
     out: dict = {"key": task.key}
     if task.kind == KIND_FINAL:
@@ -367,6 +528,17 @@ def run_task(
         return out
     test = full.subset(task.test_index)
     out["proba"] = np.asarray(model.predict_proba(test), dtype=np.float64)
+    if task.ablations and hasattr(model, "predict_ablations"):
+        out["ablations"] = {
+            k: np.asarray(v, dtype=np.float64) for k, v in model.predict_ablations(test).items()
+        }
+    info = getattr(model, "info", {}) or {}
+    if task.details and "siamese_stop_epochs" in info:
+        out["training"] = {
+            "kept_epoch": np.asarray(info["siamese_stop_epochs"], dtype=np.int64),
+            "val_hinge_initial": np.asarray(info["siamese_val_hinge_initial"], dtype=float),
+            "val_hinge_kept": np.asarray(info["siamese_val_hinge_kept"], dtype=float),
+        }
     if task.details:
         out["history"] = list(model.history)
         out["relevance"] = _relevance(model)
@@ -667,7 +839,7 @@ def run_tasks(
 @dataclass
 class CVResult:
     classes: tuple
-    metrics: list[dict] = field(default_factory=list)  # method, repeat, fold, n_test, METRICS
+    metrics: list[dict] = field(default_factory=list)  # method, repeat, fold, level, METRICS
     predictions: list[dict] = field(default_factory=list)
     roc: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
@@ -680,6 +852,12 @@ class CVResult:
     fold_relevance: dict = field(default_factory=dict)  # (repeat, fold) -> key -> (R,)
     folds: dict = field(default_factory=dict)  # (perm, repeat) -> fold index per row
     timing: dict = field(default_factory=dict)
+    summary_session: dict = field(default_factory=dict)  # as summary, per test session
+    per_repeat: list[dict] = field(default_factory=list)  # method, repeat, level, metric means
+    comparisons: list[dict] = field(default_factory=list)  # model vs each method, paired
+    calibration: list[dict] = field(default_factory=list)  # method, bin, predicted, observed
+    training: list[dict] = field(default_factory=list)  # repeat, fold, region, kept epoch...
+    methods: list = field(default_factory=list)  # model, ablations, baselines (output order)
 
     def mean_balanced_accuracy(self, method: str = MODEL_METHOD) -> float:
         return self.summary[method]["balanced_accuracy"]["mean"]
@@ -693,6 +871,7 @@ def plan_tasks(
     seed: int,
     permutations: int = 0,
     final_model: bool = True,
+    ablations: bool = False,
 ) -> tuple[list[Task], dict]:
     """All tasks, and the fold assignment per (perm, repeat): ``{(perm, repeat): folds}``."""
     check_foldable(data.subjects, data.labels, folds, data.classes)
@@ -727,6 +906,7 @@ def plan_tasks(
                         np.flatnonzero(fold_of == fold),
                         labels=labels,
                         details=perm == 0,
+                        ablations=ablations,
                     )
                 )
     return tasks, assignment
@@ -734,10 +914,11 @@ def plan_tasks(
 
 def _baselines(data, feats, labels, train_idx, test_idx, seed) -> dict[str, np.ndarray]:
     out = {}
+    groups = np.asarray(data.subjects).astype(str)[train_idx]
     for method, (kind, mods) in BASELINES.items():
         x = np.concatenate([feats[m] for m in mods], axis=1)
         out[method] = baseline_scores(
-            kind, x[train_idx], labels[train_idx], x[test_idx], len(data.classes), seed
+            kind, x[train_idx], labels[train_idx], x[test_idx], len(data.classes), seed, groups
         )
     return out
 
@@ -758,11 +939,11 @@ def cross_validate(
     baselines: bool = True,
     final_model: bool = True,
     work_dir: Path | None = None,
+    ablations: bool = True,
 ) -> CVResult:
     """Cross-validate the model (and the baselines) on ``data``; see the module docstring."""
     t0 = time.perf_counter()
     classes = tuple(data.classes)
-    n_classes = len(classes)
     tasks, assignment = plan_tasks(
         data,
         folds=folds,
@@ -770,6 +951,7 @@ def cross_validate(
         seed=seed,
         permutations=permutations,
         final_model=final_model,
+        ablations=ablations,
     )
     results = run_tasks(
         data,
@@ -783,42 +965,80 @@ def cross_validate(
         work_dir=work_dir,
     )
     t_model = time.perf_counter() - t0
-    feats = region_features(data) if baselines else None
     res = CVResult(classes=classes)
+    _collect(res, data, tasks, results, baselines=baselines, permutations=permutations)
+    if final_model:
+        res.final = results[tasks[0].key]
+    res.folds = {key: fold_of for key, (fold_of, _labels) in assignment.items()}
+    res.timing = {"model_s": t_model, "total_s": time.perf_counter() - t0, "tasks": len(tasks)}
+    return res
+
+
+def _method_scores(out: dict, baseline_scores_: dict | None) -> dict[str, np.ndarray]:
+    scores = {MODEL_METHOD: out["proba"]}
+    for name, sc in (out.get("ablations") or {}).items():
+        scores[ABLATION_PREFIX + name] = sc
+    if baseline_scores_:
+        scores.update(baseline_scores_)
+    return scores
+
+
+def _collect(res: CVResult, data, tasks, results, *, baselines: bool, permutations: int):
+    """Turn the task results into the CV tables (metrics, predictions, ROC, statistics)."""
+    classes = res.classes
+    n_classes = len(classes)
+    feats = region_features(data) if baselines else None
     subjects = np.asarray(data.subjects).astype(str)
     sessions = np.asarray(data.sessions).astype(str)
-    rel_sum = {k: 0.0 for k in RELEVANCE_ALL_KEYS}
+    names = list(data.layout.names)
+    rel_sum: dict = {}
     act_sum: dict = {}
     act_n = 0
     n_rel = 0
     perm_ba: dict[int, dict[str, list]] = {}
+    calib: dict[str, list] = {}
+    sizes = {"subject": [], "session": []}  # (n_train, n_test) per observed fold
+    methods: list = []
     for task in tasks:
         if task.kind != KIND_CV:
             continue
         out = results[task.key]
         labels = data.labels if task.labels is None else task.labels
         y_test = labels[task.test_index]
-        scores = {MODEL_METHOD: out["proba"]}
-        if baselines:
-            scores.update(
-                _baselines(data, feats, labels, task.train_index, task.test_index, task.seed)
-            )
+        base = (
+            _baselines(data, feats, labels, task.train_index, task.test_index, task.seed)
+            if baselines
+            else None
+        )
+        scores = _method_scores(out, base)
+        for method in scores:
+            if method not in methods:
+                methods.append(method)
+        test_subjects = subjects[task.test_index]
         for method, sc in scores.items():
-            m = compute_metrics(y_test, sc, n_classes)
+            _, y_sub, sc_sub = subject_scores(test_subjects, y_test, sc)
+            m_sub = compute_metrics(y_sub, sc_sub, n_classes)
             if task.perm:
                 perm_ba.setdefault(task.perm, {}).setdefault(method, []).append(
-                    m["balanced_accuracy"]
+                    m_sub["balanced_accuracy"]
                 )
                 continue
-            res.metrics.append(
-                {
-                    "method": method,
-                    "repeat": task.repeat + 1,
-                    "fold": task.fold + 1,
-                    "n_test": len(task.test_index),
-                    **m,
-                }
-            )
+            m_ses = compute_metrics(y_test, sc, n_classes)
+            calib.setdefault(method, []).append((y_sub, sc_sub))
+            for level, m, n_test in (
+                ("subject", m_sub, len(y_sub)),
+                ("session", m_ses, len(task.test_index)),
+            ):
+                res.metrics.append(
+                    {
+                        "method": method,
+                        "repeat": task.repeat + 1,
+                        "fold": task.fold + 1,
+                        "level": level,
+                        "n_test": n_test,
+                        **m,
+                    }
+                )
             for row in roc_points(y_test, sc, classes):
                 res.roc.append(
                     {"method": method, "repeat": task.repeat + 1, "fold": task.fold + 1, **row}
@@ -839,6 +1059,10 @@ def cross_validate(
                 )
         if task.perm:
             continue
+        sizes["session"].append((len(task.train_index), len(task.test_index)))
+        sizes["subject"].append(
+            (len(np.unique(subjects[task.train_index])), len(np.unique(test_subjects)))
+        )
         for h in out.get("history", []):
             res.history.append(
                 {
@@ -850,10 +1074,27 @@ def cross_validate(
                     "val_loss": h.get("val_loss"),
                 }
             )
+        if "training" in out:
+            tr = out["training"]
+            for r in range(len(tr["kept_epoch"])):
+                init, kept = float(tr["val_hinge_initial"][r]), float(tr["val_hinge_kept"][r])
+                res.training.append(
+                    {
+                        "repeat": task.repeat + 1,
+                        "fold": task.fold + 1,
+                        "index": r + 1,
+                        "name": names[r] if r < len(names) else str(r + 1),
+                        "kept_epoch": int(tr["kept_epoch"][r]),
+                        "trained": bool(tr["kept_epoch"][r] > 0),
+                        "val_hinge_initial": init,
+                        "val_hinge_kept": kept,
+                        "val_hinge_improvement": init - kept,
+                    }
+                )
         if "relevance" in out:
             res.fold_relevance[(task.repeat, task.fold)] = out["relevance"]
-            for k in RELEVANCE_ALL_KEYS:
-                rel_sum[k] = rel_sum[k] + out["relevance"][k]
+            for k, v in out["relevance"].items():
+                rel_sum[k] = rel_sum.get(k, 0.0) + np.asarray(v)
             n_rel += 1
         if "activation_sum" in out:
             for k, v in out["activation_sum"].items():
@@ -863,14 +1104,63 @@ def cross_validate(
         res.relevance = {k: np.asarray(v) / n_rel for k, v in rel_sum.items()}
     if act_n:
         res.activations = {k: np.asarray(v) / act_n for k, v in act_sum.items()}
-    methods = [MODEL_METHOD] + (list(BASELINES) if baselines else [])
-    res.summary = {
-        method: {
-            metric: summarize([r[metric] for r in res.metrics if r["method"] == method])
-            for metric in METRICS
-        }
-        for method in methods
-    }
+    res.methods = methods
+
+    def ratio(level):
+        n = np.asarray(sizes[level], dtype=float)
+        return float(n[:, 1].mean() / n[:, 0].mean()) if len(n) else None
+
+    for level, target in (("subject", res.summary), ("session", res.summary_session)):
+        rows = [r for r in res.metrics if r["level"] == level]
+        for method in methods:
+            target[method] = {
+                metric: summarize([r[metric] for r in rows if r["method"] == method], ratio(level))
+                for metric in METRICS
+            }
+            for rep in sorted({r["repeat"] for r in rows}):
+                sel = [r for r in rows if r["method"] == method and r["repeat"] == rep]
+                res.per_repeat.append(
+                    {
+                        "method": method,
+                        "repeat": rep,
+                        "level": level,
+                        **{m: summarize([r[m] for r in sel])["mean"] for m in METRICS},
+                    }
+                )
+    # paired comparisons over the same splits (subject level): the model against every
+    # other method; the best baseline (highest mean balanced accuracy) is flagged
+    rows = [r for r in res.metrics if r["level"] == "subject"]
+    by = {(r["method"], r["repeat"], r["fold"]): r for r in rows}
+    base_methods = [m for m in methods if m in BASELINES]
+    best = (
+        max(base_methods, key=lambda m: res.summary[m]["balanced_accuracy"]["mean"] or -1)
+        if base_methods
+        else None
+    )
+    splits = sorted({(r["repeat"], r["fold"]) for r in rows if r["method"] == MODEL_METHOD})
+    for other in methods:
+        if other == MODEL_METHOD:
+            continue
+        for metric in ("balanced_accuracy", "auc", "brier"):
+            diffs = [
+                by[(MODEL_METHOD, *k)][metric] - by[(other, *k)][metric]
+                for k in splits
+                if (other, *k) in by
+            ]
+            res.comparisons.append(
+                {
+                    "method": MODEL_METHOD,
+                    "versus": other,
+                    "best_baseline": other == best,
+                    "metric": metric,
+                    **corrected_paired_test(diffs, ratio("subject") or 0.0),
+                }
+            )
+    for method, parts in calib.items():
+        y = np.concatenate([p[0] for p in parts])
+        sc = np.concatenate([p[1] for p in parts])
+        for row in reliability(y, sc):
+            res.calibration.append({"method": method, **row})
     if permutations:
         for perm in range(1, permutations + 1):
             row = {"permutation": perm}
@@ -882,11 +1172,6 @@ def cross_validate(
             null = np.array([row[method] for row in res.permutations])
             # a tiny tolerance so that float noise does not turn a tie into a win
             res.p_values[method] = float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
-    if final_model:
-        res.final = results[tasks[0].key]
-    res.folds = {key: fold_of for key, (fold_of, _labels) in assignment.items()}
-    res.timing = {"model_s": t_model, "total_s": time.perf_counter() - t0, "tasks": len(tasks)}
-    return res
 
 
 def default_threads(devices: list[str], omp_nthreads: int = 0, nprocs: int = 0) -> int | None:

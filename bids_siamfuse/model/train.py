@@ -41,6 +41,18 @@ What :func:`fit` does, seeing nothing but ``train``
        embedding standardization and the mean attention mask (Figure 7) come from the training
        part.
 
+Fusion variants, gate, ablations (issue 12)
+    ``fusion="paper"`` (default) feeds the attention stage the region embeddings (R x 40), as
+    the paper does; ``fusion="similarity"`` adds per region the MRI-PET similarity, the scaled
+    cosine the hinge loss trained (R x 41). ``gate`` picks which siamese epochs may replace a
+    region's untrained network (:class:`_RegionEarlyStop`; default ``"paired"``).
+    ``ablations=True`` (cross-validation) also trains, from the same networks and split, the
+    attention heads of ``ablation_specs``: the other fusion variant, the similarities alone,
+    the untrained networks (a copy of the bank at initialisation), MRI-only and PET-only
+    embeddings; :meth:`FittedModel.predict_ablations` scores them. The model itself is trained
+    first, so it does not depend on whether ablations run. ``FittedModel.info`` records per
+    region the kept epoch and the mean validation hinge of the untrained and kept networks.
+
 Precision, devices, speed
     ``device`` is whatever the caller passes (``"cpu"``, ``"cuda"``, ``"cuda:1"``). ``amp=None``
     runs the convolutions in bfloat16 on CUDA (fused Triton kernels, :mod:`.kernels`, when
@@ -64,6 +76,7 @@ Sloppy mode (``sloppy=True``, for tests and quick looks; same code path)
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -98,7 +111,7 @@ __all__ = [
 ]
 
 FORMAT = "bids_siamfuse/siamese-attention"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fusion variants (per-region similarity features)
 SLOPPY_EPOCHS = 30
 SLOPPY_PATIENCE = 8
 ATTENTION_HIDDEN = 128
@@ -106,6 +119,51 @@ ATTENTION_HIDDEN = 128
 #: subjects. On two folds of a 32-subject CN/AD cohort (4 seeds each) it raised the balanced
 #: accuracy from 0.78/0.90 to 0.88/0.95 and the relevance rank AUC of the planted regions.
 ATTENTION_WEIGHT_DECAY = 0.1
+#: Per-region features the attention stage sees, by fusion variant and ablation: the MRI
+#: embedding (20), the PET embedding (20), the MRI-PET similarity (1: the scaled cosine that
+#: the hinge loss trained).
+FEATURE_SETS = {
+    "paper": ("mri", "pet"),
+    "similarity": ("mri", "pet", "similarity"),
+    "similarity_only": ("similarity",),
+    "mri_only": ("mri",),
+    "pet_only": ("pet",),
+}
+FUSIONS = ("paper", "similarity")
+GATES = ("paired", "constant", "se", "none")
+#: One-sided level of the paired gate (see :class:`_RegionEarlyStop`).
+GATE_ALPHA = 0.05
+#: Ablations trained beside the model when ``TrainConfig.ablations``: name -> (feature set or
+#: None for the model's own fusion, networks "trained" or "untrained"). The other fusion
+#: variant is added as an ablation too (:func:`ablation_specs`).
+ABLATIONS = {
+    "similarity_only": ("similarity_only", "trained"),
+    "untrained": (None, "untrained"),
+    "mri_only": ("mri_only", "trained"),
+    "pet_only": ("pet_only", "trained"),
+}
+
+
+def ablation_specs(fusion: str) -> dict[str, tuple[str, str]]:
+    """Ablation name -> (feature set, networks) for a model of the given fusion variant."""
+    other = "paper" if fusion == "similarity" else "similarity"
+    specs = {f"{other}_fusion": (other, "trained")}
+    for name, (fset, nets) in ABLATIONS.items():
+        specs[name] = (fset or fusion, nets)
+    return specs
+
+
+def region_feature_set(emb: torch.Tensor, fset: str) -> tuple[torch.Tensor, tuple]:
+    """Embeddings (N, R, 2E) -> the attention input (N, R, F) of ``fset`` and its groups."""
+    e = emb.shape[-1] // 2
+    parts = {
+        "mri": emb[..., :e],
+        "pet": emb[..., e:],
+        "similarity": similarity(emb[..., :e].float(), emb[..., e:].float()).unsqueeze(-1),
+    }
+    names = FEATURE_SETS[fset]
+    groups = tuple(g for name in names for g in (name,) * parts[name].shape[-1])
+    return torch.cat([parts[n].float() for n in names], dim=-1), groups
 
 
 @dataclass
@@ -125,7 +183,18 @@ class TrainConfig:
     # CUDA: fixed-order reductions + torch deterministic mode (bit-reproducible on any number of
     # GPUs of one model); False: atomic adds, the opt-in fast path (``--nondeterministic-gpu``)
     deterministic: bool = True
+    # "paper": region embeddings only (default: on the development cohorts the similarity
+    # feature did not help, docs/benchmarks.md); "similarity": + the per-region MRI-PET similarity
+    fusion: str = "paper"
+    gate: str = "paired"  # which epochs may replace the untrained network (see _RegionEarlyStop)
+    ablations: bool = False  # also train the ablation heads (ABLATIONS; cross-validation only)
     progress: Callable[[dict], None] | None = None  # per epoch: stage, epoch, losses
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, not {self.gate!r}")
 
     def effective(self) -> TrainConfig:
         """The numbers actually used (sloppy mode caps epochs and patience)."""
@@ -315,22 +384,56 @@ class _RegionEarlyStop:
     """Per-region early stopping with best-weight snapshots (stacked parameters).
 
     The untrained network (epoch 0) is the first snapshot. An epoch counts as an improvement
-    for a region only if its validation loss is below the kept snapshot's *and* below the
-    region's gate: the untrained loss minus ``significance`` standard errors (SD of its
-    per-subject validation hinge at epoch 0 / sqrt(n)), or the early-stopping threshold
-    (paper: 0.01) if that is higher. A region stops after ``patience`` epochs without an
-    improvement, or once its kept loss is below the threshold. A region whose network never
-    does clearly better than chance on unseen subjects thus keeps its untrained weights instead
-    of a state that has memorised the training subjects, which would hand the attention stage
-    features that separate the training subjects and nobody else.
+    for a region only if its validation loss is below the kept snapshot's *and* it passes the
+    region's gate against the untrained network:
+
+    * ``"paired"`` (default): a one-sided paired t-test over the validation subjects of the
+      per-subject hinge of this epoch minus that of the untrained network, at level
+      ``GATE_ALPHA``. Pairing removes the between-subject spread of the hinge, which at
+      initialisation is large (the untrained cosine is similar for every subject, so the
+      hinge is near 0 for one class and near 2-3 for the other) and which made the old gate
+      nearly impossible to pass on a handful of validation subjects.
+    * ``"constant"`` (not evaluated on realistic cohorts yet, docs/benchmarks.md): the paired
+      test above *and* a one-sided t-test that the validation subjects' hinge is below the mean
+      hinge of the best constant similarity (``y = +1`` or ``y = -1`` for every subject,
+      whichever is lower on the validation part; 1 with balanced classes). The untrained
+      network's cosine is about the same for every subject, so merely shrinking it towards 0
+      already beats the untrained network on unseen subjects without carrying class
+      information; a constant cannot be beaten that way. Needs ``targets``.
+    * ``"se"`` (the previous gate): the loss must fall below the untrained loss minus two
+      standard errors of the per-subject untrained hinge.
+    * ``"none"``: any epoch with a lower validation loss is kept.
+
+    A region stops after ``patience`` epochs without an improvement, or once its kept loss is
+    below the threshold (paper: 0.01). A region whose network never does clearly better than
+    at initialisation on unseen subjects keeps its untrained weights instead of a state that
+    has memorised the training subjects, which would hand the attention stage features that
+    separate the training subjects and nobody else.
     """
 
-    def __init__(self, params, hinge0, threshold, patience, significance=2.0):
+    def __init__(
+        self, params, hinge0, threshold, patience, gate="paired", significance=2.0, targets=None
+    ):
         self.params = params
+        self.hinge_const = None
+        if gate == "constant":
+            t = torch.as_tensor(targets, dtype=hinge0.dtype, device=hinge0.device).reshape(1, -1)
+            best = min(float(hinge(torch.full_like(t, c), t).mean()) for c in (1.0, -1.0))
+            self.hinge_const = torch.full_like(hinge0, best)
         self.best_params = [p.detach().clone() for p in params]
+        self.hinge0 = hinge0
         init_val = hinge0.mean(1)
-        se = hinge0.std(1, unbiased=False) / math.sqrt(hinge0.shape[1])
-        self.gate = torch.clamp(init_val - significance * se, min=threshold)
+        n = hinge0.shape[1]
+        se = hinge0.std(1, unbiased=False) / math.sqrt(n)
+        self.gate_mode = gate
+        self.se_gate = torch.clamp(init_val - significance * se, min=threshold)
+        if n >= 2:
+            from scipy.stats import t as student_t
+
+            self.t_crit = float(student_t.ppf(1 - GATE_ALPHA, n - 1))
+        else:
+            self.t_crit = math.inf
+        self.initial = init_val.clone()
         self.kept = init_val.clone()  # loss of the kept snapshot
         n_regions, device = init_val.numel(), init_val.device
         self.stale = torch.zeros(n_regions, dtype=torch.long, device=device)
@@ -338,12 +441,32 @@ class _RegionEarlyStop:
         self.stop_epoch = torch.zeros(n_regions, dtype=torch.long, device=device)
         self.threshold, self.patience = threshold, patience
 
+    def _passes(self, hinges: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        if self.gate_mode == "none":
+            return torch.ones_like(val, dtype=torch.bool)
+        if self.gate_mode == "se":
+            return val <= self.se_gate
+        ok = self._paired(hinges - self.hinge0)  # (R, n) paired differences
+        if self.hinge_const is not None:
+            ok &= self._paired(hinges - self.hinge_const)
+        return ok
+
+    def _paired(self, d: torch.Tensor) -> torch.Tensor:
+        """One-sided paired t-test per region that the differences (R, n) are below 0."""
+        n = d.shape[1]
+        if n < 2:
+            return torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
+        mean = d.mean(1)
+        se = d.std(1, unbiased=True) / math.sqrt(n)
+        # t <= -t_crit, written without dividing by a zero SE (all differences equal)
+        return (mean < 0) & (mean <= -self.t_crit * se)
+
     @torch.no_grad()
     def update(self, hinges: torch.Tensor, epoch: int) -> bool:
         """``hinges``: (R, n) per-subject validation hinge of this epoch."""
         val = hinges.mean(1)
         active = ~self.done
-        keep = (val < self.kept) & (val <= self.gate) & active
+        keep = (val < self.kept) & self._passes(hinges, val) & active
         self.kept = torch.where(keep, val, self.kept)
         self.stale = torch.where(keep, 0, self.stale + 1)
         for p, b in zip(self.params, self.best_params, strict=True):
@@ -457,8 +580,10 @@ def train_siamese(
     history: list,
     eval_chunk: int,
     graphs: bool = True,
-) -> np.ndarray:
-    """Stage 1 (see the module docstring); returns each region's kept epoch."""
+) -> dict[str, np.ndarray]:
+    """Stage 1 (see the module docstring); per region: the kept epoch (``stop_epoch``, 0 =
+    untrained), the mean validation hinge of the untrained (``val_hinge_initial``) and of the
+    kept network (``val_hinge_kept``); NaN without a validation part."""
     device = xm.device
     bs = max(1, int(config.batch_size))
     step = SiameseStep(bank, xm, xp, t, dtype, config.learning_rate, bs, graphs)
@@ -468,7 +593,14 @@ def train_siamese(
     if va.numel():
         bank.eval()
         h0 = _region_hinges(_embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)  # (R, n)
-        stopper = _RegionEarlyStop(step.params, h0, config.early_stop_loss, config.patience)
+        stopper = _RegionEarlyStop(
+            step.params,
+            h0,
+            config.early_stop_loss,
+            config.patience,
+            gate=config.gate,
+            targets=t_va,
+        )
     n_tr = tr.numel()
     last = 0
     for epoch in range(1, config.epochs + 1):
@@ -501,8 +633,17 @@ def train_siamese(
             break
     if va.numel():
         stopper.restore()
-        return stopper.stop_epoch.cpu().numpy()
-    return np.full(bank.n_regions, last)
+        return {
+            "stop_epoch": stopper.stop_epoch.cpu().numpy(),
+            "val_hinge_initial": stopper.initial.double().cpu().numpy(),
+            "val_hinge_kept": stopper.kept.double().cpu().numpy(),
+        }
+    nan = np.full(bank.n_regions, np.nan)
+    return {
+        "stop_epoch": np.full(bank.n_regions, last),
+        "val_hinge_initial": nan,
+        "val_hinge_kept": nan.copy(),
+    }
 
 
 def train_attention(
@@ -600,20 +741,25 @@ class FittedModel:
         self.device = bank.order.device
         self.dtype = _compute_dtype(self.device, config.amp)
         self._inputs = _Inputs(layout, arch, standardizer)
+        self.fusion = getattr(config, "fusion", "paper")
+        #: ablation name -> (attention module, feature set, "trained"/"untrained"); CV only
+        self.ablation_heads: dict = {}
+        self.init_bank: SiameseBank | None = None  # the networks at initialisation (ablations)
 
     # -- embeddings and predictions
     def _chunk(self) -> int:
         return 64 if self.device.type == "cuda" else 8
 
     @torch.no_grad()
-    def _embeddings(self, data: RegionDataset) -> torch.Tensor:
+    def _embeddings(self, data: RegionDataset, bank: SiameseBank | None = None) -> torch.Tensor:
+        bank = self.bank if bank is None else bank
         outs = []
         step = 64
         with _tf32(self.device.type == "cuda", self.config.deterministic):
             for start in range(0, len(data), step):
                 part = data.subset(np.arange(start, min(len(data), start + step)))
                 xm, xp = self._inputs.tensors(part, self.device, self.dtype)
-                outs.append(_embed(self.bank, xm, xp, self.dtype, self._chunk()))
+                outs.append(_embed(bank, xm, xp, self.dtype, self._chunk()))
         if not outs:
             return torch.empty(0, self.layout.n_regions, 2 * self.arch.embed, device=self.device)
         return torch.cat(outs)
@@ -622,11 +768,35 @@ class FittedModel:
         """(N, R, 40) float32: per region the MRI branch output (20), then PET's (20)."""
         return self._embeddings(data).cpu().numpy()
 
+    def _features(self, data: RegionDataset) -> torch.Tensor:
+        """The attention stage's input (N, R, F) for this model's fusion variant."""
+        return region_feature_set(self._embeddings(data), self.fusion)[0]
+
+    def similarity(self, data: RegionDataset) -> np.ndarray:
+        """(N, R) per-region MRI-PET similarity (the scaled cosine the hinge loss trained)."""
+        feats = region_feature_set(self._embeddings(data), "similarity_only")[0]
+        return feats[..., 0].cpu().numpy()
+
     @torch.no_grad()
     def predict_proba(self, data: RegionDataset) -> np.ndarray:
         """(N, n_classes) class probabilities, columns in ``classes`` order."""
-        logits = self.attention(self._embeddings(data))
+        logits = self.attention(self._features(data))
         return torch.softmax(logits, dim=-1).double().cpu().numpy()
+
+    @torch.no_grad()
+    def predict_ablations(self, data: RegionDataset) -> dict[str, np.ndarray]:
+        """Ablation name -> (N, n_classes) probabilities (empty unless trained with
+        ``ablations=True``; see ``ABLATIONS``)."""
+        if not self.ablation_heads:
+            return {}
+        emb = {"trained": self._embeddings(data)}
+        if self.init_bank is not None:
+            emb["untrained"] = self._embeddings(data, self.init_bank)
+        out = {}
+        for name, (att, fset, nets) in self.ablation_heads.items():
+            logits = att(region_feature_set(emb[nets], fset)[0])
+            out[name] = torch.softmax(logits, dim=-1).double().cpu().numpy()
+        return out
 
     def predict(self, data: RegionDataset) -> np.ndarray:
         """(N,) index of the most probable class."""
@@ -644,11 +814,11 @@ class FittedModel:
 
     def activation_counts(self, data: RegionDataset) -> dict[str, np.ndarray]:
         """Figure 6: ``mri``, ``pet``, ``fused`` counts, each (N, R) (see :mod:`.attention`)."""
-        return mask_counts(self.attention, self._embeddings(data))
+        return mask_counts(self.attention, self._features(data))
 
     def subject_relevance(self, data: RegionDataset) -> dict[str, np.ndarray]:
         """Per-subject ``mri``, ``pet``, ``combined``, each (N, R) (see :mod:`.attention`)."""
-        return subject_relevance(self.attention, self._embeddings(data))
+        return subject_relevance(self.attention, self._features(data))
 
     # -- persistence
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -666,6 +836,7 @@ class FittedModel:
             "reference_class": self.classes[0],
             "architecture": self.arch.to_dict(),
             "similarity": {"kind": "scaled_cosine", "scale": SIMILARITY_SCALE},
+            "fusion": self.fusion,
             "attention": self.attention.config(),
             "config": self.config.to_dict(),
             "standardizer": self.standardizer.to_dict(),
@@ -705,6 +876,8 @@ class FittedModel:
             raise ValueError("the model's region boxes differ from this layout's")
         cfg = {k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__}
         cfg["device"] = device
+        # version-1 bundles predate the fusion variants: they are the paper's
+        cfg["fusion"] = meta.get("fusion", "paper")
         config = TrainConfig(**cfg)
         arch = SiameseArch.from_dict(meta["architecture"])
         dev = torch.device(device)
@@ -766,49 +939,74 @@ def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
     bank.deterministic = config.deterministic
     history: list = []
     eval_chunk = 64 if device.type == "cuda" else 8
+    # the untrained control (ablations) keeps a copy of the networks at initialisation
+    init_bank = copy.deepcopy(bank) if eff.ablations else None
     with _tf32(device.type == "cuda", config.deterministic):
         xm, xp = inputs.tensors(train, device, dtype)
         t = torch.as_tensor(siamese_targets(labels), device=device)
-        stop_epochs = train_siamese(
+        stage1 = train_siamese(
             bank, xm, xp, t, tr_idx, va_idx, eff, dtype, generator, history, eval_chunk
         )
         t1 = time.perf_counter()
         bank.eval()
         emb = _embed(bank, xm, xp, dtype, eval_chunk)
+        emb0 = None
+        if init_bank is not None:
+            init_bank.eval()
+            emb0 = _embed(init_bank, xm, xp, dtype, eval_chunk)
         del xm, xp
         y = torch.as_tensor(labels, device=device)
         tr_t = torch.as_tensor(tr_idx, device=device)
         va_t = torch.as_tensor(va_idx, device=device)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
-            att = AttentionClassifier(
-                layout.n_regions, 2 * arch.embed, n_classes, ATTENTION_HIDDEN
+
+        def head(embeddings, fset, cfg, hist):
+            feats, groups = region_feature_set(embeddings, fset)
+            with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
+                att = AttentionClassifier(
+                    layout.n_regions, feats.shape[-1], n_classes, ATTENTION_HIDDEN, groups
+                )
+            _seeded_init(att, generator)  # from the seeded generator, like the siamese nets
+            att = att.to(device)
+            att.fit_scaling(feats.index_select(0, tr_t))
+            epoch = train_attention(
+                att,
+                feats.index_select(0, tr_t),
+                y.index_select(0, tr_t),
+                feats.index_select(0, va_t),
+                y.index_select(0, va_t),
+                cfg,
+                generator,
+                hist,
             )
-        _seeded_init(att, generator)  # from the seeded generator, like the siamese nets
-        att = att.to(device)
-        att.fit_scaling(emb.index_select(0, tr_t))
-        att_epoch = train_attention(
-            att,
-            emb.index_select(0, tr_t),
-            y.index_select(0, tr_t),
-            emb.index_select(0, va_t),
-            y.index_select(0, va_t),
-            eff,
-            generator,
-            history,
-        )
-        att.fit_mask_mean(emb.index_select(0, tr_t))
+            att.fit_mask_mean(feats.index_select(0, tr_t))
+            return att, epoch
+
+        # the model first, so that it does not depend on whether ablations are trained
+        att, att_epoch = head(emb, eff.fusion, eff, history)
+        ablation_heads = {}
+        if eff.ablations:
+            quiet = replace(eff, progress=None)
+            for name, (fset, nets) in ablation_specs(eff.fusion).items():
+                source = emb0 if nets == "untrained" else emb
+                ablation_heads[name] = (head(source, fset, quiet, [])[0], fset, nets)
     t2 = time.perf_counter()
+    stop_epochs = stage1["stop_epoch"]
     info = {
         "n_train_part": int(len(tr_idx)),
         "n_validation_part": int(len(va_idx)),
+        "fusion": eff.fusion,
+        "gate": eff.gate,
         "siamese_stop_epochs": [int(e) for e in stop_epochs],
+        "siamese_val_hinge_initial": [float(v) for v in stage1["val_hinge_initial"]],
+        "siamese_val_hinge_kept": [float(v) for v in stage1["val_hinge_kept"]],
+        "regions_trained": int((np.asarray(stop_epochs) > 0).sum()),
         "attention_epoch": int(att_epoch),
         "siamese_seconds": round(t1 - t0, 3),
         "attention_seconds": round(t2 - t1, 3),
         "device": str(device),
         "compute_dtype": str(dtype).replace("torch.", ""),
     }
-    return FittedModel(
+    model = FittedModel(
         classes=train.classes,
         standardizer=standardizer,
         layout=layout,
@@ -819,3 +1017,6 @@ def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
         history=history,
         info=info,
     )
+    model.ablation_heads = ablation_heads
+    model.init_bank = init_bank
+    return model

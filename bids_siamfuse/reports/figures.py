@@ -57,11 +57,15 @@ def region_rows(
     unit: str = "",
     n: int = 7,
     axis: int = 2,
+    anchors: list | None = None,
 ) -> bytes:
     """One row of ``n`` slices per ``(label, overlay)``, each row with its own colour bar.
 
     The overlays (e.g. relevance of MRI, PET, combined) share the slices; values of 0 are
-    transparent; every row's colour scale runs from its own minimum to its own maximum.
+    transparent; every row's colour scale runs from its own minimum to its own maximum, or,
+    with ``anchors`` (one value per row), is a diverging scale centred on the row's anchor
+    (e.g. the uniform relevance 1/116) and spanning 0 to at least twice the anchor, so that a
+    near-uniform map shows near-neutral colours instead of a full-range stretch of noise.
     """
     plt = _pyplot()
     bg = to_ras(background, affine).astype(np.float32)
@@ -79,11 +83,19 @@ def region_rows(
         squeeze=False,
         gridspec_kw={"width_ratios": [1] * n + [0.08]},
     )
+    from matplotlib.colors import TwoSlopeNorm
+
     for r, ((label, _), ov) in enumerate(zip(rows, overlays)):
         shown = ov[np.isfinite(ov) & (ov != 0)]
         # each row spans its own range (region values are often close to each other)
         vmax = float(shown.max()) if shown.size else 1.0
         vmin = float(shown.min()) if shown.size else 0.0
+        norm, row_cmap = None, cmap
+        if anchors is not None and anchors[r] and anchors[r] > 0:
+            centre = float(anchors[r])
+            top = max(vmax, 2 * centre)
+            norm = TwoSlopeNorm(vcenter=centre, vmin=0.0, vmax=top)
+            row_cmap = "RdBu_r"
         image = None
         for c, index in enumerate(cuts):
             ax = grid[r, c]
@@ -93,11 +105,14 @@ def region_rows(
             layer = np.ma.masked_where(~np.isfinite(oslice) | (oslice == 0), oslice)
             image = ax.imshow(
                 layer,
-                cmap=cmap,
+                cmap=row_cmap,
                 origin="lower",
-                vmin=vmin,
-                vmax=max(vmax, vmin + 1e-9),
                 interpolation="nearest",
+                **(
+                    {"norm": norm}
+                    if norm is not None
+                    else {"vmin": vmin, "vmax": max(vmax, vmin + 1e-9)}
+                ),
             )
             ax.set_axis_off()
             if r == 0:
@@ -125,15 +140,34 @@ def region_rows(
     return _png(fig)
 
 
+#: Line styles of the methods' mean ROC curves: colour, dash pattern, marker (every 10th point).
+_METHOD_STYLES = [
+    ("#d62728", "-", None),
+    ("#1f77b4", "--", "o"),
+    ("#2ca02c", "-.", "s"),
+    ("#9467bd", ":", "^"),
+    ("#ff7f0e", (0, (5, 1, 1, 1)), "v"),
+    ("#8c564b", (0, (3, 1)), "D"),
+    ("#e377c2", "--", "x"),
+    ("#7f7f7f", "-.", "P"),
+    ("#bcbd22", ":", "*"),
+    ("#17becf", (0, (1, 1)), "h"),
+]
+
+
 def roc_figure(roc, method: str, *, title: str = "", baselines=()) -> bytes:
-    """ROC per fold (thin) and the mean over folds (thick) of ``method``.
+    """ROC per fold of ``method`` (left) and the mean curve of every method (right).
 
     ``roc``: a DataFrame with ``method, repeat, fold, fpr, tpr`` (one class: the positive one).
-    The mean curve interpolates every fold's TPR on a common FPR axis. ``baselines``: methods
-    whose mean curve is drawn dashed beside the model's.
+    The mean curve interpolates every fold's TPR on a common FPR axis. ``baselines``: the other
+    methods whose mean curve is drawn beside the model's, each with its own colour, dash
+    pattern and marker. The axes run from -0.02 to 1.02, so folds whose curve follows the
+    frame (a perfect fold runs up the left edge and along the top) stay visible, each fold in
+    its own colour and dash pattern, shifted by a small distinct offset (at most 0.015) so that
+    coinciding curves (two perfect folds) do not hide each other.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.4, 4.8))
     grid = np.linspace(0, 1, 101)
 
     def mean_curve(frame):
@@ -141,33 +175,98 @@ def roc_figure(roc, method: str, *, title: str = "", baselines=()) -> bytes:
         for _, fold in frame.groupby(["repeat", "fold"]):
             fold = fold.sort_values(["fpr", "tpr"])
             curves.append(np.interp(grid, fold["fpr"], fold["tpr"]))
-        return np.mean(curves, axis=0) if curves else None
+        if not curves:
+            return None
+        curve = np.mean(curves, axis=0)
+        curve[0] = 0.0
+        return curve
 
     own = roc[roc["method"] == method]
-    for (rep, fold), frame in own.groupby(["repeat", "fold"]):
+    groups = list(own.groupby(["repeat", "fold"]))
+    n = max(1, len(groups))
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    dashes = ["-", "--", "-.", ":"]
+    # folds whose curves coincide (e.g. two perfect folds, both running up the left edge and
+    # along the top) would hide each other: each fold is shifted by a small, distinct offset
+    # (at most 0.015) so that every one stays visible, in its own colour and dash pattern
+    step = 0.03 / n
+    for k, ((rep, fold), frame) in enumerate(groups):
         frame = frame.sort_values(["fpr", "tpr"])
+        shift = (k - (n - 1) / 2) * step
         ax.plot(
-            frame["fpr"],
-            frame["tpr"],
-            lw=1,
-            alpha=0.55,
-            label=f"fold {fold}" + (f" (repeat {rep})" if own["repeat"].nunique() > 1 else ""),
+            frame["fpr"] + shift,
+            frame["tpr"] - shift,
+            lw=1.3,
+            alpha=0.9,
+            color=cmap(k % cmap.N),
+            ls=dashes[(k // 10) % len(dashes)] if n > 10 else dashes[k % len(dashes)],
+            clip_on=False,
+            zorder=3,
+            label=(f"fold {fold}" + (f" (repeat {rep})" if own["repeat"].nunique() > 1 else ""))
+            if n <= 10
+            else None,
         )
     mean = mean_curve(own)
     if mean is not None:
-        mean[0] = 0.0
-        ax.plot(grid, mean, lw=2.5, color="black", label=f"{method} mean")
-    for name in baselines:
-        curve = mean_curve(roc[roc["method"] == name])
-        if curve is not None:
-            ax.plot(grid, curve, lw=1.5, ls="--", label=f"{name} mean")
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
-    ax.set_xlabel("false positive rate (1 - specificity)")
+        ax.plot(grid, mean, lw=2.5, color="black", label="mean", zorder=4)
+    for a in (ax, ax2):
+        a.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+        a.set_xlabel("false positive rate (1 - specificity)")
+        a.set_xlim(-0.03, 1.03)
+        a.set_ylim(-0.03, 1.03)
+        a.set_aspect("equal")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title or f"ROC: {method}", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or f"ROC: {method} per fold", fontsize=10)
+    ax.legend(fontsize=6, loc="lower right")
+    for k, name in enumerate([method, *[b for b in baselines if b != method]]):
+        curve = mean_curve(roc[roc["method"] == name])
+        if curve is None:
+            continue
+        colour, dash, marker = _METHOD_STYLES[k % len(_METHOD_STYLES)]
+        ax2.plot(
+            grid,
+            curve,
+            lw=2.5 if name == method else 1.5,
+            ls=dash,
+            color=colour,
+            marker=marker,
+            markevery=(k, 10),
+            markersize=4,
+            clip_on=False,
+            label=name,
+        )
+    ax2.set_title("mean ROC of every method", fontsize=10)
+    ax2.legend(fontsize=6, loc="lower right")
+    return _png(fig)
+
+
+def calibration_figure(calibration, methods) -> bytes:
+    """Reliability curves (``calibration.tsv``): mean predicted probability per bin against the
+    observed share of the positive class, one styled line per method, the diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfectly calibrated")
+    for k, name in enumerate(methods):
+        part = calibration[calibration["method"] == name].sort_values("mean_predicted")
+        if part.empty:
+            continue
+        colour, dash, marker = _METHOD_STYLES[k % len(_METHOD_STYLES)]
+        ax.plot(
+            part["mean_predicted"],
+            part["observed"],
+            ls=dash,
+            color=colour,
+            marker=marker or "o",
+            markersize=4,
+            lw=2 if k == 0 else 1.3,
+            label=name,
+        )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel("observed share of the positive class")
+    ax.set_title("Reliability (test subjects of all folds)", fontsize=10)
+    ax.legend(fontsize=6, loc="upper left")
     return _png(fig)
 
 

@@ -25,7 +25,12 @@ import numpy as np
 LOGGER = logging.getLogger("bids_siamfuse.reports")
 
 ACTIVATION_LABELS = (("mri", "MRI"), ("pet", "PET"), ("fused", "Fused"))
-RELEVANCE_LABELS = (("combined", "Combined"), ("mri", "MRI"), ("pet", "PET"))
+RELEVANCE_LABELS = (
+    ("combined", "Combined"),
+    ("mri", "MRI"),
+    ("pet", "PET"),
+    ("similarity", "Similarity"),
+)
 
 
 def _read_tsv(path: Path):
@@ -93,19 +98,51 @@ def cohort_table(participants, subjects_by_class: dict) -> dict:
     return {"columns": columns, "rows": rows}
 
 
-def metrics_table(metrics, model_method: str = "siamese_attention") -> dict:
-    """Table 2: mean +- SD (ddof 1) over folds per method, the model first."""
+def _ci_cell(stats: dict) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    if stats.get("ci_low") is None:
+        return f"{stats['mean']:.3f}"
+    return f"{stats['mean']:.3f} [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
+
+
+def method_kind(method: str, model_method: str = "siamese_attention") -> str:
+    """``model``, ``ablation`` or ``baseline`` (the row groups of Table 2)."""
+    if method == model_method:
+        return "model"
+    return "ablation" if method.startswith(model_method + "_") else "baseline"
+
+
+def metrics_table(metrics, model_method: str = "siamese_attention", summary=None) -> dict:
+    """Table 2, the model first, then its ablations, then the baselines.
+
+    With ``summary`` (``summary.json`` -> ``metrics``, holding 95 % CIs): mean [CI] at subject
+    level; otherwise (older task folders) mean +- SD (ddof 1) over the folds of metrics.tsv.
+    """
     from ..model.cv import METRICS
 
     names = [m for m in METRICS if m in metrics.columns]
+    if "level" in metrics.columns:
+        metrics = metrics[metrics["level"] == "subject"]
     methods = list(dict.fromkeys(metrics["method"]))
     order = {m: i for i, m in enumerate(methods)}
-    methods.sort(key=lambda m: (m != model_method, order[m]))
+    rank = {"model": 0, "ablation": 1, "baseline": 2}
+    methods.sort(key=lambda m: (rank[method_kind(m, model_method)], order[m]))
+    stats = (summary or {}).get("metrics") or {}
+    with_ci = any(
+        (v or {}).get("ci_low") is not None
+        for m in stats.values()
+        for v in (m or {}).values()
+        if isinstance(v, dict)
+    )
     rows = []
     for method in methods:
         part = metrics[metrics["method"] == method]
         cells = []
         for name in names:
+            if with_ci and method in stats:
+                cells.append(_ci_cell(stats[method].get(name)))
+                continue
             values = part[name].dropna().astype(float)
             if values.empty:
                 cells.append("n/a")
@@ -113,9 +150,44 @@ def metrics_table(metrics, model_method: str = "siamese_attention") -> dict:
                 cells.append(f"{values.iloc[0]:.3f}")
             else:
                 cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
-        rows.append({"method": method, "model": method == model_method, "cells": cells})
+        kind = method_kind(method, model_method)
+        rows.append({"method": method, "model": kind == "model", "kind": kind, "cells": cells})
     folds = int(metrics[["repeat", "fold"]].drop_duplicates().shape[0]) if len(metrics) else 0
-    return {"columns": names, "rows": rows, "folds": folds}
+    return {"columns": names, "rows": rows, "folds": folds, "ci": with_ci}
+
+
+def comparison_rows(summary: dict) -> list[dict]:
+    """The paired comparisons of the model against every other method (balanced accuracy)."""
+    rows = []
+    for c in summary.get("comparisons") or []:
+        if c.get("metric") != "balanced_accuracy":
+            continue
+        rows.append(
+            {
+                "versus": c["versus"],
+                "best_baseline": bool(c.get("best_baseline")),
+                "difference": c.get("mean_difference"),
+                "ci_low": c.get("ci_low"),
+                "ci_high": c.get("ci_high"),
+                "t": c.get("t"),
+                "p_value": c.get("p_value"),
+                "n": c.get("n"),
+            }
+        )
+    rows.sort(key=lambda r: (not r["best_baseline"],))
+    return rows
+
+
+def repeat_rows(summary: dict) -> dict:
+    """Balanced accuracy per repeat (subject level): {"repeats": [...], "rows": [...]}."""
+    per = [r for r in summary.get("per_repeat") or [] if r.get("level") == "subject"]
+    repeats = sorted({r["repeat"] for r in per})
+    methods = list(dict.fromkeys(r["method"] for r in per))
+    rows = []
+    for m in methods:
+        vals = {r["repeat"]: r.get("balanced_accuracy") for r in per if r["method"] == m}
+        rows.append({"method": m, "cells": [vals.get(k) for k in repeats]})
+    return {"repeats": repeats, "rows": rows}
 
 
 def _paint(values: np.ndarray):
@@ -137,7 +209,7 @@ def _template():
     return sample_at(np.asanyarray(tpl.dataobj, np.float32), tpl.affine, pts)
 
 
-def _brain_figure(table, labels, background, *, title, unit, cmap):
+def _brain_figure(table, labels, background, *, title, unit, cmap, anchored=False):
     """One PNG (data URI): a row of axial slices per modality of ``table``, or None."""
     from ..data.templates import GRID_AFFINE
     from . import figures
@@ -150,8 +222,16 @@ def _brain_figure(table, labels, background, *, title, unit, cmap):
     ]
     if not rows:
         return None
+    anchors = None
+    if anchored:  # each row centred on its uniform value (its total / number of regions)
+        keys = [key for key, _ in labels if key in table and not table[key].isna().all()]
+        anchors = [float(np.nansum(table[k].to_numpy(dtype=float))) / len(table) for k in keys]
+        rows = [(lab, img) for (lab, img), a in zip(rows, anchors) if a > 0]
+        anchors = [a for a in anchors if a > 0]
     return png_uri(
-        figures.region_rows(background, rows, GRID_AFFINE, title=title, cmap=cmap, unit=unit, n=8)
+        figures.region_rows(
+            background, rows, GRID_AFFINE, title=title, cmap=cmap, unit=unit, n=8, anchors=anchors
+        )
     )
 
 
@@ -223,12 +303,27 @@ def task_section(folder: Path, background, *, bids_dir: Path | None) -> dict:
         sessions = model_rows.groupby("true")["session"].size().to_dict()
         section["cohort"]["sessions"] = {str(k): int(v) for k, v in sessions.items()}
     if metrics is not None and len(metrics):
-        section["metrics"] = metrics_table(metrics, MODEL_METHOD)
+        section["metrics"] = metrics_table(metrics, MODEL_METHOD, summary)
+    section["comparisons"] = comparison_rows(summary)
+    section["per_repeat"] = repeat_rows(summary)
+    section["training"] = summary.get("siamese_training") or []
+    calibration = _read_tsv(folder / "calibration.tsv")
+    if calibration is not None and len(calibration):
+        methods = list(dict.fromkeys(calibration["method"]))
+        best = [r["versus"] for r in section["comparisons"] if r["best_baseline"]]
+        shown = [m for m in methods if m == MODEL_METHOD] + [m for m in best if m in methods]
+        shown += [m for m in methods if m not in shown and not m.startswith(MODEL_METHOD)]
+        section["calibration"] = png_uri(figures.calibration_figure(calibration, shown))
+        brier = summary.get("metrics") or {}
+        section["brier"] = [
+            {"method": m, "cell": _ci_cell((brier.get(m) or {}).get("brier"))} for m in shown
+        ]
     if roc is not None and len(roc):
         positive = summary.get("positive_class")
         if "class" in roc and positive:
             roc = roc[roc["class"].astype(str) == str(positive)]
-        baselines = [m for m in ("svm_both", "logreg_both") if m in set(roc["method"])]
+        present = list(dict.fromkeys(roc["method"]))
+        baselines = [m for m in present if m != MODEL_METHOD]
         section["roc"] = png_uri(
             figures.roc_figure(
                 roc,
@@ -243,9 +338,10 @@ def task_section(folder: Path, background, *, bids_dir: Path | None) -> dict:
             relevance,
             RELEVANCE_LABELS,
             background,
-            title="Relevance (Figure 7)",
-            unit="fraction of total relevance",
+            title="Relevance (Figure 7): red above, blue below the uniform share",
+            unit="fraction of total relevance (white: uniform, 1/116 for combined)",
             cmap="hot",
+            anchored=True,
         )
         section["relevance_top"] = _top(relevance, "combined")
     if activations is not None:
@@ -271,6 +367,7 @@ def task_section(folder: Path, background, *, bids_dir: Path | None) -> dict:
             null = permutation["balanced_accuracy"].to_numpy(dtype=float)
             p_value = float((1 + np.sum(null >= observed)) / (1 + null.size))
         section["permutation"] = {
+            "p_values": (perm or {}).get("p_values") or {},
             "n": int(len(permutation)),
             "p_value": p_value,
             "observed": observed,

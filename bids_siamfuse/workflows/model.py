@@ -102,6 +102,7 @@ class GroupPlan:
     train_kwargs: dict
     work_dir: Path | None = None
     notes: list = field(default_factory=list)
+    ablations: bool = True
 
     def counts(self) -> dict:
         out = {}
@@ -144,6 +145,10 @@ class GroupPlan:
             f"early stop below {kw['early_stop_loss']} or after {kw['patience']} flat epochs"
             + (", sloppy mode" if kw.get("sloppy") else "")
         )
+        lines.append(
+            f"  fusion {kw.get('fusion', 'paper')}, siamese gate {kw.get('gate', 'se')}"
+            + ("; ablations in every fold" if self.ablations else "; no ablations")
+        )
         workers = (
             "in this process"
             if len(self.devices) == 1
@@ -175,6 +180,13 @@ def plan_group(settings) -> GroupPlan:
         raise UsageError(f"--classes lists {', '.join(repeated)} more than once")
     if mo.folds < 2:
         raise UsageError(f"--folds must be 2 or more, got {mo.folds}")
+    # issue 12 variants (also reachable from a config file, so checked here, not only by argparse)
+    for flag, value, allowed in (
+        ("--fusion", getattr(mo, "fusion", "paper"), ("paper", "similarity")),
+        ("--gate", getattr(mo, "gate", "paired"), ("paired", "constant", "se", "none")),
+    ):
+        if value not in allowed:
+            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     participants = bids.read_participants(ex.bids_dir, ex.label_column)
     present = sorted({str(v) for v in participants[ex.label_column]} - {"", "n/a"})
     unknown = [c for c in classes if c not in present]
@@ -242,6 +254,8 @@ def plan_group(settings) -> GroupPlan:
         "val_fraction": mo.val_fraction,
         "sloppy": bool(wf.sloppy),
         "deterministic": not mo.nondeterministic_gpu,
+        "fusion": getattr(mo, "fusion", "paper"),
+        "gate": getattr(mo, "gate", "paired"),
     }
     notes = []
     if wf.sloppy:
@@ -271,6 +285,7 @@ def plan_group(settings) -> GroupPlan:
         train_kwargs=train_kwargs,
         work_dir=Path(ex.work_dir) if ex.work_dir else None,
         notes=notes,
+        ablations=bool(getattr(mo, "ablations", True)),
     )
 
 
@@ -322,31 +337,56 @@ class _Progress:
 
 
 METRIC_DEFINITIONS = {
-    "unit": "one test PET session (a subject with two sessions counts twice); per fold, then "
-    "mean and SD (ddof 1) over all folds of all repeats",
+    "unit": "headline (summary metrics, Table 2): one test subject, its sessions' class "
+    "probabilities averaged; metrics.tsv also has rows per test PET session (level = session, "
+    "summary metrics_session). Per fold, then the mean over all folds of all repeats",
+    "ci95": "95 % confidence interval of the mean over folds: Nadeau-Bengio corrected "
+    "resampled t interval, mean +- t(0.975, k-1) sqrt((1/k + n_test/n_train) SD^2), k folds x "
+    "repeats (SD with ddof 1)",
+    "paired_comparison": "per fold of every repeat, the model's metric minus the other "
+    "method's on the same test subjects; Nadeau-Bengio corrected resampled t-test (two-sided) "
+    "and its corrected 95 % interval; best_baseline flags the baseline with the highest mean "
+    "balanced accuracy",
     "predicted_class": "the class with the largest probability (score)",
     "two_classes": "the second class of --classes is positive: sensitivity = its recall, "
     "specificity = the first class's recall, precision and F1 of the positive class, balanced "
-    "accuracy = (sensitivity + specificity) / 2, AUC of the positive class's probability",
+    "accuracy = (sensitivity + specificity) / 2, AUC of the positive class's probability, "
+    "Brier score = mean squared difference of the positive class's probability and the label",
     "more_classes": "balanced accuracy = sensitivity = mean per-class recall; specificity, "
-    "precision, F1 = unweighted means of the one-vs-rest values; AUC = mean one-vs-rest AUC",
+    "precision, F1 = unweighted means of the one-vs-rest values; AUC = mean one-vs-rest AUC; "
+    "Brier = mean over subjects of the summed squared probability errors",
+    "calibration": "calibration.tsv: test subjects of every fold and repeat pooled, positive-"
+    "class probability in 10 equal bins against the observed share of the positive class",
     "undefined": "a metric undefined in a fold (e.g. AUC with one class) is n/a and left out "
     "of the mean; precision/F1 with no predicted positive are 0",
     "permutation_p_value": "(1 + number of permutations whose mean balanced accuracy >= the "
-    "observed one) / (1 + permutations); labels shuffled between subjects, whole CV rerun",
+    "observed one) / (1 + permutations); labels shuffled between subjects, whole CV rerun "
+    "(every method, ablations included)",
     "baselines": "region-mean GM (modulated) and/or PET per AAL region, StandardScaler + "
-    "LinearSVC (C=1) or LogisticRegression (C=1), fit on the training fold; SVM scores are "
-    "the logistic/softmax of the decision values (not calibrated)",
+    "LinearSVC or LogisticRegression, fit on the training fold, C chosen from "
+    "0.001/0.01/0.1/1/10 by a 3-fold subject-level stratified inner CV on the training fold "
+    "(balanced accuracy); SVM scores are the logistic/softmax of the decision values (not "
+    "calibrated)",
+    "ablations": "siamese_attention_<name>, trained in the same folds as the model from the "
+    "same siamese networks: similarity_fusion / paper_fusion = the other fusion variant; "
+    "similarity_only = only the 116 per-region MRI-PET similarities; untrained = the whole "
+    "pipeline with the siamese networks left at their initialisation; mri_only / pet_only = "
+    "only the MRI (PET) branch embeddings",
+    "siamese_training": "training.tsv: per fold and region the kept epoch (0 = the network "
+    "kept its initial weights), the mean validation hinge of the untrained and of the kept "
+    "network and their difference",
 }
 
 RELEVANCE_GROUP_TEXT = (
     "Figure 7 relevance of the siamese-attention model, averaged over the cross-validation "
-    "folds. Default (columns mri, pet, combined; the maps): per embedding feature the effective "
-    "weight of the attention module, mean attention mask (training sessions) times the spread "
-    "of the linear classifier's weights between classes, summed over the 20 MRI (or PET) "
-    "features of each AAL region and divided by the total (MRI + PET sums to 1 over regions). "
-    "Columns *_first_layer: the paper's literal reading, the absolute weights of the attention "
-    "MLP's first linear layer summed over hidden units and features, normalized the same way."
+    "folds. Default (columns mri, pet, similarity, combined; the maps): per attention-stage "
+    "feature the effective weight of the attention module, mean attention mask (training "
+    "sessions) times the spread of the linear classifier's weights between classes, summed "
+    "over the region's 20 MRI (or 20 PET) embedding features, or its MRI-PET similarity "
+    "feature (fusion = similarity), divided by the total (combined = mri + pet + similarity "
+    "sums to 1 over regions; uniform = 1/116). Columns *_first_layer: the paper's literal "
+    "reading, the absolute weights of the attention MLP's first linear layer summed over "
+    "hidden units and features, normalized the same way."
 )
 ACTIVATION_TEXT = (
     "Figure 6 activation counts: per test session, the number of a region's 20 MRI (PET) "
@@ -374,7 +414,13 @@ def _write_region_maps(folder: Path, layout, values: dict, what: str, text: str,
     from ..bids import save_image, save_json
     from ..data.templates import grid_image
 
-    labels = {"mri": "MRI", "pet": "PET", "combined": "Combined", "fused": "Fused"}
+    labels = {
+        "mri": "MRI",
+        "pet": "PET",
+        "similarity": "Similarity",
+        "combined": "Combined",
+        "fused": "Fused",
+    }
     written = []
     for key, label in labels.items():
         if key not in values:
@@ -404,6 +450,31 @@ def _region_table(layout, values: dict, keys):
     return pd.DataFrame(table)
 
 
+def _training_summary(rows: list) -> list:
+    """Per repeat and fold: how many region networks moved from their initial weights and
+    the mean validation-hinge improvement of those that did."""
+    out = []
+    for key in sorted({(r["repeat"], r["fold"]) for r in rows}):
+        sel = [r for r in rows if (r["repeat"], r["fold"]) == key]
+        moved = [r for r in sel if r["trained"]]
+        out.append(
+            {
+                "repeat": key[0],
+                "fold": key[1],
+                "regions": len(sel),
+                "trained": len(moved),
+                "share_trained": len(moved) / len(sel) if sel else None,
+                "mean_improvement_trained": (
+                    float(np.mean([r["val_hinge_improvement"] for r in moved])) if moved else None
+                ),
+                "mean_kept_epoch_trained": (
+                    float(np.mean([r["kept_epoch"] for r in moved])) if moved else None
+                ),
+            }
+        )
+    return out
+
+
 def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings=None) -> list:
     """Write every group-level file of one task into ``folder``; returns the names."""
     import pandas as pd
@@ -427,8 +498,30 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
     table(
         "metrics.tsv",
         result.metrics,
-        ["method", "repeat", "fold", "n_test", *cv.METRICS],
+        ["method", "repeat", "fold", "n_test", "level", *cv.METRICS],
     )
+    if result.training:
+        table(
+            "training.tsv",
+            result.training,
+            [
+                "repeat",
+                "fold",
+                "index",
+                "name",
+                "kept_epoch",
+                "trained",
+                "val_hinge_initial",
+                "val_hinge_kept",
+                "val_hinge_improvement",
+            ],
+        )
+    if result.calibration:
+        table(
+            "calibration.tsv",
+            result.calibration,
+            ["method", "bin", "bin_low", "bin_high", "mean_predicted", "observed", "n"],
+        )
     table(
         "predictions.tsv",
         result.predictions,
@@ -461,7 +554,13 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
         rows = []
         for row in result.permutations:
             out = {"permutation": row["permutation"], "balanced_accuracy": row[cv.MODEL_METHOD]}
-            out.update({f"balanced_accuracy_{m}": row[m] for m in row if m in cv.BASELINES})
+            out.update(
+                {
+                    f"balanced_accuracy_{m}": row[m]
+                    for m in row
+                    if m not in ("permutation", cv.MODEL_METHOD)
+                }
+            )
             rows.append(out)
         table("permutation.tsv", rows, ["permutation", "balanced_accuracy"])
 
@@ -469,7 +568,11 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
     written += _write_region_maps(
         folder,
         layout,
-        {k: result.relevance[k] for k in cv.RELEVANCE_KEYS if k in result.relevance},
+        {
+            k: result.relevance[k]
+            for k in cv.RELEVANCE_KEYS
+            if k in result.relevance and (k != "similarity" or np.any(result.relevance[k]))
+        },
         "relevance",
         RELEVANCE_GROUP_TEXT,
         lambda key: "arbitrary (fraction of the total relevance)",
@@ -540,6 +643,13 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
         "devices": plan.devices,
         "threads_per_worker": plan.threads,
         "metrics": result.summary,
+        "metrics_level": "subject (sessions of a subject averaged); per session in "
+        "metrics_session and in metrics.tsv rows with level = session",
+        "metrics_session": result.summary_session,
+        "methods": list(result.methods or result.summary),
+        "per_repeat": result.per_repeat,
+        "comparisons": result.comparisons,
+        "siamese_training": _training_summary(result.training),
         "balanced_accuracy": model_ba,
         "permutation": (
             {
@@ -596,21 +706,33 @@ def format_summary(plan: GroupPlan, result) -> str:
     def cell(stats):
         if stats["mean"] is None:
             return "n/a"
-        return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+        if stats.get("ci_low") is None:
+            return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+        return f"{stats['mean']:.3f} [{stats['ci_low']:.2f}, {stats['ci_high']:.2f}]"
 
+    width = max([20] + [len(m) + 2 for m in result.summary])
     lines = [
         f"{plan.out_dir.name}: {sum(n['subjects'] for n in plan.counts().values())} subjects, "
-        f"{plan.folds}-fold CV x {plan.repeats}",
-        f"  {'method':<20}{'balanced acc.':>18}{'AUC':>18}{'sensitivity':>18}{'specificity':>18}",
+        f"{plan.folds}-fold CV x {plan.repeats}; per subject, mean [95 % CI]",
+        f"  {'method':<{width}}{'balanced acc.':>20}{'AUC':>20}{'sensitivity':>20}"
+        f"{'specificity':>20}",
     ]
     for method, stats in result.summary.items():
         lines.append(
-            f"  {method:<20}"
+            f"  {method:<{width}}"
             + "".join(
-                f"{cell(stats[m]):>18}"
+                f"{cell(stats[m]):>20}"
                 for m in ("balanced_accuracy", "auc", "sensitivity", "specificity")
             )
         )
+    for c in getattr(result, "comparisons", []) or []:
+        best = c.get("best_baseline") and c["metric"] == "balanced_accuracy"
+        if best and c.get("t") is not None:
+            lines.append(
+                f"  {cv.MODEL_METHOD} - {c['versus']} (best baseline): "
+                f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
+                f"p = {c['p_value']:.3g} (corrected resampled t)"
+            )
     if result.p_values:
         lines.append(
             f"  permutation test ({plan.permutations} reruns): p = "
@@ -664,6 +786,7 @@ def run_group(settings, plan: GroupPlan, *, fit=None, config_cls=None) -> int:
         config_cls=config_cls,
         progress=progress,
         work_dir=plan.work_dir,
+        ablations=plan.ablations,
     )
     result.timing["wall_s"] = time.perf_counter() - t0
     parent = plan.out_dir.parent
