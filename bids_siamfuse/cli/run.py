@@ -171,10 +171,12 @@ def plan_participants(settings):
     ex = settings.execution
     bids.check_bids_root(ex.bids_dir)
     if not ex.skip_bids_validation:
-        warnings = bids.validate_dataset(ex.bids_dir)
+        # the top-level files and the selected participants only: one array task per
+        # participant must not validate the whole dataset each time
+        warnings = bids.validate_dataset(ex.bids_dir, participants=ex.participant_label)
         if warnings:
             LOGGER.info("BIDS validator warnings: %s", ", ".join(warnings))
-    layout = bids.load_layout(ex.bids_dir)
+    layout = bids.load_layout(ex.bids_dir, ex.bids_database_dir)
     plan = bids.collect_pairs(
         layout,
         participant_label=ex.participant_label,
@@ -260,12 +262,22 @@ def run(settings) -> int:
         if not plan.pairs:
             raise DataError(plan.invalid[0][1])
         logs = prepare_output(settings)
+        from ..workflows.base import resolve_threads, run_participant
+
+        resolve_threads(ex)  # the TOML records the thread counts used, not 0 ("all")
+        if ex.boilerplate_only:
+            from ..workflows.base import write_boilerplate
+
+            settings.write(logs)
+            return write_boilerplate(settings, plan)
         resolve_work_dir(settings)
         settings.write(logs)
         bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
-        from ..workflows.base import run_participant
-
         code = run_participant(settings, plan)
+        if code == 0 and ex.clean_workdir:
+            from ..workflows.base import clean_work_dir
+
+            clean_work_dir(ex.work_dir, plan)
         if plan.invalid:
             sys.stderr.write(
                 f"bids_siamfuse: {len(plan.invalid)} pair(s) refused as unusable input: "
@@ -282,7 +294,10 @@ def run(settings) -> int:
         print(group_plan.describe())
         return 0
     logs = prepare_output(settings)
+    ex.nprocs = ex.nprocs or os.cpu_count() or 1  # the TOML records what was used, not 0
+    ex.omp_nthreads = ex.omp_nthreads or getattr(group_plan, "threads", None) or 0
     settings.write(logs)
+    bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
     return run_group(settings, group_plan)
 
 

@@ -12,10 +12,13 @@ failed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import re
+import shutil
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
 from ..errors import EXIT_FAILURE, EXIT_OK, UsageError
+from ..progress import Callbacks, Progress, ResourceLog, pair_groups, run_summary
 
 LOGGER = logging.getLogger("bids_siamfuse.participant")
 
@@ -191,6 +195,12 @@ def _threads(ex) -> tuple[int, int]:
     return nprocs, omp
 
 
+def resolve_threads(ex) -> tuple[int, int]:
+    """Fill ``--nprocs``/``--omp-nthreads`` with the values the run will use (0 = default)."""
+    ex.nprocs, ex.omp_nthreads = _threads(ex)
+    return ex.nprocs, ex.omp_nthreads
+
+
 def _device(name: str) -> str:
     if name != "auto":
         return name
@@ -239,7 +249,8 @@ def run_participant(settings, plan) -> int:
                 "check_version": False,
                 "parameterize_dirs": False,
             },
-            "monitoring": {"enabled": False},
+            # --resource-monitor: nipype's sampler (needs psutil; without it only times)
+            "monitoring": {"enabled": bool(ex.resource_monitor), "sample_frequency": "1"},
         }
     )
     _route_nipype_logs()
@@ -269,6 +280,11 @@ def run_participant(settings, plan) -> int:
     if ex.mem_mb:
         plugin_args["memory_gb"] = ex.mem_mb / 1024.0
     plugin = "MultiProc" if nprocs > 1 else "Linear"
+    plugin_args.update(low_mem_args(ex, workflow))
+    if ex.write_graph:
+        write_workflow_graph(workflow, output_dir / "logs", ex.run_uuid)
+    callbacks = run_callbacks(ex, workflow, plan, output_dir)
+    plugin_args["status_callback"] = callbacks
     LOGGER.info(
         "participant workflow: %d pair(s), backend %s%s, %d process(es) x %d thread(s); "
         "work directory %s",
@@ -284,12 +300,21 @@ def run_participant(settings, plan) -> int:
     gc.collect()
     gc.freeze()
     error = None
+    started = time.time()
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args if plugin == "MultiProc" else {})
+        workflow.run(
+            plugin=plugin,
+            plugin_args=plugin_args
+            if plugin == "MultiProc"
+            else {"status_callback": plugin_args["status_callback"]},
+        )
     except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError and others
         error = exc
     finally:
         gc.unfreeze()
+        for callback in callbacks.callbacks:
+            with contextlib.suppress(Exception):
+                callback.close()
     status = pair_status(plan, output_dir, ex.run_uuid, error)
     _write_status(status, output_dir, ex.run_uuid)
     write_participant_reports(
@@ -299,6 +324,10 @@ def run_participant(settings, plan) -> int:
         workflow=workflow,
     )
     failed = [s for s in status if s["status"] != "ok"]
+    LOGGER.info(
+        "%s",
+        run_summary(status, started=started, output_dir=output_dir, work_dir=work_dir),
+    )
     for row in status:
         if row["status"] == "ok":
             LOGGER.info("%s: done", row["pair"])
@@ -323,6 +352,135 @@ def run_participant(settings, plan) -> int:
         LOGGER.error("the workflow did not finish: %s", error)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
+# NiPreps flags: --low-mem, --write-graph, --resource-monitor, --boilerplate-only,
+# --clean-workdir (see cli/parser.py for what each promises)
+# ----------------------------------------------------------------------------------------------
+
+#: --low-mem: memory for light steps beside the heaviest one (GB)
+LOW_MEM_MARGIN_GB = 0.5
+
+
+def low_mem_args(ex, workflow) -> dict:
+    """MultiProc arguments for ``--low-mem``: a memory budget of the heaviest step's estimate
+    plus :data:`LOW_MEM_MARGIN_GB` (below ``--mem-mb`` when given), so the heavy steps
+    (registration, segmentation: 1.5-3 GB declared) run one at a time; {} without the flag."""
+    if not ex.low_mem:
+        return {}
+    heaviest = max((float(n.mem_gb) for n in workflow._get_all_nodes()), default=1.0)
+    budget = heaviest + LOW_MEM_MARGIN_GB
+    if ex.mem_mb:
+        budget = min(budget, ex.mem_mb / 1024.0)
+    return {"memory_gb": budget}
+
+
+def write_workflow_graph(workflow, logs_dir: Path, run_uuid: str) -> list[Path]:
+    """``--write-graph``: ``logs/workflow-<run>.dot`` (and ``.svg`` when Graphviz' ``dot`` is
+    installed); never fatal."""
+    import networkx as nx
+
+    logs_dir = Path(logs_dir)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    dot = logs_dir / f"workflow-{run_uuid}.dot"
+    written = []
+    try:
+        graph = workflow._create_flat_graph()
+        lines = ["digraph bids_siamfuse_wf {", "  rankdir=LR;"]
+        names = {node: f"{node._hierarchy}.{node.name}" for node in graph.nodes()}
+        lines += [f'  "{names[node]}";' for node in nx.topological_sort(graph)]
+        lines += [f'  "{names[a]}" -> "{names[b]}";' for a, b in graph.edges()]
+        lines.append("}")
+        from ..bids import atomic_path
+
+        with atomic_path(dot) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        written.append(dot)
+        if shutil.which("dot"):
+            import subprocess
+
+            svg = dot.with_suffix(".svg")
+            subprocess.run(["dot", "-Tsvg", str(dot), "-o", str(svg)], check=True, timeout=300)
+            written.append(svg)
+    except Exception as exc:  # noqa: BLE001 - the graph is a convenience
+        LOGGER.warning("workflow graph not written: %s", exc)
+    for path in written:
+        LOGGER.info("workflow graph: %s", path)
+    return written
+
+
+def run_callbacks(ex, workflow, plan, output_dir: Path) -> Callbacks:
+    """The status callbacks of a run: progress lines, and the resource log when asked."""
+    groups = pair_groups(
+        workflow,
+        plan,
+        subject_name=lambda s: f"single_subject_{_safe(s)}_wf",
+        anat_name=_anat_name,
+        pet_name=_pet_name,
+    )
+    progress = Progress(groups) if ex.verbosity >= 0 else None
+    resources = None
+    if ex.resource_monitor:
+        path = Path(output_dir) / "logs" / f"resources-{ex.run_uuid}.jsonl"
+        resources = ResourceLog(path)
+        LOGGER.info("resource monitor: one line per step in %s", path)
+    return Callbacks(progress, resources)
+
+
+def write_boilerplate(settings, plan) -> int:
+    """``--boilerplate-only``: build the participant workflow the flags describe and write its
+    methods text to ``OUT/logs/CITATION.md`` (and ``.html``); nothing runs."""
+    from ..reports.boilerplate import participant_text, write_citation
+
+    ex, wf = settings.execution, settings.workflow
+    spm = None
+    if wf.backend == "spm":
+        from ..preproc.spm import find_spm
+
+        spm = find_spm(wf.spm_cmd)
+    output_dir = Path(ex.output_dir).absolute()
+    workflow = init_bids_siamfuse_wf(
+        plan=plan,
+        output_dir=output_dir,
+        work_dir=Path(ex.work_dir or output_dir / "logs").absolute(),
+        bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
+        run_uuid=ex.run_uuid,
+        backend=wf.backend,
+        sloppy=wf.sloppy,
+        pet_ref_region=wf.pet_ref_region,
+        omp_nthreads=_threads(ex)[1],
+        seed=ex.random_seed,
+        spm=spm,
+        model=wf.model,
+        device="cpu",
+    )
+    paths = write_citation(output_dir / "logs", "participant", participant_text(workflow))
+    LOGGER.info("methods text written to %s", ", ".join(str(p) for p in paths))
+    return EXIT_OK
+
+
+def clean_work_dir(work_dir: Path, plan) -> list[Path]:
+    """``--clean-workdir`` after a successful run: remove this run's subject folders from the
+    work directory (other array tasks' folders stay), then the folders left empty."""
+    work_dir = Path(work_dir)
+    top = work_dir / "bids_siamfuse_wf"
+    removed = []
+    for subject in sorted({p.subject for p in plan.pairs}):
+        folder = top / f"single_subject_{_safe(subject)}_wf"
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    # nipype's own files at the top (d3.js, graph*.json, index.html) go with the last subject
+    with contextlib.suppress(OSError):
+        if top.is_dir() and not any(p.is_dir() for p in top.iterdir()):
+            shutil.rmtree(top)
+            removed.append(top)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # only when empty: another task's or the user's files stay
+        removed.append(work_dir)
+    LOGGER.info("--clean-workdir: removed %s", ", ".join(str(p) for p in removed) or "nothing")
+    return removed
 
 
 def write_participant_reports(output_dir: Path, subjects, *, bids_dir=None, workflow=None):
