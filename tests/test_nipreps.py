@@ -352,3 +352,23 @@ def test_clean_workdir_removes_only_this_runs_folders(tmp_path):
     assert sorted(p.name for p in top.iterdir()) == ["d3.js", "single_subject_002_wf"]
     clean_work_dir(work, pairs("002"))
     assert not work.exists()
+
+
+def test_unwritable_output_fails_at_once(raw_ds, tmp_path, capsys):
+    """`docker run bids_siamfuse /data /out participant` with a root-owned /out: exit 73
+    before validation or indexing, in under a second. As root (chmod does not stop root)
+    the unwritable folder is one under /proc."""
+    if os.geteuid() == 0:
+        out = Path("/proc/bids_siamfuse_test/out")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        out = locked / "out"
+    t0 = time.perf_counter()
+    code = run(raw_ds, out, "participant")  # validation not skipped: it would take seconds
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert code == 73, err
+    assert seconds < 1.0, seconds
+    assert err.count("\n") == 1 and "cannot write to" in err and "uid" in err

@@ -146,6 +146,26 @@ def prepare_output(settings) -> Path:
     return logs
 
 
+def check_output_writable(out: Path) -> None:
+    """Exit 73 at once when OUTPUT_DIR (or, when it does not exist yet, the folder it would be
+    created in) refuses a file; creates nothing. Docker's ``-v /data/out:/out`` with a
+    root-owned ``/data/out`` and the image's non-root user fails here, not after indexing."""
+    folder = Path(out).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CannotWriteError(f"cannot write to {out}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        hint = ""
+        if hasattr(os, "getuid"):
+            hint = f" (this process runs as uid {os.getuid()}; see README, Containers)"
+        raise CannotWriteError(f"cannot write to {out}: {exc.strerror or exc}{hint}") from None
+
+
 def resolve_work_dir(settings) -> Path:
     """``-w`` when given, else ``./work`` (fMRIPrep's default), else a temporary folder."""
     ex = settings.execution
@@ -242,6 +262,9 @@ def run(settings) -> int:
 
     bids.check_bids_root(ex.bids_dir)
     check_paths(settings)
+    if not ex.dry_run:
+        # before validation and indexing: a root-owned /out in a container fails at once
+        check_output_writable(Path(ex.output_dir))
     if ex.reports_only:
         return rebuild_reports(settings)
     if ex.analysis_level == "participant" and settings.workflow.model_only:
