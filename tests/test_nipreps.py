@@ -231,10 +231,8 @@ def test_boilerplate_only_and_resolved_threads(raw_ds, tmp_path):
     """--boilerplate-only writes the methods text and processes nothing; the settings file
     records the thread counts used, not 0."""
     out = tmp_path / "out"
-    t0 = time.time()
     code = run(raw_ds, out, "participant", "--boilerplate-only", "--skip-bids-validation")
     assert code == 0
-    assert time.time() - t0 < 120
     text = (out / "logs" / "CITATION.md").read_text()
     assert "bids_siamfuse" in text and "PET" in text
     assert not list(out.glob("sub-*/**/*.nii.gz"))
