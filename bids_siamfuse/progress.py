@@ -151,6 +151,19 @@ def _stage(hierarchy: str) -> str:
     return " ".join(x for x in (label, inner[0] if inner else "", parts[-1]) if x)
 
 
+def _n_run(nodes) -> int:
+    """Nodes nipype will run: it drops plain IdentityInterface nodes (inputnode/outputnode)
+    from the execution graph, so they never report."""
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline.engine import JoinNode
+
+    return sum(
+        1
+        for n in nodes
+        if not (isinstance(n.interface, IdentityInterface) and not isinstance(n, JoinNode))
+    )
+
+
 def pair_groups(workflow, plan, *, subject_name, anat_name, pet_name) -> dict:
     """Per pair: the names of its subject/anatomical/PET workflows and their step count."""
     groups = {}
@@ -162,7 +175,7 @@ def pair_groups(workflow, plan, *, subject_name, anat_name, pet_name) -> dict:
         children = {w.name: w for w in subject_wf._graph.nodes()}
         anat, pet = anat_name(pair.subject, pair.t1w_session), pet_name(pair)
         n_steps = sum(
-            len(children[name]._get_all_nodes()) for name in (anat, pet) if name in children
+            _n_run(children[name]._get_all_nodes()) for name in (anat, pet) if name in children
         )
         groups[pair.key] = (subject_wf.name, anat, pet, n_steps)
     return groups

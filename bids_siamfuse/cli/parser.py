@@ -374,8 +374,8 @@ def _add_other_args(parser):
         type=Path,
         help="nipype working directory (default: ./work in the current folder, or a "
         "bids_siamfuse_work folder under the temporary folder when the current one is not "
-        "writable; about 250 MB per PET/T1w pair, see README); reuse it to resume an "
-        "interrupted run, remove it afterwards or pass --clean-workdir",
+        "writable; measured about 130 MB per PET/T1w pair with --sloppy, see README); reuse "
+        "it to resume an interrupted run, remove it afterwards or pass --clean-workdir",
     )
     g.add_argument(
         "--config-file",
