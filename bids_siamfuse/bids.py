@@ -732,11 +732,13 @@ def dataset_description(bids_dir: Path | None, out_dir: Path | None = None) -> d
 
 #: What BIDS has no naming rule for (``.bidsignore`` in the output; docs/outputs.md lists why).
 BIDSIGNORE = (
-    "logs/",
-    "group/",
+    # folders without a trailing slash: bids-validator-deno matches the folder itself then
+    # (with "group/" it still reports /group/ as NOT_INCLUDED once files are nested in it)
+    "logs",
+    "group",
     "sub-*.html",
-    "sub-*/log/",
-    "sub-*/figures/",
+    "sub-*/log",
+    "sub-*/figures",
     "*_morph.tsv",
     "*_morph.json",
     "*_stats.tsv",
