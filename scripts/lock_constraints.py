@@ -9,10 +9,10 @@ torch is left out (the Dockerfile's TORCH_SPEC pins it; CPU and CUDA builds diff
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 HEADER = """\

@@ -82,7 +82,6 @@ def test_dockerfile_runtime_contract():
 def test_constraints_pin_every_dependency():
     """constraints.txt pins each dependency of pyproject.toml (torch: TORCH_SPEC) exactly."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     pins = {}
