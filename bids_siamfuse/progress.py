@@ -85,6 +85,7 @@ class Progress:
             return
         self.counted.add(hierarchy)
         self.done += 1
+        self.stage = _stage(hierarchy)  # cached steps report only their end
         completed = None
         for key, (subject_wf, anat_wf, pet_wf, n_steps) in self.groups.items():
             parts = hierarchy.split(".")
@@ -120,7 +121,7 @@ class Progress:
         )
         if completed:
             return f"{text}; {completed} finished"
-        return f"{text}; now {self.stage}"
+        return f"{text}; at {self.stage}"
 
     def _draw(self) -> None:
         width = 24
