@@ -126,6 +126,10 @@ def validate_dataset(
             "the BIDS validator is not installed (pip install bids-validator-deno); "
             "install it or pass --skip-bids-validation"
         )
+    if participants:
+        participants = [p for p in participants if (Path(bids_dir) / f"sub-{p}").is_dir()]
+        if not participants:
+            return []  # none of them exists: the selection fails next, with its own exit code
     with _selected_view(Path(bids_dir), participants) as view:
         return _run_validator(exe, Path(bids_dir), view, timeout)
 
