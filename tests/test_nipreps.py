@@ -370,3 +370,30 @@ def test_unwritable_output_fails_at_once(raw_ds, tmp_path, capsys):
     assert code == 73, err
     assert seconds < 1.0, seconds
     assert err.count("\n") == 1 and "cannot write to" in err and "uid" in err
+
+
+def test_reportlet_compression_keeps_the_picture():
+    """Straight runs merge, curves stay; an embedded PNG becomes a smaller WebP of the same
+    pixels (lossless when not downsampled)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from bids_siamfuse.reports import compress
+
+    path = "M 0 0 L 1 0 L 2 0 L 3 0 L 3 1 L 3 2 z M 5.123456 5 L 6 5"
+    assert compress.simplify_path(path) == "M 0 0 L 3 0 L 3 2 z M 5.1 5 L 6 5"
+    assert compress.simplify_path("M 0 0 C 1 1 2 2 3 3") == "M 0 0 C 1 1 2 2 3 3"
+    pixels = np.zeros((60, 80, 4), np.uint8)
+    pixels[..., 3] = 255
+    pixels[10:50, 20:60, :3] = 200
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    uri = base64.b64encode(buf.getvalue()).decode()
+    svg = f'<svg><image width="80" height="60" xlink:href="data:image/png;base64,{uri}"/></svg>'
+    out = compress.compress_svg_text(svg)
+    assert "image/webp" in out and len(out) < len(svg)
+    webp = base64.b64decode(out.split("base64,")[1].split('"')[0])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(webp)).convert("RGBA")), pixels)
