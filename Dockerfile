@@ -20,8 +20,9 @@
 #   TEMPLATEFLOW_PREFETCH  auto (default: use TemplateFlow when reachable, else nilearn's
 #                          packaged ICBM152 maps), yes (must succeed), no
 #   VERSION, VCS_REF, BUILD_DATE   OCI labels; VERSION is checked against the package
+# The AAL atlas ships inside the package (bids_siamfuse/data/aal/): nothing to fetch for it.
+# Dependencies are installed with constraints.txt (pinned versions, Python 3.11 as in CI).
 # Optional named build contexts (--build-context NAME=DIR), for builds without internet:
-#   nilearn_data      a folder holding aal_SPM8/ (otherwise nilearn downloads the AAL atlas)
 #   templateflow_home a prefetched TemplateFlow home with tpl-MNI152NLin2009aSym
 #   spm_downloads     the MATLAB Runtime and SPM12 standalone zips (with WITH_SPM=1)
 
@@ -31,7 +32,6 @@ ARG WITH_SPM=0
 ARG MCR_VERSION=v97
 
 # Empty stand-ins for the optional named build contexts (a context of the same name wins).
-FROM scratch AS nilearn_data
 FROM scratch AS templateflow_home
 FROM scratch AS spm_downloads
 
@@ -69,32 +69,30 @@ ENV PATH=/opt/venv/bin:$PATH \
 # (the version is pinned by the TORCH_SPEC build argument, which hadolint cannot see)
 # hadolint ignore=DL3013
 RUN pip install "${TORCH_SPEC}"
-# then the dependencies listed in pyproject.toml (cached until pyproject.toml changes);
-# setuptools and wheel too, so the package installs below need no build isolation
-COPY pyproject.toml /src/pyproject.toml
+# then the dependencies listed in pyproject.toml at the versions of constraints.txt (cached
+# until either changes); setuptools and wheel too, so the package installs below need no
+# build isolation
+COPY pyproject.toml constraints.txt /src/
 ARG EXTRAS=""
 RUN python3 -c 'import os, tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb")); extras = os.environ.get("EXTRAS", "").replace(",", " ").split(); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"] + [d for e in extras for d in p["project"]["optional-dependencies"][e]]))' > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -c /src/constraints.txt -r /tmp/requirements.txt \
     && rm -rf /src /tmp/requirements.txt \
     && python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
 # ---------------------------------------------------------------------------------------------
-# data: the AAL atlas and the templates, fetched now so that nothing downloads at run time,
-# then checked with the package's own loaders
+# data: the templates, fetched now so that nothing downloads at run time, then checked (with
+# the packaged AAL atlas) by the package's own loaders
 FROM deps AS data
 ARG PIP_CERT
 ARG TEMPLATEFLOW_PREFETCH=auto
 COPY pyproject.toml setup.py README.md /src/
 COPY bids_siamfuse /src/bids_siamfuse
 COPY scripts/prefetch_data.py /src/scripts/prefetch_data.py
-RUN --mount=type=bind,from=nilearn_data,target=/seed/nilearn_data \
-    --mount=type=bind,from=templateflow_home,target=/seed/templateflow \
+RUN --mount=type=bind,from=templateflow_home,target=/seed/templateflow \
     pip install --no-deps --no-build-isolation /src \
     && if [ -n "${PIP_CERT:-}" ]; then export REQUESTS_CA_BUNDLE="${PIP_CERT}"; fi \
     && python3 /src/scripts/prefetch_data.py \
-         --nilearn-data /opt/data/nilearn_data \
          --templateflow-home /opt/data/templateflow \
-         --nilearn-seed /seed/nilearn_data \
          --templateflow-seed /seed/templateflow \
          --templateflow "${TEMPLATEFLOW_PREFETCH}" \
          --manifest /opt/data/prefetch.json
@@ -163,7 +161,7 @@ COPY --from=deps /opt/venv /opt/venv
 COPY --from=data /opt/data /opt/data
 COPY --from=spm /opt/spm /opt/spm
 # the package from this checkout, non-editable, in a small layer of its own
-COPY pyproject.toml setup.py README.md /src/
+COPY pyproject.toml setup.py README.md LICENSE /src/
 COPY bids_siamfuse /src/bids_siamfuse
 ARG VERSION=""
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
@@ -182,9 +180,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=1 \
-    NILEARN_DATA=/opt/data/nilearn_data \
     TEMPLATEFLOW_HOME=/opt/data/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=0 \
+    BIDS_SIAMFUSE_CONTAINER_TAG=bids_siamfuse:${VERSION:-dev} \
     NIPYPE_NO_ET=1 \
     SPMSTANDALONE_HOME=/opt/spm/spm12 \
     MCR_HOME=/opt/spm/mcr/${MCR_VERSION} \

@@ -48,6 +48,7 @@ from .errors import (
     InvalidBIDSError,
     NoInputError,
     NothingSelectedError,
+    UsageError,
 )
 
 LOGGER = logging.getLogger("bids_siamfuse.bids")
@@ -81,19 +82,60 @@ def check_bids_root(bids_dir: Path) -> Path:
     return bids_dir
 
 
-def validate_dataset(bids_dir: Path, timeout: float = 600) -> list[str]:
+def find_validator() -> str | None:
+    """``bids-validator-deno`` beside the running interpreter (a venv's ``bin/`` that was not
+    activated), else on ``PATH``. The legacy node ``bids-validator`` is not used: its JSON
+    report has another shape."""
+    import sys
+
+    beside = Path(sys.executable).parent / "bids-validator-deno"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("bids-validator-deno")
+
+
+@contextlib.contextmanager
+def _selected_view(bids_dir: Path, participants: list[str] | None) -> Iterator[Path]:
+    """The dataset itself, or a temporary folder of links to its top-level files and the
+    selected ``sub-*`` folders only (the validator follows links), so an array task validates
+    its own participant, not the whole dataset."""
+    if not participants:
+        yield bids_dir
+        return
+    keep = {f"sub-{label}" for label in participants}
+    with tempfile.TemporaryDirectory(prefix="bids_siamfuse_validate_") as tmp:
+        for entry in bids_dir.iterdir():
+            if entry.name.startswith("sub-") and entry.name not in keep:
+                continue
+            (Path(tmp) / entry.name).symlink_to(entry.absolute(), entry.is_dir())
+        yield Path(tmp)
+
+
+def validate_dataset(
+    bids_dir: Path, timeout: float = 600, participants: list[str] | None = None
+) -> list[str]:
     """Run the BIDS validator (``bids-validator-deno``); raise InvalidBIDSError on errors.
 
     Returns the warning codes, for the log. The validator reads only the dataset (no network)
-    and skips ``derivatives/``.
+    and skips ``derivatives/``. ``participants``: validate the top-level files and these
+    subjects only (``--participant-label``).
     """
-    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
+    exe = find_validator()
     if exe is None:
         raise InvalidBIDSError(
             "the BIDS validator is not installed (pip install bids-validator-deno); "
             "install it or pass --skip-bids-validation"
         )
-    cmd = [exe, str(bids_dir), "--format", "json", "--ignoreNiftiHeaders"]
+    if participants:
+        participants = [p for p in participants if (Path(bids_dir) / f"sub-{p}").is_dir()]
+        if not participants:
+            return []  # none of them exists: the selection fails next, with its own exit code
+    with _selected_view(Path(bids_dir), participants) as view:
+        return _run_validator(exe, Path(bids_dir), view, timeout)
+
+
+def _run_validator(exe: str, bids_dir: Path, view: Path, timeout: float) -> list[str]:
+    cmd = [exe, str(view), "--format", "json", "--ignoreNiftiHeaders"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -119,16 +161,25 @@ def validate_dataset(bids_dir: Path, timeout: float = 600) -> list[str]:
     return sorted({i.get("code", "?") for i in issues if i.get("severity") == "warning"})
 
 
-def load_layout(bids_dir: Path):
-    """A pybids layout of the raw dataset (derivatives and code folders not indexed)."""
+def load_layout(bids_dir: Path, database_dir: Path | None = None):
+    """A pybids layout of the raw dataset (derivatives and code folders not indexed).
+
+    ``database_dir`` (``--bids-database-dir``): reuse the index saved there (SLURM array tasks
+    share one instead of each indexing the dataset), or build it and save it there. A new index
+    is built in a private folder and moved into place, so tasks starting together never read a
+    half-written one; an index of another dataset is refused (exit 64).
+    """
     from bids.layout import BIDSLayout, BIDSLayoutIndexer
 
     ignore = [re.compile(rf"^/{name}(/|$)") for name in IGNORE_INPUT]
     ignore.append(re.compile(r"/\."))  # hidden files and folders
     ignore += [re.compile(rf"^{re.escape(rel)}$") for rel in non_object_sidecars(bids_dir)]
     indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
+    kwargs = {"validate": False, "derivatives": False, "indexer": indexer}
     try:
-        return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
+        if database_dir is None:
+            return BIDSLayout(str(bids_dir), **kwargs)
+        return _layout_from_database(Path(bids_dir), Path(database_dir), kwargs)
     except (ValueError, OSError) as exc:
         raise InvalidBIDSError(f"{bids_dir}: pybids cannot read it ({exc})") from None
 
@@ -166,6 +217,40 @@ def non_object_sidecars(bids_dir: Path) -> list[str]:
                 if not isinstance(value, dict):
                     found.append("/" + (rel_folder / name).as_posix())
     return found
+
+
+_DB_FILE = "layout_index.sqlite"
+
+
+def _layout_from_database(bids_dir: Path, database_dir: Path, kwargs: dict):
+    from bids.layout import BIDSLayout
+
+    db_file = database_dir / _DB_FILE
+    if db_file.is_file():
+        layout = BIDSLayout(str(bids_dir), database_path=str(database_dir), **kwargs)
+        if Path(layout.root).resolve() != bids_dir.resolve():
+            raise UsageError(
+                f"--bids-database-dir {database_dir} indexes {layout.root}, not {bids_dir}; "
+                "give an empty folder or the index of this dataset"
+            )
+        LOGGER.info("pybids index reused from %s", database_dir)
+        return layout
+    try:
+        database_dir.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=".index-", dir=database_dir))
+    except OSError as exc:
+        raise CannotWriteError(
+            f"--bids-database-dir {database_dir}: cannot write ({exc.strerror or exc})"
+        ) from None
+    try:
+        layout = BIDSLayout(str(bids_dir), database_path=str(private), **kwargs)
+        layout.connection_manager.session.commit()
+        layout.connection_manager.engine.dispose()
+        os.replace(private / _DB_FILE, db_file)  # atomic: the first complete index wins
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    LOGGER.info("pybids index saved to %s", database_dir)
+    return BIDSLayout(str(bids_dir), database_path=str(database_dir), **kwargs)
 
 
 @dataclass
@@ -587,6 +672,13 @@ def _save_data(path: Path, obj, ent: dict, *, extension: str, dtype=None) -> Pat
         src = Path(obj)
         if extension.startswith(".nii"):
             obj = nb.load(str(src))
+        elif extension == ".svg":  # reportlets: embedded PNGs as lossless WebP (~3x smaller)
+            from .reports.compress import compress_svg_text
+
+            text = src.read_text(encoding="utf-8", errors="replace")
+            with atomic_path(path) as tmp:
+                tmp.write_text(compress_svg_text(text), encoding="utf-8")
+            return path
         else:
             with atomic_path(path) as tmp:
                 shutil.copyfile(src, tmp)
@@ -603,37 +695,179 @@ def _save_data(path: Path, obj, ent: dict, *, extension: str, dtype=None) -> Pat
     return path
 
 
-def dataset_description(bids_dir: Path | None) -> dict:
+#: Environment variable naming the input dataset's location as the user sees it (the host path
+#: when the app runs in a container, where BIDS_DIR is a mount point such as /data).
+HOST_BIDS_DIR_ENV = "BIDS_SIAMFUSE_HOST_BIDS_DIR"
+_DOCKERENV = Path("/.dockerenv")  # Docker creates it in every container
+
+
+def container_info() -> dict | None:
+    """``GeneratedBy.Container`` when this process runs in a container, else None.
+
+    Detected the usual way: Docker creates ``/.dockerenv``; Apptainer/Singularity set
+    ``APPTAINER_NAME``/``SINGULARITY_NAME`` (the image file's name) in the container.
+    ``BIDS_SIAMFUSE_CONTAINER_TAG`` overrides the tag (the image sets its own version).
+    """
+    tag = os.environ.get("BIDS_SIAMFUSE_CONTAINER_TAG") or f"{PIPELINE_NAME}:{__version__}"
+    for var in ("APPTAINER_NAME", "SINGULARITY_NAME"):
+        if os.environ.get(var):
+            kind = "apptainer" if var.startswith("APPTAINER") else "singularity"
+            return {
+                "Type": kind,
+                "Tag": os.environ.get("BIDS_SIAMFUSE_CONTAINER_TAG") or os.environ[var],
+            }
+    if _DOCKERENV.exists():
+        return {"Type": "docker", "Tag": tag}
+    return None
+
+
+def source_location(bids_dir: Path, out_dir: Path | None = None) -> str | None:
+    """Where the input dataset is, as seen from outside this process (for ``DatasetLinks``).
+
+    1. the relative path from ``out_dir`` up to the input when the input is a parent of the
+       output (``../..`` for ``BIDS_DIR/derivatives/bids_siamfuse``): valid wherever the two
+       folders travel together, inside or outside a container;
+    2. else ``$BIDS_SIAMFUSE_HOST_BIDS_DIR`` when set (the host path of a container's mount);
+    3. else, in a container, None (the mount point, e.g. ``/data``, means nothing outside it);
+    4. else the path the user gave (made absolute).
+    """
+    bids_dir = Path(bids_dir).absolute()
+    if out_dir is not None:
+        out_dir = Path(out_dir).absolute()
+        for raw, out in ((bids_dir, out_dir), (bids_dir.resolve(), out_dir.resolve())):
+            try:
+                out.relative_to(raw)
+            except ValueError:
+                continue
+            return Path(os.path.relpath(raw, out)).as_posix()
+    host = os.environ.get(HOST_BIDS_DIR_ENV, "").strip()
+    if host:
+        return host
+    if container_info() is not None:
+        return None
+    return str(bids_dir)
+
+
+def dataset_description(bids_dir: Path | None, out_dir: Path | None = None) -> dict:
+    generated = {
+        "Name": PIPELINE_NAME,
+        "Version": __version__,
+        "CodeURL": CODE_URL,
+        "Description": "T1w/FDG-PET preprocessing, AAL116 regions and a siamese-attention"
+        " classifier (Arco et al.)",
+    }
+    container = container_info()
+    if container is not None:
+        generated["Container"] = container
     desc = {
         "Name": "bids_siamfuse derivatives",
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [
-            {
-                "Name": PIPELINE_NAME,
-                "Version": __version__,
-                "CodeURL": CODE_URL,
-                "Description": "T1w/FDG-PET preprocessing, AAL116 regions and a siamese-attention"
-                " classifier (Arco et al.)",
-            }
-        ],
+        "GeneratedBy": [generated],
         "HowToAcknowledge": "Cite the software (CITATION.cff) and the method paper; see "
         "logs/CITATION.md for the methods boilerplate.",
     }
     if bids_dir is not None:
         bids_dir = Path(bids_dir).absolute()
-        source = {"URL": bids_dir.as_uri()}
+        location = source_location(bids_dir, out_dir)
+        source = {}
+        if location is not None:
+            source["URL"] = location
+        else:
+            LOGGER.warning(
+                "running in a container: the input dataset's host path is unknown, so "
+                "dataset_description.json records no DatasetLinks.raw; set %s to record it",
+                HOST_BIDS_DIR_ENV,
+            )
         with contextlib.suppress(OSError, ValueError, json.JSONDecodeError):
             raw = json.loads((bids_dir / "dataset_description.json").read_text())
             if raw.get("DatasetDOI"):
                 source["DOI"] = raw["DatasetDOI"]
-        desc["SourceDatasets"] = [source]
-        desc["DatasetLinks"] = {"raw": bids_dir.as_uri()}  # for bids:raw:... Sources URIs
+        if source:
+            desc["SourceDatasets"] = [source]
+        if location is not None:
+            desc["DatasetLinks"] = {"raw": location}  # for bids:raw:... Sources URIs
     return desc
 
 
+#: What BIDS has no naming rule for (``.bidsignore`` in the output; docs/outputs.md lists why).
+BIDSIGNORE = (
+    # folders without a trailing slash: bids-validator-deno matches the folder itself then
+    # (with "group/" it still reports /group/ as NOT_INCLUDED once files are nested in it)
+    "logs",
+    "group",
+    "sub-*.html",
+    "sub-*/log",
+    "sub-*/figures",
+    "*_morph.tsv",
+    "*_morph.json",
+    "*_stats.tsv",
+    "*_stats.json",
+    "*_regions.npz",
+    "*_regions.json",
+    "*_xfm.h5",
+    "*_xfm.txt",
+    "*_xfm.nii.gz",
+    "*_xfm.json",
+    "*_petref.nii.gz",
+    "*_petref.json",
+    "*_timeseries.tsv",
+    "*_timeseries.json",
+    "*_probs.tsv",
+    "*_probs.json",
+    "*_stat.nii.gz",
+    "*_stat.tsv",
+    "*_stat.json",
+)
+
+
+DERIVATIVES_README = """\
+# bids_siamfuse derivatives
+
+Written by bids_siamfuse (https://github.com/bids-siamfuse/bids_siamfuse): per subject and
+session, the preprocessed T1w and FDG-PET on the 121x145x121 1.5 mm MNI grid, their 116 AAL
+regions (`*_regions.npz`), QC figures and `sub-<label>.html` reports; `group/` holds the
+cross-validated model and its report. `dataset_description.json` links the input dataset
+(`DatasetLinks.raw`); `logs/` holds each run's settings and the methods text (`CITATION.md`).
+Every file is described in the project's docs/outputs.md; `.bidsignore` lists the files BIDS
+has no naming rule for.
+"""
+
+
+def ensure_readme(out_dir: Path) -> Path:
+    """``OUT/README.md`` (BIDS recommends one per dataset), unless one is there."""
+    path = Path(out_dir) / "README.md"
+    if not any((Path(out_dir) / n).exists() for n in ("README", "README.md", "README.txt")):
+        with atomic_path(path) as tmp:  # parallel jobs write the same text: last one wins
+            tmp.write_text(DERIVATIVES_README)
+    return path
+
+
+def ensure_bidsignore(out_dir: Path) -> Path:
+    """Write ``OUT/.bidsignore`` with :data:`BIDSIGNORE`, keeping lines a user added.
+
+    Every job writes the same content atomically (last writer wins), so parallel array tasks
+    are safe.
+    """
+    path = Path(out_dir) / ".bidsignore"
+    try:
+        current = path.read_text().splitlines() if path.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        current = []
+    missing = [line for line in BIDSIGNORE if line not in current]
+    if not missing:
+        return path
+    header = "# bids_siamfuse: files BIDS has no naming rule for (docs/outputs.md)"
+    lines = current or [header]
+    text = "\n".join([*lines, *missing]) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
 def ensure_dataset_description(out_dir: Path, bids_dir: Path | None) -> Path:
-    """Write ``dataset_description.json`` unless a valid one is there (race-free).
+    """Write ``dataset_description.json`` unless a valid one is there (race-free), and the
+    ``.bidsignore`` (:func:`ensure_bidsignore`).
 
     Many participant jobs may start at once on one output folder: each writes a private
     temporary file and *links* it into place, which fails for all but the first, so readers
@@ -641,6 +875,9 @@ def ensure_dataset_description(out_dir: Path, bids_dir: Path | None) -> Path:
     """
     out_dir = Path(out_dir)
     path = out_dir / "dataset_description.json"
+    with contextlib.suppress(CannotWriteError):
+        ensure_bidsignore(out_dir)  # never fatal: the description below reports write errors
+        ensure_readme(out_dir)
     if path.is_file():
         try:
             current = json.loads(path.read_text())
@@ -656,7 +893,7 @@ def ensure_dataset_description(out_dir: Path, bids_dir: Path | None) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".dataset_description.", suffix=".json", dir=out_dir)
         with os.fdopen(fd, "w") as handle:
-            json.dump(dataset_description(bids_dir), handle, indent=2)
+            json.dump(dataset_description(bids_dir, out_dir), handle, indent=2)
             handle.write("\n")
         os.chmod(tmp, 0o644 & ~_umask())
         if path.exists():  # corrupt one found above: replace it
@@ -685,6 +922,10 @@ def _outputs() -> dict[str, dict]:
     from .data.templates import RES_LABEL, SPACE
 
     mni = {"space": SPACE, "resolution": RES_LABEL}
+    # sidecar fields every file of the key carries (merged under the writer's own): BIDS
+    # requires SkullStripped for preprocessed T1w/PET; these keep the head (the PET's background
+    # is thresholded, not masked), so it is false
+    head = {"sidecar": {"SkullStripped": False}}
     xfm = {"datatype": "anat", "suffix": "xfm", "mode": "image"}
     fig = {"datatype": "figures", "extension": ".svg"}
     return {
@@ -694,6 +935,7 @@ def _outputs() -> dict[str, dict]:
             "suffix": "T1w",
             "extension": ".nii.gz",
             "desc": "preproc",
+            **head,
         },
         "t1w_mask": {
             "datatype": "anat",
@@ -736,6 +978,7 @@ def _outputs() -> dict[str, dict]:
             "extension": ".nii.gz",
             "desc": "preproc",
             **mni,
+            **head,
         },
         "gm_morph": {
             "datatype": "anat",
@@ -745,7 +988,7 @@ def _outputs() -> dict[str, dict]:
             "desc": "gm",
         },
         # PET (named after the PET's subject/session/tracer/run)
-        "pet_ref": {"datatype": "pet", "suffix": "petref", "extension": ".nii.gz"},
+        "pet_ref": {"datatype": "pet", "suffix": "petref", "extension": ".nii.gz", **head},
         "pet2t1w_xfm": {
             "datatype": "pet",
             "suffix": "xfm",
@@ -754,11 +997,13 @@ def _outputs() -> dict[str, dict]:
             "to": "T1w",
             "mode": "image",
         },
+        # per-frame motion: a "_motion.tsv" would be read as BIDS' motion datatype (motion
+        # capture); NiPreps' name for per-volume regressors is desc-confounds_timeseries
         "pet_confounds": {
             "datatype": "pet",
-            "suffix": "motion",
+            "suffix": "timeseries",
             "extension": ".tsv",
-            "desc": "realign",
+            "desc": "confounds",
         },
         "pet_mni": {
             "datatype": "pet",
@@ -766,6 +1011,7 @@ def _outputs() -> dict[str, dict]:
             "extension": ".nii.gz",
             "desc": "preproc",
             **mni,
+            **head,
         },
         "regions": {
             "datatype": "pet",
@@ -818,9 +1064,19 @@ def _outputs() -> dict[str, dict]:
 OUTPUTS = _outputs()
 
 
+def output_meta(key: str, meta: dict | None) -> dict | None:
+    """The sidecar of output ``key``: its fixed fields (``sidecar`` in :data:`OUTPUTS`) under
+    ``meta`` (the writer's fields win); None when neither has any."""
+    fixed = OUTPUTS[key].get("sidecar")
+    if meta is None and not fixed:
+        return None
+    return {**(fixed or {}), **(meta or {})}
+
+
 def output_path(out_dir: Path, key: str, source: dict) -> Path:
     """Where output ``key`` of :data:`OUTPUTS` goes for these source entities."""
     spec = dict(OUTPUTS[key])
+    spec.pop("sidecar", None)
     datatype, suffix, extension = spec.pop("datatype"), spec.pop("suffix"), spec.pop("extension")
     rel = build_path({**source, **spec}, datatype=datatype, suffix=suffix, extension=extension)
     return Path(out_dir) / rel
@@ -831,4 +1087,6 @@ def save_output(
 ) -> Path:
     """Write output ``key`` of :data:`OUTPUTS` (see :func:`save_derivative`)."""
     spec = dict(OUTPUTS[key])
+    spec.pop("sidecar", None)
+    meta = output_meta(key, meta)
     return save_derivative(out_dir, obj, source=source, meta=meta, dtype=dtype, **spec)

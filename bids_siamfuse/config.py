@@ -59,6 +59,14 @@ class ExecutionSettings:
     device: str = "auto"
     verbosity: int = 0
     run_uuid: str = ""
+    # NiPreps-compatible execution flags (cli/parser.py, "Other options" and friends)
+    notrack: bool = False  # accepted for NiPreps scripts; this app never sends usage data
+    bids_database_dir: Path | None = None
+    boilerplate_only: bool = False
+    clean_workdir: bool = False
+    low_mem: bool = False
+    write_graph: bool = False
+    resource_monitor: bool = False
 
 
 @dataclass

@@ -7,7 +7,6 @@
 # The version label comes from bids_siamfuse/_version.py (the one place it is written; the
 # Dockerfile checks that it matches the installed package), the revision from git, the date
 # from the clock. Offline inputs are passed as named build contexts when they are found:
-#   NILEARN_DATA       a folder holding aal_SPM8/      -> --build-context nilearn_data=...
 #   TEMPLATEFLOW_HOME  holding tpl-MNI152NLin2009aSym  -> --build-context templateflow_home=...
 #   SPM_DOWNLOADS      the MATLAB Runtime/SPM12 zips   -> --build-context spm_downloads=...
 # Which builder runs:
@@ -35,9 +34,6 @@ args=(
   --build-arg "VCS_REF=${revision}"
   --build-arg "BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 )
-if [ -n "${NILEARN_DATA:-}" ] && [ -d "${NILEARN_DATA}/aal_SPM8" ]; then
-  args+=(--build-context "nilearn_data=$(cd "${NILEARN_DATA}" && pwd)")
-fi
 if [ -n "${TEMPLATEFLOW_HOME:-}" ] && [ -d "${TEMPLATEFLOW_HOME}/tpl-MNI152NLin2009aSym" ]; then
   args+=(--build-context "templateflow_home=$(cd "${TEMPLATEFLOW_HOME}" && pwd)")
 fi

@@ -10,8 +10,8 @@
 #   APPTAINER        apptainer or singularity (default: whichever is installed)
 #   BUILD_FLAGS      extra `apptainer build` flags, e.g. --fakeroot
 #   scratch builds:  TORCH_SPEC, EXTRAS, PIP_FIND_LINKS (a wheel folder), PIP_CERT (a CA
-#                    bundle), NILEARN_DATA (holding aal_SPM8/: bound as the atlas seed, for
-#                    builds without internet), TEMPLATEFLOW_HOME (a prefetched one),
+#                    bundle), TEMPLATEFLOW_HOME (a prefetched one; the AAL atlas ships in
+#                    the package),
 #                    BASE_IMAGE_TAG (a local debian:bookworm-slim to start from when no
 #                    registry is reachable; saved and used as a docker-archive)
 #   APPTAINER_SH     run apptainer through this wrapper instead, which sees only $CTR_HOME (as
@@ -73,7 +73,7 @@ else
     save "${BASE_IMAGE_TAG}" "${stage}/base.tar"
     args+=(--build-arg BOOTSTRAP=docker-archive --build-arg "BASE=$(q "${inside}/base.tar")")
   fi
-  # mount points /seed/{build,nilearn_data,templateflow} are made by the definition's %setup
+  # mount points /seed/{build,templateflow} are made by the definition's %setup
   mkdir -p "${stage}/host"
   binds=("${inside}/host:/seed/build")
   if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "${PIP_FIND_LINKS}" ]; then
@@ -85,10 +85,6 @@ else
   if [ -n "${PIP_CERT:-}" ] && [ -f "${PIP_CERT}" ]; then
     cp "${PIP_CERT}" "${stage}/host/ca.crt"
     args+=(--build-arg PIP_CERT=/seed/build/ca.crt)
-  fi
-  if [ -n "${NILEARN_DATA:-}" ] && [ -d "${NILEARN_DATA}/aal_SPM8" ]; then
-    cp -r "${NILEARN_DATA}" "${stage}/nilearn_data"
-    binds+=("${inside}/nilearn_data:/seed/nilearn_data")
   fi
   if [ -n "${TEMPLATEFLOW_HOME:-}" ] && [ -d "${TEMPLATEFLOW_HOME}/tpl-MNI152NLin2009aSym" ]; then
     cp -r "${TEMPLATEFLOW_HOME}" "${stage}/templateflow"

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Put the AAL atlas and the MNI templates where bids_siamfuse finds them offline.
+"""Put the MNI templates where bids_siamfuse finds them offline, and check the atlas.
 
 Used by the Dockerfile at build time, and usable on a cluster login node before jobs run
-without network (``python scripts/prefetch_data.py --nilearn-data DIR --templateflow-home DIR``,
-then export ``NILEARN_DATA`` and ``TEMPLATEFLOW_HOME`` in the jobs).
+without network (``python scripts/prefetch_data.py --templateflow-home DIR``, then export
+``TEMPLATEFLOW_HOME`` in the jobs). Needs the ``templateflow`` package (a dependency of
+niworkflows, so installed with bids_siamfuse) only for downloads.
 
-* AAL (SPM8 release): copied from ``--nilearn-seed`` (a folder holding ``aal_SPM8/``, e.g. an
-  existing ``NILEARN_DATA``) when given, otherwise downloaded by
-  ``nilearn.datasets.fetch_atlas_aal(version="SPM8")``. Mandatory: the script fails without it.
+* The AAL atlas (SPM8 release) ships inside the package (``bids_siamfuse/data/aal/``): nothing
+  to fetch; the check below loads it.
 * TemplateFlow ``tpl-MNI152NLin2009aSym`` res-1 T1w, brain mask and GM/WM/CSF probsegs: copied
   from ``--templateflow-seed`` (a prefetched TemplateFlow home) when it holds them, otherwise
   downloaded with ``templateflow.api.get``. ``--templateflow auto`` (default) tolerates a
@@ -40,9 +40,6 @@ TEMPLATE_FILES = {
     "WM": ({"suffix": "probseg", "label": "WM"}, f"tpl-{SPACE}_res-1_label-WM_probseg.nii.gz"),
     "CSF": ({"suffix": "probseg", "label": "CSF"}, f"tpl-{SPACE}_res-1_label-CSF_probseg.nii.gz"),
 }
-AAL_DIR = "aal_SPM8"
-
-
 def log(message: str) -> None:
     print(f"prefetch: {message}", file=sys.stderr, flush=True)
 
@@ -68,27 +65,6 @@ def _real_nifti(path: Path) -> bool:
         return data.ndim == 3 and bool(np.isfinite(data).all())
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         return False
-
-
-def fetch_aal(nilearn_data: Path, seed: Path | None) -> dict:
-    target = nilearn_data / AAL_DIR
-    if seed is not None and (seed / AAL_DIR).is_dir() and not target.exists():
-        log(f"AAL: copying {seed / AAL_DIR}")
-        shutil.copytree(seed / AAL_DIR, target)
-    from nilearn import datasets
-
-    if not target.exists():
-        log("AAL: downloading with nilearn.datasets.fetch_atlas_aal(version='SPM8')")
-    try:
-        aal = datasets.fetch_atlas_aal(version="SPM8", data_dir=str(nilearn_data), verbose=0)
-    except Exception as exc:  # noqa: BLE001 - nilearn raises many kinds when offline
-        raise SystemExit(
-            f"prefetch: error: the AAL atlas could not be obtained ({type(exc).__name__}: {exc});"
-            " give a folder holding aal_SPM8/ (--nilearn-seed, or the Docker build context"
-            " 'nilearn_data')"
-        ) from None
-    maps = Path(aal.maps)
-    return {"path": str(maps), "sha256": sha256(maps), "labels": len(aal.labels)}
 
 
 def fetch_templateflow(home: Path, seed: Path | None, mode: str) -> dict:
@@ -146,6 +122,7 @@ def verify() -> dict:
     for kind in ("T1w", "GM", "WM", "CSF", "mask"):
         templates.load_template(kind)
     return {
+        "atlas_source": aal.source,
         "atlas_signature": aal.signature()["labels_digest"],
         "template_source": templates.template_source(),
     }
@@ -164,25 +141,20 @@ def make_readable(*roots: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nilearn-data", type=Path, required=True, help="NILEARN_DATA to fill")
     parser.add_argument("--templateflow-home", type=Path, required=True, help="TEMPLATEFLOW_HOME")
-    parser.add_argument("--nilearn-seed", type=Path, help="folder holding aal_SPM8/ to copy")
     parser.add_argument("--templateflow-seed", type=Path, help="a prefetched TemplateFlow home")
     parser.add_argument("--templateflow", choices=("auto", "yes", "no"), default="auto")
     parser.add_argument("--manifest", type=Path, help="write what was prefetched here (JSON)")
     parser.add_argument("--no-verify", action="store_true", help="skip the bids_siamfuse check")
     args = parser.parse_args(argv)
 
-    nilearn_data = args.nilearn_data.absolute()
-    nilearn_data.mkdir(parents=True, exist_ok=True)
-    os.environ["NILEARN_DATA"] = str(nilearn_data)
-    manifest = {"aal": fetch_aal(nilearn_data, args.nilearn_seed)}
+    manifest = {}
     manifest["templateflow"] = fetch_templateflow(
         args.templateflow_home.absolute(), args.templateflow_seed, args.templateflow
     )
     if not args.no_verify:
         manifest.update(verify())
-    make_readable(nilearn_data, args.templateflow_home.absolute())
+    make_readable(args.templateflow_home.absolute())
     text = json.dumps(manifest, indent=2, sort_keys=True)
     if args.manifest:
         args.manifest.parent.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,34 @@ def synth_derivs(tmp_path_factory) -> Path:
         raw=False,
         jobs=2,
     )
+
+
+@pytest.fixture(scope="session")
+def bids_validator():
+    """``check(folder)`` runs ``bids-validator-deno`` on a derivatives folder (its root) and
+    returns ``(exit code, {(code, severity)}, text)``; skips when the validator is absent."""
+    import json
+    import subprocess
+
+    from bids_siamfuse.bids import find_validator
+
+    exe = find_validator()
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
+
+    def check(folder: Path):
+        proc = subprocess.run(
+            [exe, str(folder), "--format", "json", "--ignoreNiftiHeaders"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        issues = json.loads(proc.stdout).get("issues", {}).get("issues", [])
+        found = {(i.get("code"), i.get("severity")) for i in issues}
+        errors = [
+            f"{i.get('code')} {i.get('location')}" for i in issues if i.get("severity") == "error"
+        ]
+        return proc.returncode, found, "\n".join(errors)
+
+    return check

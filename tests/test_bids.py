@@ -201,4 +201,5 @@ def test_dataset_description_concurrent(tmp_path):
     assert first["DatasetType"] == "derivative"
     assert first["GeneratedBy"][0]["Name"] == "bids_siamfuse"
     assert all(json.loads(t) == first for t in texts)
-    assert sorted(p.name for p in out.iterdir()) == ["dataset_description.json"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".bidsignore", "README.md", "dataset_description.json"]

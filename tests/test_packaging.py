@@ -70,9 +70,43 @@ def test_dockerfile_runtime_contract():
     assert 'ENTRYPOINT ["bids_siamfuse"]' in final
     user = re.findall(r"^USER\s+(\S+)", final, re.MULTILINE)
     assert user and not user[-1].startswith(("0", "root")), "the image must not run as root"
-    for variable in ("OMP_NUM_THREADS=1", "NILEARN_DATA=", "TEMPLATEFLOW_HOME=", "HOME=/tmp"):
+    for variable in ("OMP_NUM_THREADS=1", "TEMPLATEFLOW_HOME=", "HOME=/tmp"):
         assert variable in final, variable
     assert "TORCH_SPEC" in text and "PIP_FIND_LINKS" in text and "WITH_SPM" in text
+    # the AAL atlas ships in the package: no atlas seed, no NILEARN_DATA in the image
+    assert "NILEARN_DATA" not in text and "nilearn_data" not in text
+    # reproducible builds: dependencies installed at the pinned versions of constraints.txt
+    assert "pip install -c /src/constraints.txt" in text
+
+
+def test_constraints_pin_every_dependency():
+    """constraints.txt pins each dependency of pyproject.toml (torch: TORCH_SPEC) exactly."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in _read("constraints.txt").splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    deps = tomllib.loads(_read("pyproject.toml"))["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = req.name.lower().replace("_", "-")
+        if name == "torch":
+            continue
+        assert name in pins, name
+        assert req.specifier.contains(pins[name]), (name, pins[name])
+    assert "templateflow" not in " ".join(deps)  # never imported by the package
+    scratch = _read("singularity/from_scratch.def")
+    assert "-c /src/constraints.txt" in scratch
+
+
+def test_apptainer_runscript_prints_help_without_arguments():
+    for name in ("singularity/from_image.def", "singularity/from_scratch.def"):
+        text = _read(name)
+        runscript = text[text.index("%runscript") :].split("\n%")[0]
+        assert 'if [ "$#" -eq 0 ]; then exec bids_siamfuse --help; fi' in runscript, name
 
 
 def test_dockerignore_lets_every_copied_file_through():
@@ -194,20 +228,15 @@ def test_slurm_array_task_runs_its_participant(tmp_path):
 
 
 def test_prefetch_script_fills_an_offline_data_home(tmp_path):
-    seed = os.environ.get("NILEARN_DATA")
-    if not seed or not (Path(seed) / "aal_SPM8").is_dir():
-        pytest.skip("NILEARN_DATA with aal_SPM8 is needed (see tests/conftest.py)")
+    """No atlas to fetch (it ships in the package); templates skipped: nilearn's are used."""
     manifest = tmp_path / "prefetch.json"
+    env = {k: v for k, v in os.environ.items() if k != "NILEARN_DATA"}
     proc = subprocess.run(
         [
             sys.executable,
             str(SCRIPTS / "prefetch_data.py"),
-            "--nilearn-data",
-            str(tmp_path / "nilearn_data"),
             "--templateflow-home",
             str(tmp_path / "templateflow"),
-            "--nilearn-seed",
-            seed,
             "--templateflow",
             "no",
             "--manifest",
@@ -217,13 +246,12 @@ def test_prefetch_script_fills_an_offline_data_home(tmp_path):
         text=True,
         timeout=120,
         check=False,
-        env={**os.environ, "TEMPLATEFLOW_HOME": str(tmp_path / "unused")},
+        env={**env, "TEMPLATEFLOW_HOME": str(tmp_path / "unused")},
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(manifest.read_text())
-    assert data["aal"]["labels"] == 117  # Background + 116 regions
-    assert Path(data["aal"]["path"]).is_relative_to(tmp_path / "nilearn_data")
+    assert "bids_siamfuse/data/aal" in data["atlas_source"] and "aal" not in data
     assert data["template_source"].startswith("nilearn")
     assert (tmp_path / "templateflow" / "tpl-MNI152NLin2009aSym").is_dir()
-    mode = (tmp_path / "nilearn_data" / "aal_SPM8").stat().st_mode
+    mode = (tmp_path / "templateflow" / "tpl-MNI152NLin2009aSym").stat().st_mode
     assert mode & 0o005 == 0o005  # readable and searchable by any uid

@@ -161,3 +161,13 @@ def test_rerun_reuses_the_work_directory(first_run):
     assert code == 1
     assert {p: p.stat().st_mtime for p in results} == stamps  # not recomputed
     assert again < 0.6 * seconds
+
+
+def test_participant_output_is_valid_bids(first_run, bids_validator):
+    """bids-validator-deno accepts the participant output (warnings documented in
+    docs/outputs.md), including a failed subject's crash-file folder."""
+    _, out, _, _, _ = first_run
+    code, issues, errors = bids_validator(out)
+    assert code == 0, errors
+    assert {c for c, sev in issues if sev == "warning"} <= {"TOO_FEW_AUTHORS"}
+    assert (out / ".bidsignore").is_file() and (out / "README.md").is_file()

@@ -582,7 +582,7 @@ def test_parallel_jobs_share_an_output_folder(synth_raw, tmp_path):
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["GeneratedBy"][0]["Name"] == "bids_siamfuse"
     assert all(json.loads(t) == desc for t in texts)  # every job saw the same complete file
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".bidsignore"]
     for i in range(1, n + 1):
         src = {"subject": f"{i:03d}", "session": "01"}
         img = nb.load(bids.output_path(out, "gm_mni", src))
@@ -703,7 +703,7 @@ def test_participant_array_jobs_at_once(raw_ds, reference_run):
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["GeneratedBy"][0]["Name"] == "bids_siamfuse"
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".bidsignore"]
     assert derivative_digest(out, "001") == derivative_digest(ref_out, "001")
     two = derivative_digest(out, "002")
     assert any(k.endswith("_regions.npz") for k in two)

@@ -120,14 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bids_siamfuse {__version__}")
     _add_selection_args(parser)
     _add_performance_args(parser)
+    _add_subset_args(parser)
     _add_workflow_args(parser)
     _add_model_args(parser)
     _add_other_args(parser)
+    _add_nipreps_args(parser)
     return parser
 
 
 def _add_selection_args(parser):
-    g = parser.add_argument_group("Selecting the data")
+    g = parser.add_argument_group("Options for filtering BIDS queries")
     g.add_argument(
         "--participant-label",
         "--participant_label",
@@ -180,12 +182,22 @@ def _add_selection_args(parser):
         "--skip_bids_validation",
         dest="skip_bids_validation",
         action="store_true",
-        help="do not run the BIDS validator on the input",
+        help="do not run the BIDS validator on the input (by default it checks the top-level "
+        "files and the selected participants only)",
+    )
+    g.add_argument(
+        "--bids-database-dir",
+        "--bids_database_dir",
+        dest="bids_database_dir",
+        type=Path,
+        metavar="DIR",
+        help="reuse the pybids index saved in DIR, or save it there (share one across the "
+        "tasks of a SLURM array instead of indexing the dataset in each)",
     )
 
 
 def _add_performance_args(parser):
-    g = parser.add_argument_group("Resources")
+    g = parser.add_argument_group("Options to handle performance")
     g.add_argument(
         "--nprocs",
         "--nthreads",
@@ -232,8 +244,34 @@ def _add_performance_args(parser):
     )
 
 
+def _add_subset_args(parser):
+    g = parser.add_argument_group("Options for performing only a subset of the workflow")
+    g.add_argument(
+        "--boilerplate-only",
+        "--boilerplate_only",
+        dest="boilerplate_only",
+        action="store_true",
+        help="write the methods text (OUTPUT_DIR/logs/CITATION.md) of the workflow the flags "
+        "describe, then exit without processing anything",
+    )
+    g.add_argument(
+        "--reports-only",
+        "--reports_only",
+        dest="reports_only",
+        action="store_true",
+        help="rebuild the reports from existing derivatives, computing nothing",
+    )
+    g.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print what would be processed (and what is skipped, and why), then exit",
+    )
+
+
 def _add_workflow_args(parser):
-    g = parser.add_argument_group("Participant workflow")
+    g = parser.add_argument_group("Workflow configuration")
     g.add_argument(
         "--backend",
         choices=("ants", "spm"),
@@ -380,7 +418,10 @@ def _add_other_args(parser):
         "--work_dir",
         dest="work_dir",
         type=Path,
-        help="nipype working directory; reuse it to resume an interrupted run",
+        help="nipype working directory (default: ./work in the current folder, or a "
+        "bids_siamfuse_work folder under the temporary folder when the current one is not "
+        "writable; measured about 130 MB per PET/T1w pair with --sloppy, see README); reuse "
+        "it to resume an interrupted run, remove it afterwards or pass --clean-workdir",
     )
     g.add_argument(
         "--config-file",
@@ -396,18 +437,6 @@ def _add_other_args(parser):
         action="store_true",
         help="stop at the first failing subject instead of finishing the others",
     )
-    g.add_argument(
-        "--reports-only",
-        dest="reports_only",
-        action="store_true",
-        help="rebuild the reports from existing derivatives, computing nothing",
-    )
-    g.add_argument(
-        "--dry-run",
-        dest="dry_run",
-        action="store_true",
-        help="print what would be processed (and what is skipped, and why), then exit",
-    )
     g.add_argument("--random-seed", dest="random_seed", type=int, help="seed for everything")
     g.add_argument(
         "-v",
@@ -418,6 +447,51 @@ def _add_other_args(parser):
     )
     g.add_argument(
         "-q", "--quiet", dest="quiet", action="store_true", help="only warnings and errors"
+    )
+
+
+def _add_nipreps_args(parser):
+    """Flags NiPreps users (fMRIPrep/PETPrep) and their scripts pass, in fMRIPrep's groups."""
+    groups = {g.title: g for g in parser._action_groups}
+    g = groups["Other options"]
+    g.add_argument(
+        "--notrack",
+        dest="notrack",
+        action="store_true",
+        help="accepted for NiPreps scripts and ignored: bids_siamfuse never sends usage data",
+    )
+    g.add_argument(
+        "--clean-workdir",
+        "--clean_workdir",
+        dest="clean_workdir",
+        action="store_true",
+        help="after a successful run (exit 0), remove what this run put in the work directory "
+        "(and the directory itself when it is then empty); kept after a failure, to resume",
+    )
+    groups["Options to handle performance"].add_argument(
+        "--low-mem",
+        "--low_mem",
+        dest="low_mem",
+        action="store_true",
+        help="participant level: run at most one memory-heavy step (registration, "
+        "segmentation) at a time, the light ones still in parallel; lowers the peak memory, "
+        "lengthens the run",
+    )
+    g.add_argument(
+        "--write-graph",
+        "--write_graph",
+        dest="write_graph",
+        action="store_true",
+        help="write the participant workflow graph to OUTPUT_DIR/logs/workflow-<run>.dot "
+        "(Graphviz; also .svg when the dot program is installed)",
+    )
+    g.add_argument(
+        "--resource-monitor",
+        "--resource_monitor",
+        dest="resource_monitor",
+        action="store_true",
+        help="record each step's run time, CPU and memory to "
+        "OUTPUT_DIR/logs/resources-<run>.jsonl (nipype's resource monitor)",
     )
 
 

@@ -165,6 +165,26 @@ def prepare_output(settings) -> Path:
     return logs
 
 
+def check_output_writable(out: Path) -> None:
+    """Exit 73 at once when OUTPUT_DIR (or, when it does not exist yet, the folder it would be
+    created in) refuses a file; creates nothing. Docker's ``-v /data/out:/out`` with a
+    root-owned ``/data/out`` and the image's non-root user fails here, not after indexing."""
+    folder = Path(out).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CannotWriteError(f"cannot write to {out}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        hint = ""
+        if hasattr(os, "getuid"):
+            hint = f" (this process runs as uid {os.getuid()}; see README, Containers)"
+        raise CannotWriteError(f"cannot write to {out}: {exc.strerror or exc}{hint}") from None
+
+
 def resolve_work_dir(settings) -> Path:
     """``-w`` when given, else ``./work`` (fMRIPrep's default), else a temporary folder."""
     from ..safety import default_work_dir, make_work_dir
@@ -192,10 +212,12 @@ def plan_participants(settings):
     ex = settings.execution
     bids.check_bids_root(ex.bids_dir)
     if not ex.skip_bids_validation:
-        warnings = bids.validate_dataset(ex.bids_dir)
+        # the top-level files and the selected participants only: one array task per
+        # participant must not validate the whole dataset each time
+        warnings = bids.validate_dataset(ex.bids_dir, participants=ex.participant_label)
         if warnings:
             LOGGER.info("BIDS validator warnings: %s", ", ".join(warnings))
-    layout = bids.load_layout(ex.bids_dir)
+    layout = bids.load_layout(ex.bids_dir, ex.bids_database_dir)
     plan = bids.collect_pairs(
         layout,
         participant_label=ex.participant_label,
@@ -262,6 +284,9 @@ def run(settings) -> int:
 
     bids.check_bids_root(ex.bids_dir)
     check_paths(settings)
+    if not ex.dry_run:
+        # before validation and indexing: a root-owned /out in a container fails at once
+        check_output_writable(Path(ex.output_dir))
     if ex.reports_only:
         return rebuild_reports(settings)
     if ex.analysis_level == "participant" and settings.workflow.model_only:
@@ -305,6 +330,14 @@ def run(settings) -> int:
         if plan.invalid and ex.stop_on_first_crash:
             raise DataError(f"{plan.invalid[0][1]} (--stop-on-first-crash)")
         logs = prepare_output(settings)
+        from ..workflows.base import resolve_threads, run_participant
+
+        resolve_threads(ex)  # the TOML records the thread counts used, not 0 ("all")
+        if ex.boilerplate_only:
+            from ..workflows.base import write_boilerplate
+
+            settings.write(logs)
+            return write_boilerplate(settings, plan)
         resolve_work_dir(settings)
         settings.write(logs)
         bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
@@ -312,9 +345,11 @@ def run(settings) -> int:
             from ..external import link_derivatives
 
             link_derivatives(ex.output_dir, folders)
-        from ..workflows.base import run_participant
-
         code = run_participant(settings, plan)
+        if code == 0 and ex.clean_workdir:
+            from ..workflows.base import clean_work_dir
+
+            clean_work_dir(ex.work_dir, plan)
         if plan.invalid:
             sys.stderr.write(
                 f"bids_siamfuse: {len(plan.invalid)} pair(s) refused as unusable input: "
@@ -331,7 +366,10 @@ def run(settings) -> int:
         print(group_plan.describe())
         return 0
     logs = prepare_output(settings)
+    ex.nprocs = ex.nprocs or os.cpu_count() or 1  # the TOML records what was used, not 0
+    ex.omp_nthreads = ex.omp_nthreads or getattr(group_plan, "threads", None) or 0
     settings.write(logs)
+    bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
     return run_group(settings, group_plan)
 
 

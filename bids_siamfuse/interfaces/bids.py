@@ -59,6 +59,7 @@ class DerivativesDataSink(_NiworkflowsSink):
     def _run_interface(self, runtime):
         key = self.inputs.output_key
         meta = dict(self.inputs.meta_dict) if isdefined(self.inputs.meta_dict) else None
+        meta = bids.output_meta(key, meta)  # with the key's fixed fields, as save_output writes
         dtype = np.dtype(self.inputs.data_dtype) if isdefined(self.inputs.data_dtype) else None
         ext = bids.OUTPUTS[key]["extension"]
         target = bids.output_path(self.inputs.base_directory, key, self.inputs.source_entities)

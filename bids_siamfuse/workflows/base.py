@@ -12,10 +12,13 @@ failed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import re
+import shutil
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
 from ..errors import EXIT_FAILURE, EXIT_OK, UsageError
+from ..progress import Callbacks, Progress, ResourceLog, pair_groups, run_summary
 
 LOGGER = logging.getLogger("bids_siamfuse.participant")
 
@@ -216,6 +220,12 @@ def _threads(ex) -> tuple[int, int]:
     return nprocs, omp
 
 
+def resolve_threads(ex) -> tuple[int, int]:
+    """Fill ``--nprocs``/``--omp-nthreads`` with the values the run will use (0 = default)."""
+    ex.nprocs, ex.omp_nthreads = _threads(ex)
+    return ex.nprocs, ex.omp_nthreads
+
+
 def _device(name: str) -> str:
     if name != "auto":
         return name
@@ -264,7 +274,8 @@ def run_participant(settings, plan) -> int:
                 "check_version": False,
                 "parameterize_dirs": False,
             },
-            "monitoring": {"enabled": False},
+            # --resource-monitor: nipype's sampler (needs psutil; without it only times)
+            "monitoring": {"enabled": bool(ex.resource_monitor), "sample_frequency": "1"},
         }
     )
     _route_nipype_logs()
@@ -298,6 +309,11 @@ def run_participant(settings, plan) -> int:
     if ex.mem_mb:
         plugin_args["memory_gb"] = ex.mem_mb / 1024.0
     plugin = "MultiProc" if nprocs > 1 else "Linear"
+    plugin_args.update(low_mem_args(ex, workflow))
+    if ex.write_graph:
+        write_workflow_graph(workflow, output_dir / "logs", ex.run_uuid)
+    callbacks = run_callbacks(ex, workflow, plan, output_dir)
+    plugin_args["status_callback"] = callbacks
     runner = _guarded_runner(plugin, plugin_args, plan)  # see bids_siamfuse/engine.py
     LOGGER.info(
         "participant workflow: %d pair(s), backend %s%s, %d process(es) x %d thread(s); "
@@ -314,6 +330,7 @@ def run_participant(settings, plan) -> int:
     gc.collect()
     gc.freeze()
     error = None
+    started = time.time()
     try:
         workflow.run(plugin=runner)
     except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError and others
@@ -322,6 +339,9 @@ def run_participant(settings, plan) -> int:
         error = exc
     finally:
         gc.unfreeze()
+        for callback in callbacks.callbacks:
+            with contextlib.suppress(Exception):
+                callback.close()
     status = pair_status(plan, output_dir, ex.run_uuid, error)
     _mark_interrupted(status, error)
     _write_status(status, output_dir, ex.run_uuid)
@@ -333,6 +353,10 @@ def run_participant(settings, plan) -> int:
         workflow=workflow,
     )
     failed = [s for s in status if s["status"] not in ("ok", "refused")]  # refused: exit 65
+    LOGGER.info(
+        "%s",
+        run_summary(status, started=started, output_dir=output_dir, work_dir=work_dir),
+    )
     for row in status:
         if row["status"] == "ok":
             LOGGER.info("%s: done", row["pair"])
@@ -366,7 +390,10 @@ def _guarded_runner(plugin: str, plugin_args: dict, plan):
     tree = branches(plan, anat_name=_anat_name, pet_name=_pet_name, safe=_safe)
     if plugin == "MultiProc":
         return GuardedMultiProc(plugin_args={**plugin_args, "branches": tree})
-    return GuardedLinear(plugin_args={"branches": tree})
+    linear_args = {"branches": tree}
+    if "status_callback" in plugin_args:  # progress lines and the resource log (--low-mem etc.)
+        linear_args["status_callback"] = plugin_args["status_callback"]
+    return GuardedLinear(plugin_args=linear_args)
 
 
 def _mark_interrupted(status: list[dict], error) -> None:
@@ -386,6 +413,135 @@ def _raise_fatal(error) -> None:
         return
     if not isinstance(error, Exception) or isinstance(error, (CannotWriteError, UsageError)):
         raise error
+
+
+# ----------------------------------------------------------------------------------------------
+# NiPreps flags: --low-mem, --write-graph, --resource-monitor, --boilerplate-only,
+# --clean-workdir (see cli/parser.py for what each promises)
+# ----------------------------------------------------------------------------------------------
+
+#: --low-mem: memory for light steps beside the heaviest one (GB)
+LOW_MEM_MARGIN_GB = 0.5
+
+
+def low_mem_args(ex, workflow) -> dict:
+    """MultiProc arguments for ``--low-mem``: a memory budget of the heaviest step's estimate
+    plus :data:`LOW_MEM_MARGIN_GB` (below ``--mem-mb`` when given), so the heavy steps
+    (registration, segmentation: 1.5-3 GB declared) run one at a time; {} without the flag."""
+    if not ex.low_mem:
+        return {}
+    heaviest = max((float(n.mem_gb) for n in workflow._get_all_nodes()), default=1.0)
+    budget = heaviest + LOW_MEM_MARGIN_GB
+    if ex.mem_mb:
+        budget = min(budget, ex.mem_mb / 1024.0)
+    return {"memory_gb": budget}
+
+
+def write_workflow_graph(workflow, logs_dir: Path, run_uuid: str) -> list[Path]:
+    """``--write-graph``: ``logs/workflow-<run>.dot`` (and ``.svg`` when Graphviz' ``dot`` is
+    installed); never fatal."""
+    import networkx as nx
+
+    logs_dir = Path(logs_dir)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    dot = logs_dir / f"workflow-{run_uuid}.dot"
+    written = []
+    try:
+        graph = workflow._create_flat_graph()
+        lines = ["digraph bids_siamfuse_wf {", "  rankdir=LR;"]
+        names = {node: f"{node._hierarchy}.{node.name}" for node in graph.nodes()}
+        lines += [f'  "{names[node]}";' for node in nx.topological_sort(graph)]
+        lines += [f'  "{names[a]}" -> "{names[b]}";' for a, b in graph.edges()]
+        lines.append("}")
+        from ..bids import atomic_path
+
+        with atomic_path(dot) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        written.append(dot)
+        if shutil.which("dot"):
+            import subprocess
+
+            svg = dot.with_suffix(".svg")
+            subprocess.run(["dot", "-Tsvg", str(dot), "-o", str(svg)], check=True, timeout=300)
+            written.append(svg)
+    except Exception as exc:  # noqa: BLE001 - the graph is a convenience
+        LOGGER.warning("workflow graph not written: %s", exc)
+    for path in written:
+        LOGGER.info("workflow graph: %s", path)
+    return written
+
+
+def run_callbacks(ex, workflow, plan, output_dir: Path) -> Callbacks:
+    """The status callbacks of a run: progress lines, and the resource log when asked."""
+    groups = pair_groups(
+        workflow,
+        plan,
+        subject_name=lambda s: f"single_subject_{_safe(s)}_wf",
+        anat_name=_anat_name,
+        pet_name=_pet_name,
+    )
+    progress = Progress(groups) if ex.verbosity >= 0 else None
+    resources = None
+    if ex.resource_monitor:
+        path = Path(output_dir) / "logs" / f"resources-{ex.run_uuid}.jsonl"
+        resources = ResourceLog(path)
+        LOGGER.info("resource monitor: one line per step in %s", path)
+    return Callbacks(progress, resources)
+
+
+def write_boilerplate(settings, plan) -> int:
+    """``--boilerplate-only``: build the participant workflow the flags describe and write its
+    methods text to ``OUT/logs/CITATION.md`` (and ``.html``); nothing runs."""
+    from ..reports.boilerplate import participant_text, write_citation
+
+    ex, wf = settings.execution, settings.workflow
+    spm = None
+    if wf.backend == "spm":
+        from ..preproc.spm import find_spm
+
+        spm = find_spm(wf.spm_cmd)
+    output_dir = Path(ex.output_dir).absolute()
+    workflow = init_bids_siamfuse_wf(
+        plan=plan,
+        output_dir=output_dir,
+        work_dir=Path(ex.work_dir or output_dir / "logs").absolute(),
+        bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
+        run_uuid=ex.run_uuid,
+        backend=wf.backend,
+        sloppy=wf.sloppy,
+        pet_ref_region=wf.pet_ref_region,
+        omp_nthreads=_threads(ex)[1],
+        seed=ex.random_seed,
+        spm=spm,
+        model=wf.model,
+        device="cpu",
+    )
+    paths = write_citation(output_dir / "logs", "participant", participant_text(workflow))
+    LOGGER.info("methods text written to %s", ", ".join(str(p) for p in paths))
+    return EXIT_OK
+
+
+def clean_work_dir(work_dir: Path, plan) -> list[Path]:
+    """``--clean-workdir`` after a successful run: remove this run's subject folders from the
+    work directory (other array tasks' folders stay), then the folders left empty."""
+    work_dir = Path(work_dir)
+    top = work_dir / "bids_siamfuse_wf"
+    removed = []
+    for subject in sorted({p.subject for p in plan.pairs}):
+        folder = top / f"single_subject_{_safe(subject)}_wf"
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    # nipype's own files at the top (d3.js, graph*.json, index.html) go with the last subject
+    with contextlib.suppress(OSError):
+        if top.is_dir() and not any(p.is_dir() for p in top.iterdir()):
+            shutil.rmtree(top)
+            removed.append(top)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # only when empty: another task's or the user's files stay
+        removed.append(work_dir)
+    LOGGER.info("--clean-workdir: removed %s", ", ".join(str(p) for p in removed) or "nothing")
+    return removed
 
 
 def write_participant_reports(output_dir: Path, subjects, *, bids_dir=None, workflow=None):
