@@ -84,7 +84,8 @@ def _json(path: Path, data):
 
 
 def _raw(root: Path, subjects):
-    """A raw BIDS dataset in Clinica's naming (ses-M000, trc-18FFDG): small images.
+    """A raw BIDS dataset in Clinica's naming (ses-M000, trc-18FFDG): small images, just above
+    header screening's minimum shapes (T1w 32 voxels / 100 mm, PET 16 voxels / 60 mm per axis).
 
     sub-01's PET sidecar lacks the frame timing (header screening refuses such a pair): with
     -d the raw images are not read, so the pair is processed from its CAPS maps anyway."""
@@ -92,12 +93,12 @@ def _raw(root: Path, subjects):
     rows = ["participant_id\tdiagnosis"] + [f"sub-{s}\tCN" for s in subjects]
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     rng = np.random.default_rng(0)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
     for sub in subjects:
         ses = root / f"sub-{sub}" / "ses-M000"
-        _save(ses / "anat" / f"sub-{sub}_ses-M000_T1w.nii.gz", rng.random((12, 12, 12)), affine)
+        _save(ses / "anat" / f"sub-{sub}_ses-M000_T1w.nii.gz", rng.random((32, 32, 32)), affine)
         pet = ses / "pet" / f"sub-{sub}_ses-M000_trc-{TRACER}_pet.nii.gz"
-        _save(pet, rng.random((10, 10, 10)) + 0.5, affine)
+        _save(pet, rng.random((16, 16, 16)) + 0.5, affine)
         _json(
             pet.with_name(pet.name.replace(".nii.gz", ".json")),
             {
