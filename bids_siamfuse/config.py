@@ -89,6 +89,8 @@ class ModelSettings:
     permutation_tests: int = 0
     gpus: int = 0
     cpu_workers: int = 1
+    # sessions flagged by participant quality control (preproc/qc.py) are left out unless set
+    include_flagged: bool = False
 
 
 SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_performance_args(parser)
     _add_workflow_args(parser)
     _add_model_args(parser)
+    _add_qc_args(parser)
     _add_other_args(parser)
     return parser
 
@@ -323,6 +324,19 @@ def _add_model_args(parser):
         dest="permutation_tests",
         type=_nonnegative_int,
         help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
+    )
+
+
+def _add_qc_args(parser):
+    # issue 17: separate function so the model-argument group above stays as it was
+    g = parser.add_argument_group("Quality control")
+    g.add_argument(
+        "--include-flagged",
+        "--include_flagged",
+        dest="include_flagged",
+        action="store_true",
+        help="group level: keep sessions flagged by participant quality control (left out by "
+        "default; the report counts them)",
     )
 
 

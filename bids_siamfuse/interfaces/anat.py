@@ -237,3 +237,54 @@ class GridNormalization(SimpleInterface):
                 handle,
             )
         return runtime
+
+
+class _AnatQCInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the T1w as in the dataset (voxel size)")
+    t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    brain_mask = File(exists=True, mandatory=True)
+    gm = File(exists=True, mandatory=True, desc="GM fraction (T1w space)")
+    wm = File(exists=True, mandatory=True)
+    csf = File(exists=True, mandatory=True)
+    tissue_means = traits.Dict(desc="Atropos class means (TissueSegmentation)")
+    affine_correlation = traits.Float(desc="template/T1w correlation after the affine")
+    gm_mni = File(exists=True, desc="GM on the grid (wc1)")
+    t1w_mni = File(exists=True, desc="T1w on the grid")
+
+
+class _AnatQCOutputSpec(TraitedSpec):
+    metrics = traits.Dict(desc="T1w quality metrics (preproc/qc.py)")
+
+
+class AnatQC(SimpleInterface):
+    """T1w quality metrics: SNR/CNR, segmentation contrast, tissue fractions, template fits."""
+
+    input_spec = _AnatQCInputSpec
+    output_spec = _AnatQCOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nb
+
+        from ..preproc import qc
+
+        def data(path):
+            return np.asanyarray(nb.load(path).dataobj, dtype=np.float32)
+
+        raw = nb.load(self.inputs.in_file)
+        metrics = qc.anat_metrics(
+            zooms=raw.header.get_zooms()[:3],
+            t1w=data(self.inputs.t1w),
+            brain_mask=data(self.inputs.brain_mask) > 0,
+            gm=data(self.inputs.gm),
+            wm=data(self.inputs.wm),
+            csf=data(self.inputs.csf),
+            means=dict(self.inputs.tissue_means or {}),
+            affine_correlation=self.inputs.affine_correlation,
+            gm_grid=data(self.inputs.gm_mni) if self.inputs.gm_mni else None,
+            t1w_grid=data(self.inputs.t1w_mni) if self.inputs.t1w_mni else None,
+        )
+        self._results["metrics"] = {
+            k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+            for k, v in metrics.items()
+        }
+        return runtime

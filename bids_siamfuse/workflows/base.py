@@ -7,7 +7,8 @@ node from ``--omp-nthreads``, the work directory caching finished nodes so a rer
 reports per pair whether it completed. A failing subject does not stop the others (unless
 ``--stop-on-first-crash``); nipype's crash files go to ``OUT/sub-<label>/log/<run_uuid>/``, a
 summary table to ``OUT/logs/participant-<run_uuid>.tsv``, and the exit code is 1 when any pair
-failed.
+failed. A pair that completed but whose quality metrics fall outside their reference ranges
+(``preproc/qc.py``) is ``flagged`` there, with the reasons; that does not fail the run.
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ session or, without one, of the nearest session in time.
             name=_pet_name(pair),
         )
         fields = ["t1w_preproc", "brain_mask", "wm", "gm_mni_modulated"]
-        fields += ["positions"] if backend == "ants" else ["spm_deformation"]
+        if backend == "ants":
+            fields += ["positions", "anat_qc", "gm_mni"]
+        else:
+            fields += ["spm_deformation"]
         workflow.connect(
             [(anat_wf, pet_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])]
         )
@@ -298,10 +302,12 @@ def run_participant(settings, plan) -> int:
         bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
         workflow=workflow,
     )
-    failed = [s for s in status if s["status"] != "ok"]
+    failed = [s for s in status if s["status"] not in ("ok", "flagged")]
     for row in status:
         if row["status"] == "ok":
             LOGGER.info("%s: done", row["pair"])
+        elif row["status"] == "flagged":
+            LOGGER.warning("%s: done, flagged by quality control: %s", row["pair"], row["message"])
         else:
             LOGGER.error(
                 "%s: %s%s%s",
@@ -404,6 +410,9 @@ def pair_status(plan, output_dir: Path, run_uuid: str, error) -> list[dict]:
             status, node, message, crash = "incomplete", "", "no region file written", ""
         else:
             status, node, message, crash = "ok", "", "", ""
+        qc_state = _qc_state(output_dir, pair) if status == "ok" else None
+        if qc_state is not None and qc_state[0]:
+            status, message = "flagged", "; ".join(qc_state[1])
         rows.append(
             {
                 "pair": pair.key,
@@ -414,9 +423,21 @@ def pair_status(plan, output_dir: Path, run_uuid: str, error) -> list[dict]:
                 "node": node,
                 "message": message,
                 "crash_file": crash,
+                "qc": "n/a" if qc_state is None else ("flagged" if qc_state[0] else "pass"),
             }
         )
     return rows
+
+
+def _qc_state(output_dir: Path, pair):
+    """(flagged, reasons) from the session's QC table (``preproc/qc.py``); None without one.
+
+    A flagged session completed: its derivatives exist, the run's exit code stays 0, the
+    group level leaves it out unless ``--include-flagged``.
+    """
+    from ..preproc.qc import qc_path, read_qc
+
+    return read_qc(qc_path(output_dir, pair.source_entities))
 
 
 def _write_status(rows: list[dict], output_dir: Path, run_uuid: str) -> None:

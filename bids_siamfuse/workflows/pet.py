@@ -20,6 +20,8 @@ INPUT_FIELDS = [
     "gm_mni_modulated",
     "positions",
     "spm_deformation",
+    "anat_qc",
+    "gm_mni",
 ]
 
 
@@ -87,7 +89,7 @@ def init_pet_preproc_wf(
     Inputs (``inputnode``) come from the anatomical workflow: ``t1w_preproc, brain_mask, wm,
     gm_mni_modulated, positions`` (``ants``) or ``spm_deformation`` (``spm``).
     """
-    from ..interfaces.pet import PETCoregister, PETReference, PETToGrid
+    from ..interfaces.pet import PETCoregister, PETReference, PETToGrid, SessionQC
     from ..preproc import sidecars
     from ..preproc.registration import registration_settings
     from .regions import init_regions_wf
@@ -161,6 +163,17 @@ intensity-normalized: {norm_text}."""
         ])
         # fmt: on
         xfm_node, xfm_field = coreg, "itk_file"
+        # quality metrics of the session and its flag (preproc/qc.py, docs/preprocessing.md)
+        session_qc = pe.Node(SessionQC(), name="session_qc", mem_gb=1.0)
+        ds_qc = sink("ds_qc", "qc", source, output_dir)
+        # fmt: off
+        workflow.connect([
+            (inputnode, session_qc, [("anat_qc", "anat_metrics"), ("gm_mni", "gm_mni")]),
+            (reference, session_qc, [("motion_table", "motion_table")]),
+            (to_grid, session_qc, [("coverage", "coverage"), ("out_file", "pet_mni")]),
+            (session_qc, ds_qc, [("out_file", "in_file"), ("meta", "meta_dict")]),
+        ])
+        # fmt: on
     else:
         from .spm import init_pet_spm_nodes
 
