@@ -198,7 +198,9 @@ def test_pet_gm_correlation_detects_misregistration():
 
 def _write_qc(out, source, metrics):
     rows = qc.evaluate(metrics)
-    bids.save_output(out, "qc", qc.qc_table(rows), source=source, meta=qc.sidecar(qc.reasons(rows)))
+    bids.save_output(
+        out, "qc", qc.qc_table(rows), source=source, meta=qc.sidecar(qc.reasons(rows))
+    )
 
 
 def test_flag_reaches_the_status_table(tmp_path):
