@@ -408,10 +408,52 @@ def test_participant_boilerplate_from_workflow(synth_raw, tmp_path):
     )
     text = participant_text(wf)
     assert "[@nipype1]" in text and "[@aal]" in text
-    first = plan.pairs[0]
-    assert Path(first.pet).name in text  # one subject's text, with its file names
-    others = [p for p in plan.pairs if p.subject != first.subject]
-    assert all(Path(p.pet).name not in text for p in others)
+    # dataset-wide: no file of any subject, static and dynamic PET both described
+    assert all(Path(p.pet).name not in text and Path(p.t1w).name not in text for p in plan.pairs)
+    assert "dynamic (4-D) PET" in text and "is static" not in text
+
+
+def test_methods_text_aggregates_the_dataset(tmp_path):
+    """Issue 17: logs/CITATION.md described only the last run's subject ("the PET is static"
+    after a static subject although others were dynamic). It now counts every session on
+    disk; the run's own files go to logs/participant-<run>_methods.md."""
+    from types import SimpleNamespace
+
+    import nibabel as nb
+    from niworkflows.engine.workflows import LiterateWorkflow
+
+    from bids_siamfuse import bids
+    from bids_siamfuse.workflows.base import write_participant_reports
+
+    out = tmp_path / "out"
+    sessions = [("01", "01", 4), ("01", "02", 1), ("02", "01", 1)]
+    for sub, ses, frames in sessions:
+        anat, pet = {"subject": sub, "session": ses}, {"subject": sub, "session": ses}
+        pet["tracer"] = "FDG"
+        img = nb.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+        bids.save_output(out, "pet_ref", img, source=pet, meta={"FramesAveraged": frames})
+        bids.save_output(out, "t1w_preproc", img, source=anat, meta={})
+    top = LiterateWorkflow("top")
+    single = LiterateWorkflow("single_subject_02_wf")
+    single.__desc__ = "Each PET series was processed [@nipype1]."
+    top.add_nodes([single])
+    pair = bids.SessionPair(
+        "02",
+        "01",
+        Path("sub-02_ses-01_trc-FDG_pet.nii.gz"),
+        Path("sub-02_ses-01_T1w.nii.gz"),
+        "01",
+        pet_entities={"tracer": "FDG"},
+    )
+    write_participant_reports(
+        out, [], workflow=top, plan=SimpleNamespace(pairs=[pair]), run_uuid="r1"
+    )
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "3 T1w image(s) and 3 PET series of 2 subject(s) (3 session(s))" in citation
+    assert "1 PET series was dynamic and 2 static" in citation
+    assert "sub-02_ses-01" not in citation
+    run_log = (out / "logs" / "participant-r1_methods.md").read_text()
+    assert "sub-02_ses-01_trc-FDG_pet.nii.gz" in run_log and "(static)" in run_log
 
 
 # ----------------------------------------------------------------------------------------------

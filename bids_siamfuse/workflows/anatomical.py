@@ -128,7 +128,7 @@ def init_anat_preproc_wf(
     syn = settings.syn_stages[0]
     workflow = Workflow(name=name)
     workflow.__desc__ = f"""\
-The T1-weighted image ({Path(t1w).name}) was processed with ANTs through antspyx
+Each T1-weighted (T1w) image was processed with ANTs through antspyx
 {versions["antspyx"]} (called in-process). A head mask was found with Otsu's threshold and
 the position of the brain estimated from the top of the head; the image was corrected for
 intensity non-uniformity with N4 [@n4] (B-spline distance 100 mm, at 4 mm). It was then

@@ -301,6 +301,8 @@ def run_participant(settings, plan) -> int:
         sorted({p.subject for p in plan.pairs}),
         bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
         workflow=workflow,
+        plan=plan,
+        run_uuid=ex.run_uuid,
     )
     failed = [s for s in status if s["status"] not in ("ok", "flagged")]
     for row in status:
@@ -331,17 +333,31 @@ def run_participant(settings, plan) -> int:
     return EXIT_OK
 
 
-def write_participant_reports(output_dir: Path, subjects, *, bids_dir=None, workflow=None):
+def write_participant_reports(
+    output_dir: Path, subjects, *, bids_dir=None, workflow=None, plan=None, run_uuid=""
+):
     """Methods boilerplate (from ``workflow``) and ``OUT/sub-<label>.html`` per subject.
 
-    Runs after every run, crashed or not (the reports show what finished); never fatal.
+    ``logs/CITATION.md`` describes the whole dataset (counts from the derivatives on disk, the
+    methods of the workflows, which name no file); this run's files go to
+    ``logs/participant-<run_uuid>_methods.md``. Runs after every run, crashed or not (the
+    reports show what finished); never fatal.
     """
-    from ..reports.boilerplate import participant_text, write_citation
+    from ..bids import atomic_path
+    from ..reports.boilerplate import dataset_text, participant_text, run_details, write_citation
     from ..reports.participant import build_participant_reports
 
     if workflow is not None:
         try:
-            write_citation(Path(output_dir) / "logs", "participant", participant_text(workflow))
+            text = participant_text(workflow)
+            summary = dataset_text(output_dir)
+            write_citation(
+                Path(output_dir) / "logs", "participant", (summary + "\n" + text).lstrip()
+            )
+            if plan is not None and run_uuid:
+                path = Path(output_dir) / "logs" / f"participant-{run_uuid}_methods.md"
+                with atomic_path(path) as tmp:
+                    tmp.write_text(run_details(plan, run_uuid) + "\n" + text, encoding="utf-8")
         except Exception as exc:  # noqa: BLE001 - reports never change the exit code
             LOGGER.warning("methods boilerplate not written: %s", exc)
     return build_participant_reports(output_dir, subjects, bids_dir=bids_dir)

@@ -115,15 +115,14 @@ def init_pet_preproc_wf(
         n_procs=omp_nthreads,
         mem_gb=1.0,
     )
-    frames = pet_meta.get("FrameDuration")
-    dynamic = isinstance(frames, list) and len(frames) > 1
+    # dataset-wide wording (issue 17): the methods text covers every session of the dataset,
+    # static and dynamic alike; which PET was which is in the run's log (and the counts in the
+    # dataset summary of logs/CITATION.md, reports/boilerplate.dataset_text)
     realign_text = (
-        "Its frames were realigned rigidly (Mattes mutual information, two passes to the "
-        "duration-weighted mean, as SPM's register-to-mean) and averaged weighted by their "
-        "duration into a reference image. "
-        if dynamic
-        else "A 4-D series would be realigned frame to frame and averaged weighted by frame "
-        "duration; this PET is static and served as its own reference. "
+        "The frames of dynamic (4-D) PET series were realigned rigidly (Mattes mutual "
+        "information, two passes to the duration-weighted mean, as SPM's register-to-mean) "
+        "and averaged weighted by their duration into a reference image; a static PET served "
+        "as its own reference. "
     )
     norm_text = (
         "divided by the mean of the 0.1% brightest voxels within the template brain mask, and "
@@ -135,7 +134,7 @@ def init_pet_preproc_wf(
     method = "ANTs (antspyx) rigid + T1w transforms" if backend == "ants" else "SPM12"
     if backend == "ants":
         workflow.__desc__ = f"""\
-The PET series ({Path(pet).name}) was processed as follows. {realign_text}The reference was
+Each PET series was processed as follows. {realign_text}The reference was
 registered to the T1w with a rigid transform ({settings.pet_stages[0].describe()}),
 initialized by matching the centres of mass of the bright PET voxels and the T1w brain mask.
 The PET was then resampled onto the 121x145x121, 1.5 mm MNI grid in a single interpolation
@@ -178,7 +177,7 @@ intensity-normalized: {norm_text}."""
         from .spm import init_pet_spm_nodes
 
         workflow.__desc__ = f"""\
-The PET series ({Path(pet).name}) was processed as follows. {realign_text}The reference was
+Each PET series was processed as follows. {realign_text}The reference was
 coregistered to the bias-corrected T1w with SPM12's Coregister (normalized mutual information)
 and written onto the 121x145x121, 1.5 mm MNI grid through the T1w's SPM12 deformation field
 (Normalise: Write, 4th-degree B-spline), then intensity-normalized: {norm_text}."""
