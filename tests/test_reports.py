@@ -669,3 +669,50 @@ def test_crashed_participant_run_still_reports(tmp_path, monkeypatch):
     html = (out / "sub-01.html").read_text()
     assert "incomplete" in html and "a node crashed" in html
     assert html.count('class="reportlet"') == 6  # what finished is shown
+
+
+def test_aal_outlines_are_thin_and_in_plane():
+    """Issue 17: the AAL figure was mostly solid colour (3-D, two-sided boundaries)."""
+    from bids_siamfuse.data.atlas import load_atlas
+    from bids_siamfuse.reports.reportlets import (
+        in_plane_boundaries,
+        label_boundaries,
+        upsample_labels,
+    )
+
+    labels = np.asarray(load_atlas().labels)
+    brain = labels > 0
+    old = np.zeros_like(brain)  # the former rule: any of six neighbours differs
+    for axis in range(3):
+        for shift in (1, -1):
+            old |= labels != np.roll(labels, shift, axis=axis)
+    old &= brain
+    k = labels.shape[2] // 2
+    old_share = old[:, :, k].sum() / brain[:, :, k].sum()  # 0.46: mostly colour
+    fine, _ = upsample_labels(labels, np.eye(4))
+    z = in_plane_boundaries(fine)["z"][:, :, 2 * k]
+    share = z.sum() / (fine[:, :, 2 * k] > 0).sum()  # 0.14 measured
+    assert 0.05 < share < 0.4 * old_share
+    # a two-region toy: the boundary is one voxel wide in the plane
+    toy = np.zeros((6, 6, 3), int)
+    toy[:3], toy[3:] = 1, 2
+    assert label_boundaries(toy, axes=(0, 1))[:, 2, 1].tolist() == [0, 0, 1, 0, 0, 1]
+
+
+def test_report_slices_run_the_same_way_for_any_storage_order(tmp_path):
+    """Issue 17: one session's panels ran top-down, the next bottom-up (LPS vs RAS T1w)."""
+    import nibabel as nb
+    from niworkflows.viz.utils import cuts_from_bbox
+
+    from bids_siamfuse.reports.reportlets import _float
+
+    data = np.zeros((20, 24, 18), np.float32)
+    data[4:16, 5:20, 3:15] = 1
+    ras = nb.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    flipped_aff = ras.affine @ np.array(
+        [[-1, 0, 0, 19], [0, -1, 0, 23], [0, 0, -1, 17], [0, 0, 0, 1]], float
+    )
+    lps = nb.Nifti1Image(data[::-1, ::-1, ::-1].copy(), flipped_aff)
+    a, b = cuts_from_bbox(_float(ras), cuts=7), cuts_from_bbox(_float(lps), cuts=7)
+    for mode in "xyz":
+        assert a[mode] == sorted(a[mode]) and np.allclose(a[mode], b[mode])
