@@ -283,3 +283,26 @@ def test_qc_table_layout():
         "x": "info",
     }
     assert isinstance(table, pd.DataFrame)
+
+
+def test_session_qc_node_keeps_every_warning(tmp_path):
+    """Warnings logged by the ANTs nodes and the PET notes reach the QC sidecar (and report)."""
+    import logging
+
+    from bids_siamfuse.interfaces.anat import _Collector
+    from bids_siamfuse.interfaces.pet import SessionQC
+
+    with _Collector() as messages:
+        logging.getLogger("bids_siamfuse.anat").warning("affine fit to the template is poor")
+        logging.getLogger("bids_siamfuse.anat").info("not a warning")
+    assert messages == ["anat: affine fit to the template is poor"]
+    node = SessionQC(
+        anat_metrics={"t1w_voxel_max_mm": 3.0, "_warnings": messages},
+        pet_notes=["FrameDuration lists 0 value(s) for 4 frames: frames weighted equally"],
+    )
+    result = node.run(cwd=str(tmp_path))
+    meta = result.outputs.meta
+    assert meta["Warnings"] == messages + node.inputs.pet_notes
+    assert result.outputs.flagged and "thick slices" in result.outputs.reasons[0]
+    table = pd.read_csv(result.outputs.out_file, sep="\t")
+    assert "_warnings" not in set(table.metric)

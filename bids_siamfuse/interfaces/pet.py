@@ -177,6 +177,7 @@ class _SessionQCInputSpec(BaseInterfaceInputSpec):
     motion_table = File(exists=True, desc="per-frame motion (PETReference)")
     pet_mni = File(exists=True, desc="normalized PET on the grid")
     gm_mni = File(exists=True, desc="GM on the grid")
+    pet_notes = traits.List(Str, desc="notes of the PET reference node (frame timing)")
 
 
 class _SessionQCOutputSpec(TraitedSpec):
@@ -200,6 +201,7 @@ class SessionQC(SimpleInterface):
         from ..preproc import qc
 
         metrics = dict(self.inputs.anat_metrics or {})
+        warnings = list(metrics.pop("_warnings", []) or []) + list(self.inputs.pet_notes or [])
         motion = None
         if self.inputs.motion_table:
             motion = pd.read_csv(self.inputs.motion_table, sep="\t", na_values=["n/a"])
@@ -216,5 +218,5 @@ class SessionQC(SimpleInterface):
         self._results["out_file"] = path
         self._results["flagged"] = bool(why)
         self._results["reasons"] = why
-        self._results["meta"] = qc.sidecar(why)
+        self._results["meta"] = {**qc.sidecar(why), "Warnings": warnings}
         return runtime

@@ -240,6 +240,11 @@ def _qc_section(pet_dir: Path) -> list[dict]:
                 )
         except Exception as exc:  # noqa: BLE001 - show what is broken, keep the report
             entry["error"] = f"{path.name}: {exc}"
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            entry["warnings"] = list(meta.get("Warnings", []) or [])
+        except (OSError, ValueError):
+            entry["warnings"] = []
         prefix = path.name[: -len("_desc-qc_stats.tsv")]
         motion = pet_dir / f"{prefix}_desc-realign_motion.tsv"
         if motion.is_file():

@@ -179,9 +179,11 @@ region analysis.""" + (" Fast, low-accuracy settings (`--sloppy`) were used." if
     workflow.connect([
         (inputnode, anat_qc, [("t1w", "in_file")]),
         (bias, anat_qc, [("out_file", "t1w")]),
-        (register, anat_qc, [("affine_correlation", "affine_correlation")]),
+        (register, anat_qc, [("affine_correlation", "affine_correlation"),
+                             ("warnings", "reg_warnings")]),
         (segment, anat_qc, [("brain_mask", "brain_mask"), ("gm", "gm"), ("wm", "wm"),
-                            ("csf", "csf"), ("tissue_means", "tissue_means")]),
+                            ("csf", "csf"), ("tissue_means", "tissue_means"),
+                            ("warnings", "seg_warnings")]),
         (grid, anat_qc, [("gm_mni", "gm_mni"), ("t1w_mni", "t1w_mni")]),
         (anat_qc, outputnode, [("metrics", "anat_qc")]),
     ])

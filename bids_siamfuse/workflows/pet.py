@@ -168,7 +168,7 @@ intensity-normalized: {norm_text}."""
         # fmt: off
         workflow.connect([
             (inputnode, session_qc, [("anat_qc", "anat_metrics"), ("gm_mni", "gm_mni")]),
-            (reference, session_qc, [("motion_table", "motion_table")]),
+            (reference, session_qc, [("motion_table", "motion_table"), ("notes", "pet_notes")]),
             (to_grid, session_qc, [("coverage", "coverage"), ("out_file", "pet_mni")]),
             (session_qc, ds_qc, [("out_file", "in_file"), ("meta", "meta_dict")]),
         ])
