@@ -155,7 +155,7 @@ def overlay_svg(anat, overlay, out_file, *, bbox=None, cmap="autumn", label=None
             colorbar=False,
             title=label if i == 0 else None,
         )
-        display.add_overlay(masked, cmap=cmap, colorbar=False, threshold=0.5, alpha=0.8)
+        display.add_overlay(masked, cmap=cmap, colorbar=False, threshold=0.5)
         svg = extract_svg(display, compress=False)
         display.close()
         svgs.append(fromstring(svg.replace("figure_1", f"overlay-{mode}-{uuid4()}", 1)))
