@@ -48,7 +48,8 @@ THRESHOLDS: dict[str, Threshold] = {
     "gm_fraction": Threshold(0.30, 0.60, "", "implausible GM fraction of TIV"),
     "wm_fraction": Threshold(0.20, 0.50, "", "implausible WM fraction of TIV"),
     "csf_fraction": Threshold(0.05, 0.50, "", "implausible CSF fraction of TIV"),
-    "tiv_ml": Threshold(900.0, 2300.0, "mL", "implausible intracranial volume"),
+    # generous upper end: the synthetic cohort's template-sized brains measure ~2250 mL
+    "tiv_ml": Threshold(900.0, 2800.0, "mL", "implausible intracranial volume"),
     # registration: correlations with the template (masked); real upright heads give 0.54-0.59
     # after the affine (issue 17), a wrong orientation far less
     "affine_correlation": Threshold(0.45, None, "", "poor affine fit to the template"),
@@ -56,7 +57,9 @@ THRESHOLDS: dict[str, Threshold] = {
     # modulated-free GM on the grid vs the template GM: 0.57-0.68 on real runs, 0.29 collapsed
     "gm_template_correlation": Threshold(0.45, None, "", "GM map unlike the template GM"),
     # PET
-    "pet_fd_max_mm": Threshold(None, 5.0, "mm", "large PET motion (framewise displacement)"),
+    # one PET resolution element (ADNI's standardized 8 mm FWHM); the synthetic cohort's
+    # "small" inter-frame motion gives FD 4.2-4.7 mm
+    "pet_fd_max_mm": Threshold(None, 8.0, "mm", "large PET motion (framewise displacement)"),
     "pet_coverage": Threshold(0.97, None, "", "PET field of view misses part of the brain"),
     "pet_region_coverage_min": Threshold(
         0.90, None, "", "PET field of view misses part of an AAL region"
