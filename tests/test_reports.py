@@ -199,6 +199,23 @@ def make_participant(out: Path, subject: str = "01", *, model_session: str = "01
             "combined": 2 * values,
         }
     ).to_csv(pet / f"{prefix}_seg-AAL116_desc-relevance_stat.tsv", sep="\t", index=False)
+    # quality control: ses-01 flagged for motion (dynamic PET, 4 frames)
+    from bids_siamfuse import bids as bidsmod
+    from bids_siamfuse.preproc import qc
+
+    rows = qc.evaluate({"t1w_voxel_max_mm": 1.0, "pet_fd_max_mm": 12.0, "pet_frames": 4})
+    source = {"subject": subject, "session": model_session, "tracer": "FDG"}
+    meta = {**qc.sidecar(qc.reasons(rows)), "Warnings": ["anat: affine fit is poor (test)"]}
+    bidsmod.save_output(out, "qc", qc.qc_table(rows), source=source, meta=meta)
+    motion = pd.DataFrame(
+        {
+            "frame": range(4),
+            **{f"trans_{a}": [0.0, 1.0, 12.0, 12.5] for a in "xyz"},
+            **{f"rot_{a}": [0.0, 0.001, 0.002, 0.0] for a in "xyz"},
+            "framewise_displacement": [0.0, 3.1, 33.2, 1.8],
+        }
+    )
+    bidsmod.save_output(out, "pet_confounds", motion, source=source)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     crash = out / f"sub-{subject}" / "log" / "run1" / "crash-1-pet.txt"
@@ -206,7 +223,7 @@ def make_participant(out: Path, subject: str = "01", *, model_session: str = "01
     crash.write_text("Node: pet_wf\nboom\n")
     pd.DataFrame(
         [
-            [f"{prefix}", subject, "01", "01", "ok", "", "", ""],
+            [f"{prefix}", subject, "01", "01", "flagged", "", qc.reasons(rows)[0], ""],
             [
                 f"sub-{subject}_ses-02_trc-FDG",
                 subject,
@@ -274,6 +291,18 @@ def test_participant_report_content(built):
     rel = list((built["out"] / "sub-01" / "figures").glob("*desc-relevance*_stat.png"))
     assert len(rel) == 1 and rel[0].stat().st_size > 1000
     assert "sub-01_ses-01_trc-FDG_seg-AAL116_desc-relevance_stat.png" == rel[0].name
+    # QC: the flag and its reason at the top, the metric table with ranges, the warnings,
+    # the motion trace of the dynamic PET
+    flag = html.index("Flagged by quality control")
+    assert flag < html.index('id="summary"') and "large PET motion" in html[flag:][:400]
+    assert "Quality metrics" in ses01(html) and "&lt;= 8 mm" in ses01(html)
+    assert "affine fit is poor (test)" in ses01(html)
+    assert 'alt="PET motion"' in ses01(html)
+    assert "1 pair(s) did not finish" in html  # the flagged one finished
+
+
+def ses01(html: str) -> str:
+    return html[html.index('id="ses-01"') : html.index('id="ses-02"')]
 
 
 def test_group_report_content(built):

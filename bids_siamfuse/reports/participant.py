@@ -235,8 +235,17 @@ def _qc_section(pet_dir: Path) -> list[dict]:
                 else:
                     rng = f"{lo} - {hi}"
                 unit = row.get("unit", "")
+                value = row.get("value", "")
+                try:
+                    value = f"{float(value):.4g}"
+                except ValueError:
+                    pass
                 entry["rows"].append(
-                    {**row.to_dict(), "range": f"{rng} {unit}".strip() if rng else ""}
+                    {
+                        **row.to_dict(),
+                        "value": value,
+                        "range": f"{rng} {unit}".strip() if rng else "",
+                    }
                 )
         except Exception as exc:  # noqa: BLE001 - show what is broken, keep the report
             entry["error"] = f"{path.name}: {exc}"
