@@ -1027,6 +1027,9 @@ def _outputs() -> dict[str, dict]:
             "segmentation": "AAL116",
             "desc": "pet",
         },
+        # quality metrics and flags of the session (T1w + PET), one row per metric
+        # (preproc/qc.py); not a BIDS suffix of pet/: listed in .bidsignore like pet_stats
+        "qc": {"datatype": "pet", "suffix": "stats", "extension": ".tsv", "desc": "qc"},
         # reportlets (sub-<label>/figures/; anatomical ones named after the T1w)
         "fig_seg": {**fig, "suffix": "dseg", "desc": "seg"},
         "fig_t1w2mni": {**fig, "suffix": "T1w", "space": SPACE, "desc": "t1w2mni"},

@@ -104,6 +104,8 @@ class ModelSettings:
     fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
     gate: str = "paired"  # "paired", "constant", "se" (previous), "none"; see model/train.py
     ablations: bool = True  # train the ablation heads in every CV fold
+    # sessions flagged by participant quality control (preproc/qc.py) are left out unless set
+    include_flagged: bool = False
 
 
 SECTIONS = {"execution": ExecutionSettings, "workflow": WorkflowSettings, "model": ModelSettings}

@@ -254,9 +254,10 @@ def folder_size(folder) -> int:
 
 def run_summary(status: list[dict], *, started: float, output_dir, work_dir) -> str:
     """``summary: 3 pair(s): 2 ok, 1 failed, 0 flagged; wall time 12m03s; wrote ...``."""
+    # a flagged pair finished (its outputs exist) but participant QC set it aside (preproc/qc.py)
+    flagged = sum(1 for row in status if row.get("status") == "flagged")
     ok = sum(1 for row in status if row.get("status") == "ok")
-    failed = len(status) - ok
-    flagged = sum(1 for row in status if str(row.get("qc_flags", "") or "").strip())
+    failed = len(status) - ok - flagged
     wall = time.time() - started
     out_bytes = bytes_written([output_dir], started)
     work_bytes = folder_size(work_dir) if work_dir is not None else 0

@@ -171,3 +171,28 @@ def test_participant_output_is_valid_bids(first_run, bids_validator):
     assert code == 0, errors
     assert {c for c, sev in issues if sev == "warning"} <= {"TOO_FEW_AUTHORS"}
     assert (out / ".bidsignore").is_file() and (out / "README.md").is_file()
+
+
+def test_qc_table_and_flag_reach_the_status_table(first_run):
+    """The workflow writes the session's QC table; its verdict is the status table's."""
+    from bids_siamfuse.preproc import qc
+
+    ds, out, _, _, _ = first_run
+    source = {"subject": "001", "session": "01", "tracer": "FDG"}
+    path = bids.output_path(out, "qc", source)
+    assert path.name == "sub-001_ses-01_trc-FDG_desc-qc_stats.tsv"
+    table = pd.read_csv(path, sep="\t", keep_default_na=False)
+    assert list(table.columns) == qc.COLUMNS
+    values = dict(zip(table.metric, table.value))
+    for metric in qc.THRESHOLDS:  # every metric measured by the workflow
+        assert metric in values, metric
+        assert np.isfinite(float(values[metric])), metric
+    assert float(values["t1w_voxel_max_mm"]) <= 2.0
+    flagged, reasons = qc.read_qc(path)
+    status = pd.read_csv(next((out / "logs").glob("participant-*.tsv")), sep="\t", dtype=str)
+    row = status[status["subject"] == "001"].iloc[0]
+    assert row["qc"] == ("flagged" if flagged else "pass")
+    assert row["status"] == ("flagged" if flagged else "ok")
+    # the sound synthetic subject passes every check (thresholds catch gross failures only)
+    assert not flagged, reasons
+    assert "Quality metrics" in (out / "sub-001.html").read_text()

@@ -199,6 +199,23 @@ def make_participant(out: Path, subject: str = "01", *, model_session: str = "01
             "combined": 2 * values,
         }
     ).to_csv(pet / f"{prefix}_seg-AAL116_desc-relevance_stat.tsv", sep="\t", index=False)
+    # quality control: ses-01 flagged for motion (dynamic PET, 4 frames)
+    from bids_siamfuse import bids as bidsmod
+    from bids_siamfuse.preproc import qc
+
+    rows = qc.evaluate({"t1w_voxel_max_mm": 1.0, "pet_fd_max_mm": 12.0, "pet_frames": 4})
+    source = {"subject": subject, "session": model_session, "tracer": "FDG"}
+    meta = {**qc.sidecar(qc.reasons(rows)), "Warnings": ["anat: affine fit is poor (test)"]}
+    bidsmod.save_output(out, "qc", qc.qc_table(rows), source=source, meta=meta)
+    motion = pd.DataFrame(
+        {
+            "frame": range(4),
+            **{f"trans_{a}": [0.0, 1.0, 12.0, 12.5] for a in "xyz"},
+            **{f"rot_{a}": [0.0, 0.001, 0.002, 0.0] for a in "xyz"},
+            "framewise_displacement": [0.0, 3.1, 33.2, 1.8],
+        }
+    )
+    bidsmod.save_output(out, "pet_confounds", motion, source=source)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     crash = out / f"sub-{subject}" / "log" / "run1" / "crash-1-pet.txt"
@@ -206,7 +223,7 @@ def make_participant(out: Path, subject: str = "01", *, model_session: str = "01
     crash.write_text("Node: pet_wf\nboom\n")
     pd.DataFrame(
         [
-            [f"{prefix}", subject, "01", "01", "ok", "", "", ""],
+            [f"{prefix}", subject, "01", "01", "flagged", "", qc.reasons(rows)[0], ""],
             [
                 f"sub-{subject}_ses-02_trc-FDG",
                 subject,
@@ -274,6 +291,18 @@ def test_participant_report_content(built):
     rel = list((built["out"] / "sub-01" / "figures").glob("*desc-relevance*_stat.png"))
     assert len(rel) == 1 and rel[0].stat().st_size > 1000
     assert "sub-01_ses-01_trc-FDG_seg-AAL116_desc-relevance_stat.png" == rel[0].name
+    # QC: the flag and its reason at the top, the metric table with ranges, the warnings,
+    # the motion trace of the dynamic PET
+    flag = html.index("Flagged by quality control")
+    assert flag < html.index('id="summary"') and "large PET motion" in html[flag:][:400]
+    assert "Quality metrics" in ses01(html) and "&lt;= 8 mm" in ses01(html)
+    assert "affine fit is poor (test)" in ses01(html)
+    assert 'alt="PET motion"' in ses01(html)
+    assert "1 pair(s) did not finish" in html  # the flagged one finished
+
+
+def ses01(html: str) -> str:
+    return html[html.index('id="ses-01"') : html.index('id="ses-02"')]
 
 
 def test_group_report_content(built):
@@ -408,10 +437,52 @@ def test_participant_boilerplate_from_workflow(synth_raw, tmp_path):
     )
     text = participant_text(wf)
     assert "[@nipype1]" in text and "[@aal]" in text
-    first = plan.pairs[0]
-    assert Path(first.pet).name in text  # one subject's text, with its file names
-    others = [p for p in plan.pairs if p.subject != first.subject]
-    assert all(Path(p.pet).name not in text for p in others)
+    # dataset-wide: no file of any subject, static and dynamic PET both described
+    assert all(Path(p.pet).name not in text and Path(p.t1w).name not in text for p in plan.pairs)
+    assert "dynamic (4-D) PET" in text and "is static" not in text
+
+
+def test_methods_text_aggregates_the_dataset(tmp_path):
+    """Issue 17: logs/CITATION.md described only the last run's subject ("the PET is static"
+    after a static subject although others were dynamic). It now counts every session on
+    disk; the run's own files go to logs/participant-<run>_methods.md."""
+    from types import SimpleNamespace
+
+    import nibabel as nb
+    from niworkflows.engine.workflows import LiterateWorkflow
+
+    from bids_siamfuse import bids
+    from bids_siamfuse.workflows.base import write_participant_reports
+
+    out = tmp_path / "out"
+    sessions = [("01", "01", 4), ("01", "02", 1), ("02", "01", 1)]
+    for sub, ses, frames in sessions:
+        anat, pet = {"subject": sub, "session": ses}, {"subject": sub, "session": ses}
+        pet["tracer"] = "FDG"
+        img = nb.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+        bids.save_output(out, "pet_ref", img, source=pet, meta={"FramesAveraged": frames})
+        bids.save_output(out, "t1w_preproc", img, source=anat, meta={})
+    top = LiterateWorkflow("top")
+    single = LiterateWorkflow("single_subject_02_wf")
+    single.__desc__ = "Each PET series was processed [@nipype1]."
+    top.add_nodes([single])
+    pair = bids.SessionPair(
+        "02",
+        "01",
+        Path("sub-02_ses-01_trc-FDG_pet.nii.gz"),
+        Path("sub-02_ses-01_T1w.nii.gz"),
+        "01",
+        pet_entities={"tracer": "FDG"},
+    )
+    write_participant_reports(
+        out, [], workflow=top, plan=SimpleNamespace(pairs=[pair]), run_uuid="r1"
+    )
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "3 T1w image(s) and 3 PET series of 2 subject(s) (3 session(s))" in citation
+    assert "1 PET series was dynamic and 2 static" in citation
+    assert "sub-02_ses-01" not in citation
+    run_log = (out / "logs" / "participant-r1_methods.md").read_text()
+    assert "sub-02_ses-01_trc-FDG_pet.nii.gz" in run_log and "(static)" in run_log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,3 +698,50 @@ def test_crashed_participant_run_still_reports(tmp_path, monkeypatch):
     html = (out / "sub-01.html").read_text()
     assert "incomplete" in html and "a node crashed" in html
     assert html.count('class="reportlet"') == 6  # what finished is shown
+
+
+def test_aal_outlines_are_thin_and_in_plane():
+    """Issue 17: the AAL figure was mostly solid colour (3-D, two-sided boundaries)."""
+    from bids_siamfuse.data.atlas import load_atlas
+    from bids_siamfuse.reports.reportlets import (
+        in_plane_boundaries,
+        label_boundaries,
+        upsample_labels,
+    )
+
+    labels = np.asarray(load_atlas().labels)
+    brain = labels > 0
+    old = np.zeros_like(brain)  # the former rule: any of six neighbours differs
+    for axis in range(3):
+        for shift in (1, -1):
+            old |= labels != np.roll(labels, shift, axis=axis)
+    old &= brain
+    k = labels.shape[2] // 2
+    old_share = old[:, :, k].sum() / brain[:, :, k].sum()  # 0.46: mostly colour
+    fine, _ = upsample_labels(labels, np.eye(4))
+    z = in_plane_boundaries(fine)["z"][:, :, 2 * k]
+    share = z.sum() / (fine[:, :, 2 * k] > 0).sum()  # 0.14 measured
+    assert 0.05 < share < 0.4 * old_share
+    # a two-region toy: the boundary is one voxel wide in the plane
+    toy = np.zeros((6, 6, 3), int)
+    toy[:3], toy[3:] = 1, 2
+    assert label_boundaries(toy, axes=(0, 1))[:, 2, 1].tolist() == [0, 0, 1, 0, 0, 1]
+
+
+def test_report_slices_run_the_same_way_for_any_storage_order(tmp_path):
+    """Issue 17: one session's panels ran top-down, the next bottom-up (LPS vs RAS T1w)."""
+    import nibabel as nb
+    from niworkflows.viz.utils import cuts_from_bbox
+
+    from bids_siamfuse.reports.reportlets import _float
+
+    data = np.zeros((20, 24, 18), np.float32)
+    data[4:16, 5:20, 3:15] = 1
+    ras = nb.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    flipped_aff = ras.affine @ np.array(
+        [[-1, 0, 0, 19], [0, -1, 0, 23], [0, 0, -1, 17], [0, 0, 0, 1]], float
+    )
+    lps = nb.Nifti1Image(data[::-1, ::-1, ::-1].copy(), flipped_aff)
+    a, b = cuts_from_bbox(_float(ras), cuts=7), cuts_from_bbox(_float(lps), cuts=7)
+    for mode in "xyz":
+        assert a[mode] == sorted(a[mode]) and np.allclose(a[mode], b[mode])

@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subset_args(parser)
     _add_workflow_args(parser)
     _add_model_args(parser)
+    _add_qc_args(parser)
     _add_other_args(parser)
     _add_nipreps_args(parser)
     return parser
@@ -407,6 +408,19 @@ def _add_model_args(parser):
         action="store_false",
         help="skip the ablations (similarity only, untrained networks, MRI/PET only, other "
         "fusion) trained beside the model in every CV fold",
+    )
+
+
+def _add_qc_args(parser):
+    # issue 17: separate function so the model-argument group above stays as it was
+    g = parser.add_argument_group("Quality control")
+    g.add_argument(
+        "--include-flagged",
+        "--include_flagged",
+        dest="include_flagged",
+        action="store_true",
+        help="group level: keep sessions flagged by participant quality control (left out by "
+        "default; the report counts them)",
     )
 
 

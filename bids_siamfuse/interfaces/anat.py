@@ -39,6 +39,32 @@ def in_node_tmp(method):
     return wrapper
 
 
+class _Collector:
+    """Collects the WARNING records of ``bids_siamfuse.*`` loggers while a node runs, so the
+    session's QC sidecar and report can list every warning of the run (issue 17)."""
+
+    def __init__(self):
+        import logging
+
+        self.messages: list[str] = []
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                outer.messages.append(f"{record.name.split('.')[-1]}: {record.getMessage()}")
+
+        self.handler = _Handler(level=logging.WARNING)
+        self.logger = logging.getLogger("bids_siamfuse")
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        return self.messages
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        return False
+
+
 def _prepare(inputs):
     from ..preproc import registration as reg
 
@@ -100,6 +126,7 @@ class _TemplateRegistrationOutputSpec(TraitedSpec):
     affine = File(exists=True, desc="the affine part (ITK .mat)")
     rough_mask = File(exists=True, desc="brain mask of the affine stage (dilated)")
     affine_correlation = traits.Float(desc="template/T1w correlation after the affine")
+    warnings = traits.List(traits.Str, desc="warnings logged while registering")
 
 
 class TemplateRegistration(SimpleInterface):
@@ -122,9 +149,11 @@ class TemplateRegistration(SimpleInterface):
         head = anat.HeadInfo(
             mask=None, brain_centre=np.asarray(self.inputs.brain_centre), vertex_z=np.nan
         )
-        out = anat.register_to_template(
-            t1, head, settings, Path(runtime.cwd), seed=self.inputs.seed
-        )
+        with _Collector() as messages:
+            out = anat.register_to_template(
+                t1, head, settings, Path(runtime.cwd), seed=self.inputs.seed
+            )
+        self._results["warnings"] = list(messages)
         self._results["composite"] = out.composite
         self._results["inverse_composite"] = out.inverse_composite
         self._results["affine"] = out.affine
@@ -149,6 +178,7 @@ class _SegmentOutputSpec(TraitedSpec):
     csf = File(exists=True, desc="CSF fraction")
     dseg = File(exists=True, desc="labels: 1 GM, 2 WM, 3 CSF")
     tissue_means = traits.Dict(desc="global tissue intensity means")
+    warnings = traits.List(traits.Str, desc="warnings logged while segmenting")
 
 
 class TissueSegmentation(SimpleInterface):
@@ -170,9 +200,11 @@ class TissueSegmentation(SimpleInterface):
         t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
         n4 = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.n4_file)).numpy())
         rough = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.rough_mask)).numpy())
-        seg = anat.segment(
-            t1, n4, self.inputs.inverse_composite, rough, settings, Path(runtime.cwd)
-        )
+        with _Collector() as messages:
+            seg = anat.segment(
+                t1, n4, self.inputs.inverse_composite, rough, settings, Path(runtime.cwd)
+            )
+        self._results["warnings"] = list(messages)
         for name in ("brain_mask", "gm", "wm", "csf", "dseg"):
             self._results[name] = _save(getattr(seg, name), runtime, f"{name}.nii.gz")
         self._results["tissue_means"] = {k: float(v) for k, v in seg.means.items()}
@@ -236,4 +268,62 @@ class GridNormalization(SimpleInterface):
                 },
                 handle,
             )
+        return runtime
+
+
+class _AnatQCInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the T1w as in the dataset (voxel size)")
+    t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    brain_mask = File(exists=True, mandatory=True)
+    gm = File(exists=True, mandatory=True, desc="GM fraction (T1w space)")
+    wm = File(exists=True, mandatory=True)
+    csf = File(exists=True, mandatory=True)
+    tissue_means = traits.Dict(desc="Atropos class means (TissueSegmentation)")
+    affine_correlation = traits.Float(desc="template/T1w correlation after the affine")
+    gm_mni = File(exists=True, desc="GM on the grid (wc1)")
+    t1w_mni = File(exists=True, desc="T1w on the grid")
+    reg_warnings = traits.List(traits.Str, desc="warnings of the registration node")
+    seg_warnings = traits.List(traits.Str, desc="warnings of the segmentation node")
+
+
+class _AnatQCOutputSpec(TraitedSpec):
+    metrics = traits.Dict(desc="T1w quality metrics (preproc/qc.py)")
+
+
+class AnatQC(SimpleInterface):
+    """T1w quality metrics: SNR/CNR, segmentation contrast, tissue fractions, template fits."""
+
+    input_spec = _AnatQCInputSpec
+    output_spec = _AnatQCOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nb
+
+        from ..preproc import qc
+
+        def data(path):
+            return np.asanyarray(nb.load(path).dataobj, dtype=np.float32)
+
+        raw = nb.load(self.inputs.in_file)
+        metrics = qc.anat_metrics(
+            zooms=raw.header.get_zooms()[:3],
+            t1w=data(self.inputs.t1w),
+            brain_mask=data(self.inputs.brain_mask) > 0,
+            gm=data(self.inputs.gm),
+            wm=data(self.inputs.wm),
+            csf=data(self.inputs.csf),
+            means=dict(self.inputs.tissue_means or {}),
+            affine_correlation=self.inputs.affine_correlation,
+            gm_grid=data(self.inputs.gm_mni) if self.inputs.gm_mni else None,
+            t1w_grid=data(self.inputs.t1w_mni) if self.inputs.t1w_mni else None,
+        )
+        self._results["metrics"] = {
+            k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+            for k, v in metrics.items()
+        }
+        # travels with the metrics to the session's QC node (sidecar "Warnings", report)
+        self._results["metrics"]["_warnings"] = [
+            *(self.inputs.reg_warnings or []),
+            *(self.inputs.seg_warnings or []),
+        ]
         return runtime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from nipype.interfaces.base import (
@@ -133,6 +134,7 @@ class _ToGridOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="intensity-normalized PET on the grid")
     value = traits.Float(desc="normalization value (Bq/mL or the data's units)")
     description = Str(desc="what the normalization did")
+    coverage = traits.Dict(desc="field-of-view coverage metrics of the grid brain (QC)")
 
 
 class PETToGrid(SimpleInterface):
@@ -153,8 +155,68 @@ class PETToGrid(SimpleInterface):
         positions = np.load(self.inputs.positions)
         data = pet.to_grid(frames, motions, np.load(self.inputs.matrix), positions)
         normalized, value, description = pet.normalize(data, self.inputs.ref_region)
+        from ..data.atlas import load_atlas
+        from ..preproc import qc
+
+        atlas = load_atlas()
+        self._results["coverage"] = qc.pet_metrics(
+            coverage=pet.fov_coverage(frames, motions, np.load(self.inputs.matrix), positions),
+            atlas_labels=np.asarray(atlas.labels),
+            atlas_names=list(atlas.names),
+        )
         self._results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
         grid_image(normalized).to_filename(self._results["out_file"])
         self._results["value"] = float(value)
         self._results["description"] = description
+        return runtime
+
+
+class _SessionQCInputSpec(BaseInterfaceInputSpec):
+    anat_metrics = traits.Dict(desc="T1w metrics (AnatQC)")
+    coverage = traits.Dict(desc="PET field-of-view metrics (PETToGrid)")
+    motion_table = File(exists=True, desc="per-frame motion (PETReference)")
+    pet_mni = File(exists=True, desc="normalized PET on the grid")
+    gm_mni = File(exists=True, desc="GM on the grid")
+    pet_notes = traits.List(Str, desc="notes of the PET reference node (frame timing)")
+
+
+class _SessionQCOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="QC table: one row per metric (TSV)")
+    meta = traits.Dict(desc="sidecar of the QC table")
+    flagged = traits.Bool(desc="any metric outside its reference range")
+    reasons = traits.List(Str, desc="why the session is flagged")
+
+
+class SessionQC(SimpleInterface):
+    """Every quality metric of the session against its reference range (preproc/qc.py)."""
+
+    input_spec = _SessionQCInputSpec
+    output_spec = _SessionQCOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nb
+        import pandas as pd
+
+        from ..bids import save_table
+        from ..preproc import qc
+
+        metrics = dict(self.inputs.anat_metrics or {})
+        warnings = list(metrics.pop("_warnings", []) or []) + list(self.inputs.pet_notes or [])
+        motion = None
+        if self.inputs.motion_table:
+            motion = pd.read_csv(self.inputs.motion_table, sep="\t", na_values=["n/a"])
+        pet_grid = gm_grid = None
+        if self.inputs.pet_mni and self.inputs.gm_mni:
+            pet_grid = np.asanyarray(nb.load(self.inputs.pet_mni).dataobj, np.float32)
+            gm_grid = np.asanyarray(nb.load(self.inputs.gm_mni).dataobj, np.float32)
+        metrics.update(qc.pet_metrics(motion=motion, pet_grid=pet_grid, gm_grid=gm_grid))
+        metrics.update(dict(self.inputs.coverage or {}))
+        rows = qc.evaluate(metrics)
+        why = qc.reasons(rows)
+        path = os.path.join(runtime.cwd, "qc.tsv")
+        save_table(Path(path), qc.qc_table(rows))
+        self._results["out_file"] = path
+        self._results["flagged"] = bool(why)
+        self._results["reasons"] = why
+        self._results["meta"] = {**qc.sidecar(why), "Warnings": warnings}
         return runtime

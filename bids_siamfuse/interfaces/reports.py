@@ -185,12 +185,15 @@ class GridReport(SimpleInterface):
                 nb.load(self.inputs.in_file), [mask], out, bbox=mask, colors=["r"]
             )
         else:
-            from ..reports.reportlets import label_boundaries, overlay_svg
+            from ..data.templates import GRID_AFFINE
+            from ..reports.reportlets import in_plane_boundaries, overlay_svg, upsample_labels
 
-            edges = label_boundaries(load_atlas().labels)
+            # thin AAL outlines over the GM map: in-plane, one-sided, on a 0.75 mm grid
+            fine, fine_affine = upsample_labels(np.asarray(load_atlas().labels), GRID_AFFINE)
+            edges = in_plane_boundaries(fine.astype(np.int16))
             self._results["out_report"] = overlay_svg(
                 nb.load(self.inputs.in_file),
-                grid_image(edges.astype(np.float32)),
+                {k: nb.Nifti1Image(v.astype(np.uint8), fine_affine) for k, v in edges.items()},
                 out,
                 bbox=mask,
                 label="GM (MNI) and AAL116 regions",

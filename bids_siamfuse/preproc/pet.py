@@ -311,6 +311,30 @@ def to_grid(
     return out.reshape(shape).astype(np.float32)
 
 
+def fov_coverage(
+    frames: PETFrames,
+    motions: list[np.ndarray],
+    pet_to_t1w: np.ndarray,
+    positions: np.ndarray,
+) -> np.ndarray:
+    """Share of the frames' weight whose field of view holds each grid voxel (0..1).
+
+    The same mapping as :func:`to_grid`, applied to an image of ones: 1 where every frame saw
+    the voxel, less where a frame's field of view (after its motion) ends before it.
+    """
+    shape = positions.shape[1:]
+    x = positions.reshape(3, -1).astype(np.float64)
+    p = reg.apply_matrix(np.linalg.inv(pet_to_t1w), x)
+    ones = np.ones(frames.data.shape[:3], dtype=np.float32)
+    out = np.zeros(int(np.prod(shape)), dtype=np.float64)
+    for t, w in enumerate(frames.weights):
+        if w == 0:
+            continue
+        q = reg.apply_matrix(np.linalg.inv(motions[t]), p).reshape(3, *shape)
+        out += w * reg.sample_at(ones, frames.affine, q).reshape(-1)
+    return out.reshape(shape).astype(np.float32)
+
+
 def cerebellum_mask() -> np.ndarray:
     """AAL cerebellar grey matter on the grid.
 

@@ -227,11 +227,13 @@ def load_cohort(
     participant_label=None,
     session_label=None,
     layout: RegionLayout | None = None,
+    include_flagged: bool = False,
 ) -> RegionDataset:
     """Read every selected region file into a :class:`RegionDataset`.
 
     ``participants`` is the table from :func:`bids_siamfuse.bids.read_participants`. Sessions
-    of subjects whose diagnosis is not in ``classes`` are left out (with a log line); a subject
+    of subjects whose diagnosis is not in ``classes`` are left out (with a log line), as are
+    sessions flagged by participant QC unless ``include_flagged``; a subject
     missing from ``participants.tsv`` is an error, as is a file whose signature differs.
     """
     deriv_dir = Path(deriv_dir)
@@ -248,9 +250,12 @@ def load_cohort(
     classes = tuple(classes)
     if len(set(classes)) < 2:
         raise DataError(f"--classes needs at least two different labels, got {list(classes)}")
+    from .qc import session_flag
+
     selected = []
     unknown_subjects = []
     other = {}
+    n_flagged = 0
     for path in files:
         ent = parse_entities(path.name)
         sub, ses = ent.get("sub"), ent.get("ses", "")
@@ -260,6 +265,9 @@ def load_cohort(
             continue
         if sub not in participants.index:
             unknown_subjects.append(sub)
+            continue
+        if not include_flagged and session_flag(deriv_dir, path)[0]:
+            n_flagged += 1  # participant QC flagged it (preproc/qc.py)
             continue
         label = participants.loc[sub, label_column]
         if label not in classes:
@@ -273,6 +281,8 @@ def load_cohort(
         )
     if other:
         LOGGER.info("left out (label not in --classes): %s", other)
+    if n_flagged:
+        LOGGER.info("left out (flagged by participant QC): %d session(s)", n_flagged)
     if not selected:
         present = sorted(set(participants[label_column]))
         raise NothingSelectedError(

@@ -188,9 +188,12 @@ def _descriptions(workflow) -> list[str]:
 
 
 def participant_text(workflow) -> str:
-    """The boilerplate of the first subject's workflow (fMRIPrep's habit: one subject's text).
+    """The method paragraphs of the first subject's workflow (the same for every subject).
 
-    One paragraph per workflow description (niworkflows' ``visit_desc`` order).
+    One paragraph per workflow description (niworkflows' ``visit_desc`` order). The
+    descriptions name no file and hold for static and dynamic PET alike, so this text stands
+    for the whole dataset; :func:`dataset_text` adds the counts, :func:`run_details` the
+    files of one run.
     """
     from niworkflows.engine.workflows import LiterateWorkflow
 
@@ -308,3 +311,62 @@ def group_text(summary: dict) -> str:
             "shuffled, whole cross-validation rerun)."
         )
     return text + "\n"
+
+
+def _sidecar(path: Path) -> dict:
+    try:
+        return json.loads(path.with_name(path.name.split(".")[0] + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def dataset_text(output_dir: Path) -> str:
+    """The dataset's processed sessions, counted from the derivatives on disk (every run).
+
+    Counting what is on disk (not one run's plan) keeps ``logs/CITATION.md`` right when
+    subjects are processed by separate runs (SLURM arrays): the last run describes them all.
+    """
+    output_dir = Path(output_dir)
+    refs = sorted(output_dir.glob("sub-*/pet/*_petref.nii.gz"))
+    refs += sorted(output_dir.glob("sub-*/ses-*/pet/*_petref.nii.gz"))
+    t1ws = [
+        p
+        for pattern in ("sub-*/anat/*_desc-preproc_T1w.nii.gz", "sub-*/ses-*/anat/*_T1w.nii.gz")
+        for p in output_dir.glob(pattern)
+        if "_space-" not in p.name and "_desc-preproc_" in p.name
+    ]
+    if not refs and not t1ws:
+        return ""
+    subjects = {p.name.split("_")[0] for p in refs + t1ws}
+    sessions = {
+        tuple(part for part in p.name.split("_") if part[:4] in ("sub-", "ses-")) for p in refs
+    }
+    dynamic = sum(1 for p in refs if int(_sidecar(p).get("FramesAveraged", 1) or 1) > 1)
+    flagged = 0
+    for pattern in ("sub-*/pet/*_desc-qc_stats.tsv", "sub-*/ses-*/pet/*_desc-qc_stats.tsv"):
+        flagged += sum(1 for p in output_dir.glob(pattern) if _sidecar(p).get("Flagged"))
+    text = (
+        f"The derivatives hold {len(t1ws)} T1w image(s) and {len(refs)} PET series of "
+        f"{len(subjects)} subject(s) ({len(sessions)} session(s)); {dynamic} PET series "
+        f"{'was' if dynamic == 1 else 'were'} dynamic and {len(refs) - dynamic} static."
+    )
+    if flagged:
+        text += (
+            f" Quality control flagged {flagged} session(s), left out of the group analysis "
+            "by default."
+        )
+    return text + "\n"
+
+
+def run_details(plan, run_uuid: str) -> str:
+    """This run's inputs, pair by pair (for ``logs/participant-<run>_methods.md``)."""
+    lines = [f"# Participant run {run_uuid}", ""]
+    for pair in plan.pairs:
+        frames = pair.pet_meta.get("FrameDuration")
+        n = len(frames) if isinstance(frames, list) else 1
+        kind = f"dynamic, {n} frames" if n > 1 else "static"
+        lines.append(
+            f"- {pair.key}: T1w `{Path(pair.t1w).name}`, PET `{Path(pair.pet).name}` ({kind})"
+        )
+        lines.extend(f"  - {note}" for note in pair.notes)
+    return "\n".join(lines) + "\n"

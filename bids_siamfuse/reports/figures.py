@@ -324,3 +324,24 @@ def probability_figure(classes, probs, predicted: str) -> bytes:
     return bar_figure(
         classes, probs, title=f"predicted: {predicted}", xlabel="probability", colours=colours
     )
+
+
+def motion_figure(table, *, fd_limit: float | None = None) -> bytes:
+    """PET motion per frame: translations (mm), rotations (deg), framewise displacement (mm)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(7.0, 5.0), sharex=True)
+    x = table["frame"].to_numpy()
+    for axis, colour in zip("xyz", ("C0", "C1", "C2")):
+        axes[0].plot(x, table[f"trans_{axis}"], color=colour, marker="o", ms=3, label=axis)
+        axes[1].plot(
+            x, np.degrees(table[f"rot_{axis}"]), color=colour, marker="o", ms=3, label=axis
+        )
+    axes[2].plot(x, table["framewise_displacement"], color="k", marker="o", ms=3)
+    if fd_limit is not None:
+        axes[2].axhline(fd_limit, color="r", ls="--", lw=1)
+    for ax, label in zip(axes, ("translation (mm)", "rotation (deg)", "FD (mm)")):
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, ncol=3)
+    axes[2].set_xlabel("frame")
+    return _png(fig)

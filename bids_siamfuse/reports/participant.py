@@ -212,6 +212,65 @@ def _model_section(pet_dir: Path, output_dir: Path, background) -> list[dict]:
     return out
 
 
+def _qc_section(pet_dir: Path) -> list[dict]:
+    """The session's QC tables (``*_desc-qc_stats.tsv``) and, for dynamic PET, its motion."""
+    import pandas as pd
+
+    from ..preproc.qc import THRESHOLDS
+    from .html import png_uri
+
+    out = []
+    for path in sorted(pet_dir.glob("*_desc-qc_stats.tsv")):
+        entry = {"file": path.name, "rows": []}
+        try:
+            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+            for _, row in table.iterrows():
+                lo, hi = row.get("lower", "n/a"), row.get("upper", "n/a")
+                if lo in ("", "n/a") and hi in ("", "n/a"):
+                    rng = ""
+                elif lo in ("", "n/a"):
+                    rng = f"<= {hi}"
+                elif hi in ("", "n/a"):
+                    rng = f">= {lo}"
+                else:
+                    rng = f"{lo} - {hi}"
+                unit = row.get("unit", "")
+                value = row.get("value", "")
+                try:
+                    value = f"{float(value):.4g}"
+                except ValueError:
+                    pass
+                entry["rows"].append(
+                    {
+                        **row.to_dict(),
+                        "value": value,
+                        "range": f"{rng} {unit}".strip() if rng else "",
+                    }
+                )
+        except Exception as exc:  # noqa: BLE001 - show what is broken, keep the report
+            entry["error"] = f"{path.name}: {exc}"
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            entry["warnings"] = list(meta.get("Warnings", []) or [])
+        except (OSError, ValueError):
+            entry["warnings"] = []
+        prefix = path.name[: -len("_desc-qc_stats.tsv")]
+        motion = pet_dir / f"{prefix}_desc-realign_motion.tsv"
+        if motion.is_file():
+            try:
+                table = pd.read_csv(motion, sep="\t", na_values=["n/a"])
+                if len(table) > 1:
+                    from .figures import motion_figure
+
+                    limit = THRESHOLDS["pet_fd_max_mm"].upper
+                    entry["motion_uri"] = png_uri(motion_figure(table, fd_limit=limit))
+                    entry["fd_limit"] = limit
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"{motion.name}: {exc}"
+        out.append(entry)
+    return out
+
+
 def subject_sections(output_dir: Path, subject: str, *, bids_dir=None, background=None):
     """Per session: raw files, reportlets found, model outputs."""
     from .html import inline_svg
@@ -253,6 +312,7 @@ def subject_sections(output_dir: Path, subject: str, *, bids_dir=None, backgroun
         section["tracers"] = tracers or sorted(
             {entities(r["file"].rsplit("/", 1)[-1]).get("trc", "") for r in section["raw"]} - {""}
         )
+        section["qc"] = _qc_section(pet_dir) if pet_dir.is_dir() else []
         if pet_dir.is_dir():
             if background is None and any(pet_dir.glob("*_desc-diagnosis_probs.tsv")):
                 from .group import _template
@@ -289,7 +349,8 @@ def build_participant_report(
         status=status,
         status_file=status_file,
         crashes=crashes,
-        failed=[r for r in status if r.get("status") != "ok"],
+        failed=[r for r in status if r.get("status") not in ("ok", "flagged")],
+        flagged=[r for r in status if r.get("status") == "flagged"],
     )
     path = write_html(output_dir / f"sub-{subject}.html", html)
     LOGGER.info("participant report: %s", path)

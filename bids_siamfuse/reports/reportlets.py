@@ -20,9 +20,16 @@ def _nii(img):
 
 
 def _float(img):
+    """float32, reoriented to the closest RAS+ voxel order.
+
+    niworkflows places the cuts evenly between the bounding box's first and last voxel: on a
+    T1w stored LPS or PIR that runs the slices right-to-left or top-down, on a RAS one the
+    other way (issue 17: one session's panels top-down, the next bottom-up). In RAS+ voxel
+    order every figure runs left-to-right, posterior-to-anterior, bottom-to-top.
+    """
     import nibabel as nb
 
-    img = _nii(img)
+    img = nb.as_closest_canonical(_nii(img))
     data = np.asanyarray(img.dataobj, dtype=np.float32)
     return nb.Nifti1Image(data, img.affine)
 
@@ -63,6 +70,7 @@ def registration_svg(
 
     fixed, moved = _float(fixed), _float(moved)
     cuts = cuts_from_bbox(_float(bbox) if bbox is not None else fixed, cuts=7)
+    cuts = {k: sorted(v) for k, v in cuts.items()}  # same slice order in every figure
     contour = _float(contour) if contour is not None else None
     compose_view(
         plot_registration(
@@ -88,13 +96,39 @@ def registration_svg(
     return str(out_file)
 
 
-def label_boundaries(labels: np.ndarray) -> np.ndarray:
-    """Voxels of a label map that touch another label (in-plane, all three planes)."""
+def label_boundaries(labels: np.ndarray, axes=(0, 1, 2)) -> np.ndarray:
+    """Thin outlines: voxels whose next voxel along one of ``axes`` has another label.
+
+    One-sided (a boundary is drawn once, one voxel wide) and, for a slice figure, ``axes``
+    the two in-plane axes: a boundary that runs through the slice plane would otherwise paint
+    whole patches (issue 17: the AAL figure was mostly solid colour).
+    """
     edge = np.zeros(labels.shape, dtype=bool)
+    for axis in axes:
+        nxt = np.roll(labels, -1, axis=axis)
+        edge |= (labels != nxt) & ((labels > 0) | (nxt > 0))
+    return edge
+
+
+def upsample_labels(labels: np.ndarray, affine: np.ndarray, factor: int = 2):
+    """(labels, affine) on a grid ``factor`` times finer (nearest neighbour), so outlines
+    drawn on it are ``1/factor`` as thick (0.75 mm on the 1.5 mm grid)."""
+    fine = labels
     for axis in range(3):
-        for shift in (1, -1):
-            edge |= labels != np.roll(labels, shift, axis=axis)
-    return edge & (labels > 0)
+        fine = np.repeat(fine, factor, axis=axis)
+    scale = np.diag([1.0 / factor] * 3 + [1.0])
+    shift = np.eye(4)
+    shift[:3, 3] = -(factor - 1) / (2.0 * factor)  # voxel centres of the finer grid
+    return fine, np.asarray(affine) @ shift @ scale
+
+
+def in_plane_boundaries(labels: np.ndarray) -> dict:
+    """Per display mode (nilearn's ``x``, ``y``, ``z``), the outlines within that plane."""
+    return {
+        "x": label_boundaries(labels, axes=(1, 2)),
+        "y": label_boundaries(labels, axes=(0, 2)),
+        "z": label_boundaries(labels, axes=(0, 1)),
+    }
 
 
 def overlay_svg(anat, overlay, out_file, *, bbox=None, cmap="autumn", label=None) -> str:
@@ -107,16 +141,17 @@ def overlay_svg(anat, overlay, out_file, *, bbox=None, cmap="autumn", label=None
     from svgutils.transform import fromstring
 
     anat = _float(anat)
-    overlay = _float(overlay)
-    data = overlay.get_fdata()
-    masked = nb.Nifti1Image((data > 0).astype(np.float32), overlay.affine)
+    # one overlay for every plane, or one per display mode ({"x": img, "y": img, "z": img})
+    overlays = overlay if isinstance(overlay, dict) else dict.fromkeys("xyz", overlay)
     cuts = cuts_from_bbox(_float(bbox) if bbox is not None else anat, cuts=7)
     svgs = []
     for i, mode in enumerate(("z", "x", "y")):
+        ov = _float(overlays[mode])
+        masked = nb.Nifti1Image((ov.get_fdata() > 0).astype(np.float32), ov.affine)
         display = plot_anat(
             anat,
             display_mode=mode,
-            cut_coords=cuts[mode],
+            cut_coords=sorted(cuts[mode]),
             colorbar=False,
             title=label if i == 0 else None,
         )

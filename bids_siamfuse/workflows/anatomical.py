@@ -27,6 +27,7 @@ OUTPUT_FIELDS = [
     "t1w2mni_xfm",
     "mni2t1w_xfm",
     "spm_deformation",
+    "anat_qc",
 ]
 
 
@@ -113,6 +114,7 @@ def init_anat_preproc_wf(
         )  # fmt: skip
     from ..data.templates import template_source
     from ..interfaces.anat import (
+        AnatQC,
         GridNormalization,
         T1wBiasCorrect,
         TemplateRegistration,
@@ -126,7 +128,7 @@ def init_anat_preproc_wf(
     syn = settings.syn_stages[0]
     workflow = Workflow(name=name)
     workflow.__desc__ = f"""\
-The T1-weighted image ({Path(t1w).name}) was processed with ANTs through antspyx
+Each T1-weighted (T1w) image was processed with ANTs through antspyx
 {versions["antspyx"]} (called in-process). A head mask was found with Otsu's threshold and
 the position of the brain estimated from the top of the head; the image was corrected for
 intensity non-uniformity with N4 [@n4] (B-spline distance 100 mm, at 4 mm). It was then
@@ -171,7 +173,20 @@ region analysis.""" + (" Fast, low-accuracy settings (`--sloppy`) were used." if
         n_procs=omp_nthreads,
         mem_gb=1.0,
     )
+    # quality metrics of the T1w (preproc/qc.py); the PET workflow adds its own and flags
+    anat_qc = pe.Node(AnatQC(), name="anat_qc", mem_gb=1.0)
     # fmt: off
+    workflow.connect([
+        (inputnode, anat_qc, [("t1w", "in_file")]),
+        (bias, anat_qc, [("out_file", "t1w")]),
+        (register, anat_qc, [("affine_correlation", "affine_correlation"),
+                             ("warnings", "reg_warnings")]),
+        (segment, anat_qc, [("brain_mask", "brain_mask"), ("gm", "gm"), ("wm", "wm"),
+                            ("csf", "csf"), ("tissue_means", "tissue_means"),
+                            ("warnings", "seg_warnings")]),
+        (grid, anat_qc, [("gm_mni", "gm_mni"), ("t1w_mni", "t1w_mni")]),
+        (anat_qc, outputnode, [("metrics", "anat_qc")]),
+    ])
     workflow.connect([
         (inputnode, bias, [("t1w", "in_file")]),
         (bias, register, [("out_file", "in_file"), ("brain_centre", "brain_centre")]),

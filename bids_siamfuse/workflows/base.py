@@ -7,7 +7,8 @@ node from ``--omp-nthreads``, the work directory caching finished nodes so a rer
 reports per pair whether it completed. A failing subject does not stop the others (unless
 ``--stop-on-first-crash``); nipype's crash files go to ``OUT/sub-<label>/log/<run_uuid>/``, a
 summary table to ``OUT/logs/participant-<run_uuid>.tsv``, and the exit code is 1 when any pair
-failed.
+failed. A pair that completed but whose quality metrics fall outside their reference ranges
+(``preproc/qc.py``) is ``flagged`` there, with the reasons; that does not fail the run.
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ session or, without one, of the nearest session in time.
             name=_pet_name(pair),
         )
         fields = ["t1w_preproc", "brain_mask", "wm", "gm_mni_modulated"]
-        fields += ["positions"] if backend == "ants" else ["spm_deformation"]
+        if backend == "ants":
+            fields += ["positions", "anat_qc", "gm_mni"]
+        else:
+            fields += ["spm_deformation"]
         workflow.connect(
             [(anat_wf, pet_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])]
         )
@@ -351,8 +355,10 @@ def run_participant(settings, plan) -> int:
         sorted({p.subject for p in plan.pairs}),
         bids_dir=Path(ex.bids_dir).absolute() if ex.bids_dir else None,
         workflow=workflow,
+        plan=plan,
+        run_uuid=ex.run_uuid,
     )
-    failed = [s for s in status if s["status"] not in ("ok", "refused")]  # refused: exit 65
+    failed = [s for s in status if s["status"] not in ("ok", "refused", "flagged")]  # refused: exit 65
     LOGGER.info(
         "%s",
         run_summary(status, started=started, output_dir=output_dir, work_dir=work_dir),
@@ -360,6 +366,8 @@ def run_participant(settings, plan) -> int:
     for row in status:
         if row["status"] == "ok":
             LOGGER.info("%s: done", row["pair"])
+        elif row["status"] == "flagged":
+            LOGGER.warning("%s: done, flagged by quality control: %s", row["pair"], row["message"])
         else:
             LOGGER.error(
                 "%s: %s%s%s",
@@ -544,17 +552,31 @@ def clean_work_dir(work_dir: Path, plan) -> list[Path]:
     return removed
 
 
-def write_participant_reports(output_dir: Path, subjects, *, bids_dir=None, workflow=None):
+def write_participant_reports(
+    output_dir: Path, subjects, *, bids_dir=None, workflow=None, plan=None, run_uuid=""
+):
     """Methods boilerplate (from ``workflow``) and ``OUT/sub-<label>.html`` per subject.
 
-    Runs after every run, crashed or not (the reports show what finished); never fatal.
+    ``logs/CITATION.md`` describes the whole dataset (counts from the derivatives on disk, the
+    methods of the workflows, which name no file); this run's files go to
+    ``logs/participant-<run_uuid>_methods.md``. Runs after every run, crashed or not (the
+    reports show what finished); never fatal.
     """
-    from ..reports.boilerplate import participant_text, write_citation
+    from ..bids import atomic_path
+    from ..reports.boilerplate import dataset_text, participant_text, run_details, write_citation
     from ..reports.participant import build_participant_reports
 
     if workflow is not None:
         try:
-            write_citation(Path(output_dir) / "logs", "participant", participant_text(workflow))
+            text = participant_text(workflow)
+            summary = dataset_text(output_dir)
+            write_citation(
+                Path(output_dir) / "logs", "participant", (summary + "\n" + text).lstrip()
+            )
+            if plan is not None and run_uuid:
+                path = Path(output_dir) / "logs" / f"participant-{run_uuid}_methods.md"
+                with atomic_path(path) as tmp:
+                    tmp.write_text(run_details(plan, run_uuid) + "\n" + text, encoding="utf-8")
         except Exception as exc:  # noqa: BLE001 - reports never change the exit code
             LOGGER.warning("methods boilerplate not written: %s", exc)
     return build_participant_reports(output_dir, subjects, bids_dir=bids_dir)
@@ -623,6 +645,9 @@ def pair_status(plan, output_dir: Path, run_uuid: str, error) -> list[dict]:
             status, node, message, crash = "incomplete", "", "no region file written", ""
         else:
             status, node, message, crash = "ok", "", "", ""
+        qc_state = _qc_state(output_dir, pair) if status == "ok" else None
+        if qc_state is not None and qc_state[0]:
+            status, message = "flagged", "; ".join(qc_state[1])
         rows.append(
             {
                 "pair": pair.key,
@@ -633,6 +658,7 @@ def pair_status(plan, output_dir: Path, run_uuid: str, error) -> list[dict]:
                 "node": node,
                 "message": message,
                 "crash_file": crash,
+                "qc": "n/a" if qc_state is None else ("flagged" if qc_state[0] else "pass"),
             }
         )
     # --- pairs refused before the run (e.g. incomplete -d/--derivatives maps): exit 65 ---
@@ -647,9 +673,21 @@ def pair_status(plan, output_dir: Path, run_uuid: str, error) -> list[dict]:
                 "node": "",
                 "message": why[:300],
                 "crash_file": "",
+                "qc": "n/a",
             }
         )
     return rows
+
+
+def _qc_state(output_dir: Path, pair):
+    """(flagged, reasons) from the session's QC table (``preproc/qc.py``); None without one.
+
+    A flagged session completed: its derivatives exist, the run's exit code stays 0, the
+    group level leaves it out unless ``--include-flagged``.
+    """
+    from ..preproc.qc import qc_path, read_qc
+
+    return read_qc(qc_path(output_dir, pair.source_entities))
 
 
 def _write_status(rows: list[dict], output_dir: Path, run_uuid: str) -> None:

@@ -103,6 +103,9 @@ class GroupPlan:
     work_dir: Path | None = None
     notes: list = field(default_factory=list)
     ablations: bool = True
+    # sessions left out because participant QC flagged them: (path, subject, session, reasons)
+    flagged: list = field(default_factory=list)
+    include_flagged: bool = False
 
     def counts(self) -> dict:
         out = {}
@@ -202,7 +205,9 @@ def plan_group(settings) -> GroupPlan:
             f"{deriv}: no region files (sub-*/[ses-*/]pet/*_trc-{ex.tracer_label}_*_regions.npz); "
             "run the participant level first"
         )
-    selected, unknown_subjects, left_out = [], set(), {}
+    from ..preproc.qc import session_flag
+
+    selected, unknown_subjects, left_out, flagged = [], set(), {}, []
     for path in files:
         src = _source_from_name(path.name)
         sub, ses = src.get("subject"), src.get("session", "")
@@ -212,6 +217,10 @@ def plan_group(settings) -> GroupPlan:
             continue
         if sub not in participants.index:
             unknown_subjects.add(sub)
+            continue
+        is_flagged, why = session_flag(deriv, path)
+        if is_flagged and not mo.include_flagged:
+            flagged.append((path, sub, ses, why))
             continue
         label = str(participants.loc[sub, ex.label_column])
         if label not in classes:
@@ -258,6 +267,12 @@ def plan_group(settings) -> GroupPlan:
         "gate": getattr(mo, "gate", "paired"),
     }
     notes = []
+    if flagged:
+        notes.append(
+            f"{len(flagged)} session(s) flagged by participant QC left out "
+            "(--include-flagged keeps them): "
+            + ", ".join(f"sub-{f[1]}" + (f" ses-{f[2]}" if f[2] else "") for f in flagged)
+        )
     if wf.sloppy:
         notes.append("--sloppy: coarse crops and capped epochs, for tests and quick looks only")
     if mo.nondeterministic_gpu and any(d.startswith("cuda") for d in devices):
@@ -286,6 +301,8 @@ def plan_group(settings) -> GroupPlan:
         work_dir=Path(ex.work_dir) if ex.work_dir else None,
         notes=notes,
         ablations=bool(getattr(mo, "ablations", True)),
+        flagged=flagged,
+        include_flagged=bool(mo.include_flagged),
     )
 
 
@@ -594,6 +611,10 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
         "sessions": int(len(data)),
         "per_class": counts,
         "left_out": plan.left_out,
+        "flagged_excluded": len(plan.flagged),
+        "flagged_sessions": [
+            {"subject": f[1], "session": f[2], "reasons": list(f[3])} for f in plan.flagged
+        ],
     }
     cv_settings = {
         "folds": plan.folds,
@@ -760,7 +781,13 @@ def run_group(settings, plan: GroupPlan, *, fit=None, config_cls=None) -> int:
         participant_label=plan.participant_label or None,
         session_label=plan.session_label or None,
         layout=atlas_layout(),
+        include_flagged=plan.include_flagged,
     )
+    if plan.flagged:
+        LOGGER.warning(
+            "%d session(s) flagged by participant QC left out (--include-flagged keeps them)",
+            len(plan.flagged),
+        )
     if sorted(map(str, data.sources)) != sorted(str(f[0]) for f in plan.files):
         raise SiamFuseError("the region files changed between planning and loading; rerun")
     LOGGER.info(

@@ -20,6 +20,8 @@ INPUT_FIELDS = [
     "gm_mni_modulated",
     "positions",
     "spm_deformation",
+    "anat_qc",
+    "gm_mni",
 ]
 
 
@@ -87,7 +89,7 @@ def init_pet_preproc_wf(
     Inputs (``inputnode``) come from the anatomical workflow: ``t1w_preproc, brain_mask, wm,
     gm_mni_modulated, positions`` (``ants``) or ``spm_deformation`` (``spm``).
     """
-    from ..interfaces.pet import PETCoregister, PETReference, PETToGrid
+    from ..interfaces.pet import PETCoregister, PETReference, PETToGrid, SessionQC
     from ..preproc import sidecars
     from ..preproc.registration import registration_settings
     from .regions import init_regions_wf
@@ -113,15 +115,14 @@ def init_pet_preproc_wf(
         n_procs=omp_nthreads,
         mem_gb=1.0,
     )
-    frames = pet_meta.get("FrameDuration")
-    dynamic = isinstance(frames, list) and len(frames) > 1
+    # dataset-wide wording (issue 17): the methods text covers every session of the dataset,
+    # static and dynamic alike; which PET was which is in the run's log (and the counts in the
+    # dataset summary of logs/CITATION.md, reports/boilerplate.dataset_text)
     realign_text = (
-        "Its frames were realigned rigidly (Mattes mutual information, two passes to the "
-        "duration-weighted mean, as SPM's register-to-mean) and averaged weighted by their "
-        "duration into a reference image. "
-        if dynamic
-        else "A 4-D series would be realigned frame to frame and averaged weighted by frame "
-        "duration; this PET is static and served as its own reference. "
+        "The frames of dynamic (4-D) PET series were realigned rigidly (Mattes mutual "
+        "information, two passes to the duration-weighted mean, as SPM's register-to-mean) "
+        "and averaged weighted by their duration into a reference image; a static PET served "
+        "as its own reference. "
     )
     norm_text = (
         "divided by the mean of the 0.1% brightest voxels within the template brain mask, and "
@@ -133,7 +134,7 @@ def init_pet_preproc_wf(
     method = "ANTs (antspyx) rigid + T1w transforms" if backend == "ants" else "SPM12"
     if backend == "ants":
         workflow.__desc__ = f"""\
-The PET series ({Path(pet).name}) was processed as follows. {realign_text}The reference was
+Each PET series was processed as follows. {realign_text}The reference was
 registered to the T1w with a rigid transform ({settings.pet_stages[0].describe()}),
 initialized by matching the centres of mass of the bright PET voxels and the T1w brain mask.
 The PET was then resampled onto the 121x145x121, 1.5 mm MNI grid in a single interpolation
@@ -161,11 +162,22 @@ intensity-normalized: {norm_text}."""
         ])
         # fmt: on
         xfm_node, xfm_field = coreg, "itk_file"
+        # quality metrics of the session and its flag (preproc/qc.py, docs/preprocessing.md)
+        session_qc = pe.Node(SessionQC(), name="session_qc", mem_gb=1.0)
+        ds_qc = sink("ds_qc", "qc", source, output_dir)
+        # fmt: off
+        workflow.connect([
+            (inputnode, session_qc, [("anat_qc", "anat_metrics"), ("gm_mni", "gm_mni")]),
+            (reference, session_qc, [("motion_table", "motion_table"), ("notes", "pet_notes")]),
+            (to_grid, session_qc, [("coverage", "coverage"), ("out_file", "pet_mni")]),
+            (session_qc, ds_qc, [("out_file", "in_file"), ("meta", "meta_dict")]),
+        ])
+        # fmt: on
     else:
         from .spm import init_pet_spm_nodes
 
         workflow.__desc__ = f"""\
-The PET series ({Path(pet).name}) was processed as follows. {realign_text}The reference was
+Each PET series was processed as follows. {realign_text}The reference was
 coregistered to the bias-corrected T1w with SPM12's Coregister (normalized mutual information)
 and written onto the 121x145x121, 1.5 mm MNI grid through the T1w's SPM12 deformation field
 (Normalise: Write, 4th-degree B-spline), then intensity-normalized: {norm_text}."""

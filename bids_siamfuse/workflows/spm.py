@@ -54,7 +54,7 @@ def init_anat_spm_wf(
 
     workflow = Workflow(name=name)
     workflow.__desc__ = f"""\
-The T1-weighted image ({Path(t1w).name}) was segmented into grey matter, white matter and
+Each T1-weighted image was segmented into grey matter, white matter and
 CSF with the unified segmentation of {SPM_RELEASE} [@spm12; @ashburner2005] (standalone, MATLAB
 Runtime; tissue probability maps of SPM12, bias regularization 0.001, 60 mm FWHM, 1/1/2/3/4/2
 Gaussians per class, warping regularization [0 0.001 0.5 0.05 0.2], sampling distance 3 mm,
