@@ -358,7 +358,8 @@ def run_participant(settings, plan) -> int:
         plan=plan,
         run_uuid=ex.run_uuid,
     )
-    failed = [s for s in status if s["status"] not in ("ok", "refused", "flagged")]  # refused: exit 65
+    # refused pairs end the run with 65 (below); flagged ones finished and only warn
+    failed = [s for s in status if s["status"] not in ("ok", "refused", "flagged")]
     LOGGER.info(
         "%s",
         run_summary(status, started=started, output_dir=output_dir, work_dir=work_dir),
