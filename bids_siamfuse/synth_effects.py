@@ -275,36 +275,24 @@ def jacobian_determinant(disp: np.ndarray, spacing: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def draw_subject(spec, settings: EffectSettings, names) -> dict:
-    """Everything random about one subject that is not image noise, from its own generator."""
-    from .synth import WARP_SHAPE, WARP_SPACING
+def draw_covariates(spec, settings: EffectSettings, names) -> dict:
+    """The subject's covariates, disease and regional latents (cheap: no fields).
 
+    Drawn from the subject's own generator, which then goes on to the session poses.
+    """
     rng = np.random.default_rng([spec.seed, spec.index, 1201])
     family, es = settings.family, settings.effect_size
     stage = STAGES[spec.group] if family != "none" else 0.0
     n = len(names)
-    stems = [_stem(x) for x in names]
     age = float(np.clip(rng.normal(*AGE), *AGE_RANGE))
     sex = str(rng.choice(["M", "F"]))
     mmse = int(np.clip(round(rng.normal(*MMSE[spec.group])), 10, 30))
     head_scale = HEAD_SCALE_SEX[sex] * float(np.clip(rng.normal(1.0, HEAD_SCALE_SD), 0.9, 1.1))
-    severity = float(np.clip(rng.normal(1.0, SEVERITY_SD), 0.3, 1.8)) if stage > 0 else 0.0
+    # drawn for everybody, so that a subject's other draws do not depend on its group
+    severity = float(np.clip(rng.normal(1.0, SEVERITY_SD), 0.3, 1.8)) * (stage > 0)
     site = int(rng.integers(settings.sites)) if settings.sites > 1 else 0
-    # the subject deformation: a smooth stationary velocity field, exponentiated
-    warp_max = float(rng.uniform(*WARP_MAX_MM))
-    for _attempt in range(5):
-        v = np.moveaxis(smooth_field(rng, WARP_SHAPE, 2.5, 3), 0, -1)
-        v *= warp_max / np.linalg.norm(v, axis=-1).max()
-        warp = exponentiate(v, WARP_SPACING)
-        det = jacobian_determinant(warp, WARP_SPACING)
-        if det.min() > 0.2:
-            break
-        warp_max *= 0.7
-    # the registration residual (subject part), voxels of the output grid
-    residual = smooth_field(rng, _COARSE, RESIDUAL_SIGMA_MM / 3.0, 3)
-    residual *= RESIDUAL_RMS_MM / np.sqrt(3.0) / 1.5
     # regional latents: natural variation, and the coupling family's planted relation
-    core = np.array([s in CORE for s in stems])
+    core = np.array([_stem(x) in CORE for x in names])
     rho = np.full(n, NATURAL_RHO)
     if family == "coupling":
         rho[core] = _rho(stage, es)
@@ -314,7 +302,6 @@ def draw_subject(spec, settings: EffectSettings, names) -> dict:
     texture_sd = np.full(n, TEXTURE_BASE)
     if family == "nonlinear":
         texture_sd[core] = TEXTURE_BASE + TEXTURE_GAIN * stage * es
-    interval = float(rng.uniform(1.0, 2.5))
     return {
         "rng": rng,
         "stage": stage,
@@ -324,17 +311,45 @@ def draw_subject(spec, settings: EffectSettings, names) -> dict:
         "head_scale": head_scale,
         "severity": severity,
         "site": site,
-        "warp": warp,
-        "warp_max_mm": float(np.linalg.norm(warp, axis=-1).max()),
-        "warp_min_jacobian": float(det.min()),
-        "residual": residual.astype(np.float32),
         "g": g,
         "p": p,
         "rho": rho,
         "texture_sd": texture_sd,
-        "interval": interval,
+        "interval": float(rng.uniform(1.0, 2.5)),
+    }
+
+
+def draw_anatomy(spec) -> dict:
+    """The subject's deformation, registration residual and texture seed (own generator)."""
+    from .synth import WARP_SHAPE, WARP_SPACING
+
+    rng = np.random.default_rng([spec.seed, spec.index, 1204])
+    # a smooth stationary velocity field, exponentiated: a diffeomorphism by construction;
+    # the check on the Jacobian guards the discretization
+    warp_max = float(rng.uniform(*WARP_MAX_MM))
+    for _attempt in range(5):
+        v = np.moveaxis(smooth_field(rng, WARP_SHAPE, 2.5, 3), 0, -1)
+        v *= warp_max / np.linalg.norm(v, axis=-1).max()
+        warp = exponentiate(v, WARP_SPACING)
+        det = jacobian_determinant(warp, WARP_SPACING)
+        if det.min() > 0.2:
+            break
+        warp_max *= 0.7
+    # the registration residual (subject part), in voxels of the output grid
+    residual = smooth_field(rng, _COARSE, RESIDUAL_SIGMA_MM / 3.0, 3)
+    residual *= RESIDUAL_RMS_MM / np.sqrt(3.0) / 1.5
+    return {
+        "warp": warp,
+        "warp_max_mm": float(np.linalg.norm(warp, axis=-1).max()),
+        "warp_min_jacobian": float(det.min()),
+        "residual": residual.astype(np.float32),
         "texture_seed": int(rng.integers(2**31)),
     }
+
+
+def draw_subject(spec, settings: EffectSettings, names) -> dict:
+    """Everything random about one subject that is not image noise."""
+    return {**draw_covariates(spec, settings, names), **draw_anatomy(spec)}
 
 
 def session_factors(subj: dict, settings: EffectSettings, names, years: float):
