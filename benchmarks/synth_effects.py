@@ -40,6 +40,9 @@ def region_summary(root: Path, classes=("CN", "AD")) -> tuple[pd.DataFrame, dict
     y = np.asarray(data.labels)[first]
     truth = pd.read_csv(root / "derivatives" / "synth-truth" / "regions.tsv", sep="\t")
 
+    def pct(v):
+        return 100.0 * (v[y == 1].mean(axis=0) / v[y == 0].mean(axis=0) - 1.0)
+
     def cohen(v):
         a, b = v[y == 1], v[y == 0]
         pooled = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2)
@@ -57,6 +60,8 @@ def region_summary(root: Path, classes=("CN", "AD")) -> tuple[pd.DataFrame, dict
             "planted": truth["planted"].astype(bool).to_numpy(),
             "d_gm": cohen(gm),
             "d_pet": cohen(pet),
+            "pct_gm": pct(gm),
+            "pct_pet": pct(pet),
             "r_cn": corr(0),
             "r_ad": corr(1),
             "sd_ratio_gm": sd_gm[y == 1].mean(0) / sd_gm[y == 0].mean(0),
@@ -110,23 +115,20 @@ def main(argv=None) -> int:
         table, counts = region_summary(root)
         n = args.n_per_group * len(args.groups)
         print(f"\n== {family}: {n} subjects generated in {elapsed:.0f} s ({counts})")
-        for planted, part in table.groupby("planted"):
-            label = "planted" if planted else "not planted"
-            stats = part[["d_gm", "d_pet", "r_cn", "r_ad", "sd_ratio_gm", "sd_ratio_pet"]]
-            print(
-                f"  {label} ({len(part)} regions): mean "
-                + stats.mean().round(2).to_string().replace("\n", ", ").replace("    ", " ")
-            )
-            print(
-                f"      max |d_gm| {part.d_gm.abs().max():.2f}, max |d_pet| "
-                f"{part.d_pet.abs().max():.2f}"
-            )
+        cols = [
+            "d_gm",
+            "d_pet",
+            "pct_gm",
+            "pct_pet",
+            "r_cn",
+            "r_ad",
+            "sd_ratio_gm",
+            "sd_ratio_pet",
+        ]
+        summary = table.groupby("planted")[cols].agg(["mean", "min", "max"]).T.round(2)
+        print(summary.unstack(level=1).to_string())
         core = table[table.planted].sort_values("d_gm")
-        print(
-            core[["name", "d_gm", "d_pet", "r_cn", "r_ad", "sd_ratio_gm", "sd_ratio_pet"]]
-            .round(2)
-            .to_string(index=False)
-        )
+        print(core[["name", *cols]].round(2).to_string(index=False))
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -62,16 +62,16 @@ AGE_CENTER = 73.5
 #: AD pattern: AAL stem -> (GM loss, intrinsic FDG loss) at the full AD stage, effect size 1.
 #: The measured PET loss adds the partial-volume share of the atrophy (PET follows GM).
 AD_PATTERN = {
-    "Hippocampus": (0.20, 0.06),
-    "ParaHippocampal": (0.14, 0.08),
-    "Amygdala": (0.18, 0.05),
-    "Temporal_Inf": (0.09, 0.12),
-    "Temporal_Mid": (0.08, 0.12),
-    "Fusiform": (0.07, 0.06),
-    "Cingulum_Post": (0.06, 0.18),
-    "Precuneus": (0.05, 0.15),
-    "Angular": (0.05, 0.17),
-    "Parietal_Inf": (0.04, 0.13),
+    "Hippocampus": (0.23, 0.04),
+    "ParaHippocampal": (0.17, 0.05),
+    "Amygdala": (0.22, 0.02),
+    "Temporal_Inf": (0.12, 0.08),
+    "Temporal_Mid": (0.10, 0.08),
+    "Fusiform": (0.08, 0.04),
+    "Cingulum_Post": (0.08, 0.12),
+    "Precuneus": (0.08, 0.10),
+    "Angular": (0.08, 0.12),
+    "Parietal_Inf": (0.06, 0.10),
 }
 #: Regions planted by ``coupling`` and ``nonlinear``: the AD core (both hemispheres).
 CORE = (
@@ -92,8 +92,8 @@ PET_SD = 0.07  # per-region natural spread of FDG uptake (relative, after normal
 NATURAL_RHO = 0.3  # natural GM-PET correlation of the regional latents
 COUPLING_RHO = 0.6  # |correlation| in the planted regions of ``coupling`` (CN +, AD -)
 TEXTURE_BASE = 0.05  # within-region heterogeneity (SD, relative) of everybody
-TEXTURE_GAIN = 0.15  # added at the full AD stage (``nonlinear``)
-TEXTURE_SIGMA_MM = 3.0
+TEXTURE_GAIN = 0.20  # added at the full AD stage (``nonlinear``)
+TEXTURE_SIGMA_MM = 4.0  # FWHM ~9 mm: part of it survives the PET PSF
 
 GM_AGE_SLOPE = 0.004  # per year (Fjell & Walhovd 2010; Raz et al. 2005)
 FDG_AGE_SLOPE = {"frontal": 0.003, "other": 0.001}  # per year (Kalpouzos et al. 2009)
@@ -605,6 +605,7 @@ def make_subject(spec, opts) -> dict:
         if opts.raw and "pet_to_t1w" in maps:
             truth["pet_to_t1w_affine"] = maps["pet_to_t1w"].tolist()
             truth["gm_volume_native_mm3"] = maps.get("gm_volume_native")
+            truth["pet_frame_motion"] = [m.tolist() for m in maps["pet_frame_motion"]]
         save_json(truth_anat / f"{prefix}_desc-truth_xfm.json", truth)
         if opts.preprocessed:
             _write_derivatives(out, spec, session, opts, maps, settings)
@@ -685,19 +686,56 @@ def _write_derivatives(out, spec, session, opts, maps, settings: EffectSettings)
     )
 
 
+def head_maps_1mm(head, gm_factor, pet_factor, texture) -> dict:
+    """The subject's tissue and image maps on the head model's 1 mm grids (raw images).
+
+    As :func:`bids_siamfuse.synth.subject_maps`, with the session's regional factors and the
+    subject's within-region texture (resampled from the output grid) multiplied in.
+    """
+    from .synth import T1_TISSUE, apply_affine, grid_points
+
+    vox = apply_affine(
+        np.linalg.inv(GRID_AFFINE), grid_points(head.gm.shape, head.template_affine)
+    )
+    tex = [
+        ndimage.map_coordinates(t, vox, order=1, prefilter=False, output=np.float32).reshape(
+            head.gm.shape
+        )
+        for t in texture
+    ]
+    del vox
+    gm_fac = ndimage.gaussian_filter(gm_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
+    met_fac = ndimage.gaussian_filter(pet_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
+    room = head.gm + head.csf
+    gm = np.minimum(head.gm * gm_fac * (1.0 + tex[0]), room)
+    csf = room - gm
+    wm = head.wm
+    sl = tuple(slice(o, o + n) for o, n in zip(head.offset, gm.shape))
+    outside = np.clip(1.0 - (gm + wm + csf), 0.0, 1.0)
+    t1 = head.t1_head.copy()
+    t1[sl] = (
+        gm * T1_TISSUE["GM"] + wm * T1_TISSUE["WM"] + csf * T1_TISSUE["CSF"] + outside * t1[sl]
+    )
+    fdg = head.fdg_head.copy()
+    fdg[sl] = (
+        gm * met_fac * (1.0 + tex[1]) * FDG_TISSUE["GM"]
+        + wm * FDG_TISSUE["WM"]
+        + csf * FDG_TISSUE["CSF"]
+        + outside * fdg[sl]
+    )
+    return {"gm": gm, "wm": wm, "csf": csf, "t1": t1, "fdg": fdg}
+
+
 def _write_raw(spec, session, opts, subj, maps, mapping, rng, noise_rng, fwhm, truth_anat):
     """Native T1w and PET of the subject (the synth head model, with this subject's factors)."""
     from . import synth
 
     head = synth.head_model()
-    # the head model's AAL on the 1 mm template grid carries the session's factors
     params = {
-        "gm_factor": maps["gm_factor"].astype(np.float64),
-        "pet_factor": maps["pet_factor"].astype(np.float64),
         "uptake_scale": float(rng.uniform(4000.0, 8000.0)),
         "t1_gain": float(rng.uniform(0.6, 1.6)),
     }
-    head_maps = synth.subject_maps(head, params)
+    head_maps = head_maps_1mm(head, maps["gm_factor"], maps["pet_factor"], subj["texture"])
     axcodes = str(rng.choice(["RAS", "LAS", "LPS", "PIR"]))
     voxel = np.round(rng.uniform(1.0, 1.2), 2) * np.ones(3)
     tilt = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.3 else 0.0
