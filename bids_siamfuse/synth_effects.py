@@ -845,3 +845,71 @@ def cohort_parameters(settings: EffectSettings) -> dict:
         "site_sd": SITE_SD,
         "age": list(AGE),
     }
+
+
+def region_summary(root, classes=("CN", "AD")) -> tuple:
+    """Per-region statistics of a cohort's region files (first sessions only).
+
+    (table, counts): per region the planted flag, Cohen's d (second class - first) and the %
+    change of the region means of modulated GM and PET, the within-class GM-PET correlation of
+    the region means, and the ratio of the within-region relative SD (second / first class).
+    ``benchmarks/synth_effects.py`` prints it; the slow tests check it.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .bids import read_participants
+    from .preproc import regions
+
+    data = regions.load_cohort(
+        Path(root) / "derivatives" / "bids_siamfuse", read_participants(root), classes=classes
+    )
+    first = ~pd.Series(data.subjects).duplicated().to_numpy()
+    layout = data.layout
+    gm = np.stack([layout.region_means(x) for x in data.gm[first]])
+    pet = np.stack([layout.region_means(x) for x in data.pet[first]])
+    sd_gm = np.stack([_region_sd(x, layout) for x in data.gm[first]])
+    sd_pet = np.stack([_region_sd(x, layout) for x in data.pet[first]])
+    y = np.asarray(data.labels)[first]
+    truth = pd.read_csv(Path(root) / "derivatives" / "synth-truth" / "regions.tsv", sep="\t")
+
+    def pct(v):
+        return 100.0 * (v[y == 1].mean(axis=0) / v[y == 0].mean(axis=0) - 1.0)
+
+    def cohen(v):
+        a, b = v[y == 1], v[y == 0]
+        pooled = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2)
+        return (a.mean(axis=0) - b.mean(axis=0)) / pooled
+
+    def corr(k):
+        out = []
+        for r in range(gm.shape[1]):
+            out.append(np.corrcoef(gm[y == k, r], pet[y == k, r])[0, 1])
+        return np.array(out)
+
+    table = pd.DataFrame(
+        {
+            "name": layout.names,
+            "planted": truth["planted"].astype(bool).to_numpy(),
+            "d_gm": cohen(gm),
+            "d_pet": cohen(pet),
+            "pct_gm": pct(gm),
+            "pct_pet": pct(pet),
+            "r_cn": corr(0),
+            "r_ad": corr(1),
+            "sd_ratio_gm": sd_gm[y == 1].mean(0) / sd_gm[y == 0].mean(0),
+            "sd_ratio_pet": sd_pet[y == 1].mean(0) / sd_pet[y == 0].mean(0),
+        }
+    )
+    return table, {"n_cn": int((y == 0).sum()), "n_ad": int((y == 1).sum())}
+
+
+def _region_sd(vector, layout) -> np.ndarray:
+    """Within-region SD of a compact vector, relative to the region mean."""
+    off = layout.offsets
+    out = np.empty(len(off) - 1)
+    for r in range(len(off) - 1):
+        v = vector[off[r] : off[r + 1]]
+        out[r] = v.std() / max(abs(v.mean()), 1e-6)
+    return out

@@ -173,10 +173,11 @@ def test_ad_cohort_loads_and_shows_the_planted_effect(ad_cohort):
         a, c = v[y == 1], v[y == 0]
         return (a.mean(0) - c.mean(0)) / np.sqrt((a.var(0, ddof=1) + c.var(0, ddof=1)) / 2)
 
-    # relative to the other regions (head size moves every GM region together)
-    for values in (gm, pet):
+    # relative to the other regions (head size moves every GM region together); 4 subjects
+    # per class: expected gaps ~0.9 (GM) and ~2 (PET), standard error ~0.25
+    for values, margin in ((gm, 0.3), (pet, 1.0)):
         dd = d(values)
-        assert dd[planted].mean() < dd[~planted].mean() - 0.5
+        assert dd[planted].mean() < dd[~planted].mean() - margin
     hippocampus = [data.layout.names.index(n) for n in ("Hippocampus_L", "Hippocampus_R")]
     assert gm[y == 1][:, hippocampus].mean() < gm[y == 0][:, hippocampus].mean()
 
@@ -238,3 +239,92 @@ def test_cli_effect_choices(tmp_path, capsys):
         synth.main([str(tmp_path / "x"), "--effect", "bogus"])
     assert exc.value.code == 2
     assert "--effect" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# image-level checks on larger cohorts (slow)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cohort(tmp_path_factory, family, n=40, seed=31):
+    return synth.generate(
+        tmp_path_factory.mktemp(family) / "ds",
+        n_per_group=n,
+        groups=("CN", "AD"),
+        seed=seed,
+        two_session_fraction=0.0,
+        preprocessed=True,
+        raw=False,
+        jobs=2,
+        effect=family,
+        regions_only=True,
+    )
+
+
+def _d(values, y):
+    a, c = values[y == 1], values[y == 0]
+    return (a.mean(0) - c.mean(0)) / np.sqrt((a.var(0, ddof=1) + c.var(0, ddof=1)) / 2)
+
+
+# 40 subjects per class: a null d has SE 0.22, its maximum over 116 regions ~0.6
+NULL_D = 0.75
+
+
+@pytest.mark.slow
+def test_coupling_cohort_marginals_equal_relation_flips(tmp_path_factory):
+    root = _cohort(tmp_path_factory, "coupling")
+    _data, gm, pet, y = _region_means(root)
+    truth = pd.read_csv(root / "derivatives/synth-truth/regions.tsv", sep="\t")
+    planted = truth.planted.to_numpy(bool)
+    assert np.abs(_d(gm, y)).max() < NULL_D and np.abs(_d(pet, y)).max() < NULL_D
+
+    def pooled_r(k):
+        z = [(v[y == k] - v[y == k].mean(0)) / v[y == k].std(0) for v in (gm, pet)]
+        return float((z[0][:, planted] * z[1][:, planted]).mean())
+
+    assert pooled_r(0) > 0.2 and pooled_r(1) < -0.2
+
+
+@pytest.mark.slow
+def test_nonlinear_cohort_moves_texture_not_means(tmp_path_factory):
+    root = _cohort(tmp_path_factory, "nonlinear")
+    table, _ = synth_effects.region_summary(root)
+    assert table.d_gm.abs().max() < NULL_D and table.d_pet.abs().max() < NULL_D
+    planted = table.planted
+    assert table.sd_ratio_gm[planted].mean() > table.sd_ratio_gm[~planted].mean() + 0.03
+    assert table.sd_ratio_pet[planted].mean() > table.sd_ratio_pet[~planted].mean() + 0.01
+
+
+@pytest.mark.slow
+def test_none_cohort_has_no_class_difference(tmp_path_factory):
+    root = _cohort(tmp_path_factory, "none")
+    _data, gm, pet, y = _region_means(root)
+    assert np.abs(_d(gm, y)).max() < NULL_D and np.abs(_d(pet, y)).max() < NULL_D
+
+
+@pytest.mark.slow
+def test_raw_effect_cohort_is_valid_bids(tmp_path):
+    import subprocess
+
+    root = synth.generate(
+        tmp_path / "raw",
+        n_per_group=1,
+        groups=("CN", "AD"),
+        seed=2,
+        two_session_fraction=0.5,
+        preprocessed=True,
+        jobs=2,
+        effect="nonlinear",
+    )
+    proc = subprocess.run(
+        ["bids-validator-deno", str(root), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = json.loads(proc.stdout)
+    assert [i for i in report["issues"]["issues"] if i["severity"] == "error"] == []
+    data, *_ = _region_means(root)
+    assert len(data.subjects) == 3
+    truth = synth.load_truth(root, "001", "01")
+    assert truth.meta["gm_volume_native_mm3"] > 0
