@@ -104,6 +104,23 @@ def test_the_diagnosis_changes_only_what_the_family_plants(family, names):
             assert np.allclose(gm_ad, gm_cn) and np.allclose(met_ad, met_cn)
 
 
+def test_ad_stages_order_the_groups(names):
+    """One subject drawn in each group: its hippocampal GM and PCC metabolism fall with stage."""
+    settings = synth_effects.EffectSettings("ad")
+    hip = 1 + names.index("Hippocampus_L")
+    pcc = 1 + names.index("Cingulum_Post_L")
+    for index in range(3):
+        gm, met = [], []
+        for group in ("CN", "MCIs", "MCIc", "AD"):
+            spec = synth.SubjectSpec(index, "x", group, ["01"], 9, 1.0)
+            g, m = synth_effects.session_factors(
+                synth_effects.draw_covariates(spec, settings, names), settings, names, 0.0
+            )
+            gm.append(g[hip])
+            met.append(m[pcc])
+        assert np.all(np.diff(gm) < 0) and np.all(np.diff(met) < 0)
+
+
 def test_deformation_is_a_smooth_diffeomorphism():
     spec = synth.SubjectSpec(0, "x", "CN", ["01"], 5, 1.0)
     anat = synth_effects.draw_anatomy(spec)
