@@ -62,16 +62,16 @@ AGE_CENTER = 73.5
 #: AD pattern: AAL stem -> (GM loss, intrinsic FDG loss) at the full AD stage, effect size 1.
 #: The measured PET loss adds the partial-volume share of the atrophy (PET follows GM).
 AD_PATTERN = {
-    "Hippocampus": (0.23, 0.04),
-    "ParaHippocampal": (0.17, 0.05),
-    "Amygdala": (0.22, 0.02),
-    "Temporal_Inf": (0.12, 0.08),
-    "Temporal_Mid": (0.10, 0.08),
-    "Fusiform": (0.08, 0.04),
-    "Cingulum_Post": (0.08, 0.12),
-    "Precuneus": (0.08, 0.10),
-    "Angular": (0.08, 0.12),
-    "Parietal_Inf": (0.06, 0.10),
+    "Hippocampus": (0.26, 0.06),
+    "ParaHippocampal": (0.20, 0.08),
+    "Amygdala": (0.25, 0.03),
+    "Temporal_Inf": (0.12, 0.12),
+    "Temporal_Mid": (0.10, 0.12),
+    "Fusiform": (0.08, 0.06),
+    "Cingulum_Post": (0.08, 0.18),
+    "Precuneus": (0.08, 0.15),
+    "Angular": (0.08, 0.17),
+    "Parietal_Inf": (0.06, 0.15),
 }
 #: Regions planted by ``coupling`` and ``nonlinear``: the AD core (both hemispheres).
 CORE = (
@@ -88,7 +88,7 @@ SEVERITY_SD = 0.3  # spread of the disease effect inside a group (relative)
 PROGRESSION = 0.15  # stage units per year: hippocampus +3 %/yr beyond ageing in AD (Barnes 2009)
 
 GM_SD = 0.08  # per-region natural spread of GM (relative, head size apart)
-PET_SD = 0.07  # per-region natural spread of FDG uptake (relative, after normalization)
+PET_SD = 0.11  # per-region natural spread of the GM uptake: ~7 % in the regional means
 NATURAL_RHO = 0.3  # natural GM-PET correlation of the regional latents
 COUPLING_RHO = 0.6  # |correlation| in the planted regions of ``coupling`` (CN +, AD -)
 TEXTURE_BASE = 0.05  # within-region heterogeneity (SD, relative) of everybody
