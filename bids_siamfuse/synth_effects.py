@@ -433,27 +433,45 @@ def _sample(volumes: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def subject_texture(subj: dict, model: GridModel) -> np.ndarray:
-    """Within-region texture of GM and metabolism, (2, grid), zero GM-weighted mean per region.
+    """The subject's texture fields, (4, grid): unit SD, zero GM-weighted mean per region.
 
-    Its SD is the subject's per-region ``texture_sd``: everybody has some heterogeneity; the
-    ``nonlinear`` family raises it in the planted regions without moving any region's mean.
+    Channels 0 and 1 (GM, metabolism) scaled by ``TEXTURE_BASE`` are everybody's within-region
+    heterogeneity; channels 2 and 3 carry the ``nonlinear`` family's extra texture
+    (:func:`add_texture`). Cached in ``subj``.
     """
-    if "texture" in subj:
-        return subj["texture"]
+    if "texture_fields" in subj:
+        return subj["texture_fields"]
     rng = np.random.default_rng(subj["texture_seed"])
-    fields = upsample(smooth_field(rng, _COARSE, TEXTURE_SIGMA_MM / 3.0, 2))
+    fields = upsample(smooth_field(rng, _COARSE, TEXTURE_SIGMA_MM / 3.0, 4))
     labels = model.labels.reshape(-1)
     weight = model.tissue[0].reshape(-1).astype(np.float64)
-    count = len(model.names) + 1
-    wsum = np.bincount(labels, weights=weight, minlength=count)
-    sd = np.r_[TEXTURE_BASE, subj["texture_sd"]].astype(np.float32)[labels]
     for f in fields:
-        flat = f.reshape(-1)
-        mean = np.bincount(labels, weights=weight * flat, minlength=count)
-        flat -= (mean / np.maximum(wsum, 1e-9)).astype(np.float32)[labels]
-        flat *= sd
-    subj["texture"] = fields
+        _remove_region_means(f.reshape(-1), labels, weight)
+    subj["texture_fields"] = fields
     return fields
+
+
+def _remove_region_means(flat: np.ndarray, labels: np.ndarray, weight) -> None:
+    """Subtract from ``flat`` (in place) its ``weight``-weighted mean in every label."""
+    count = int(labels.max()) + 1
+    wsum = np.bincount(labels, weights=weight, minlength=count)
+    mean = np.bincount(labels, weights=weight * flat, minlength=count)
+    flat -= (mean / np.where(wsum > 0, wsum, 1.0)).astype(np.float32)[labels]
+
+
+def add_texture(image: np.ndarray, field: np.ndarray, sd_per_region, labels) -> np.ndarray:
+    """``image x (1 + sd x t)`` with ``t`` made zero-mean per region under weights ``image``.
+
+    Every atlas region's mean of the result equals the image's (to float precision): the
+    ``nonlinear`` family's texture is added to the final maps, after the PET normalization,
+    whose top-0.1 % mean would otherwise turn more heterogeneity into a lower global PET level.
+    """
+    flat_labels = labels.reshape(-1)
+    t = field.reshape(-1).astype(np.float32).copy()
+    _remove_region_means(t, flat_labels, image.reshape(-1).astype(np.float64))
+    gain = np.asarray(sd_per_region, dtype=np.float32)[flat_labels]
+    out = image.reshape(-1) * (1.0 + gain * t)
+    return np.maximum(out, 0.0).reshape(image.shape).astype(np.float32)
 
 
 def grid_modulation(mapping) -> np.ndarray:
@@ -482,7 +500,7 @@ def session_maps(
     model = grid_model()
     idx = model.index
     gm_f, met_f = session_factors(subj, settings, model.names, years)
-    texture = subject_texture(subj, model)
+    texture = subject_texture(subj, model)[:2] * TEXTURE_BASE
     # smooth random fields of the session, drawn at 3 mm and interpolated together
     session_residual = smooth_field(noise_rng, _COARSE, RESIDUAL_SIGMA_MM / 3.0, 3)
     session_residual *= RESIDUAL_SESSION_RMS_MM / np.sqrt(3.0) / 1.5
@@ -527,10 +545,20 @@ def session_maps(
     pet.reshape(-1)[idx] = np.maximum(seen, 0.0)
     pet_norm, value, description = normalize(pet, "none")
     pet_norm = pet_norm * site["pet_scale"] + site["pet_offset"] * (pet_norm > 0)
+    pet_norm = np.maximum(pet_norm, 0.0).astype(np.float32)
+    extra = np.r_[0.0, subj["texture_sd"] - TEXTURE_BASE]
+    if extra.max() > 0:  # the nonlinear family: more heterogeneity, same region means
+        fields = subject_texture(subj, model)
+        wc1 = add_texture(wc1, fields[2], extra, model.labels)
+        mwc1 = add_texture(mwc1, fields[2], extra, model.labels)
+        # the metabolism texture as the scanner sees it: through the PSF, back to unit SD
+        seen_t = ndimage.gaussian_filter(fields[3], sigma, mode="constant", truncate=3.0)
+        seen_t /= seen_t.reshape(-1)[idx].std() + 1e-12
+        pet_norm = add_texture(pet_norm, seen_t, extra, model.labels)
     return {
         "wc1": wc1,
         "mwc1": mwc1,
-        "pet": np.maximum(pet_norm, 0.0).astype(np.float32),
+        "pet": pet_norm,
         "norm_value": value,
         "norm_description": description,
         "gm_factor": gm_f,
@@ -735,7 +763,12 @@ def _write_raw(spec, session, opts, subj, maps, mapping, rng, noise_rng, fwhm, t
         "uptake_scale": float(rng.uniform(4000.0, 8000.0)),
         "t1_gain": float(rng.uniform(0.6, 1.6)),
     }
-    head_maps = head_maps_1mm(head, maps["gm_factor"], maps["pet_factor"], subj["texture"])
+    # raw images: the whole texture goes through the images (and the PSF, the normalization)
+    model = grid_model()
+    sd = np.r_[TEXTURE_BASE, subj["texture_sd"]].astype(np.float32)[model.labels]
+    fields = subject_texture(subj, model)
+    texture = [fields[0] * sd, fields[1] * sd]
+    head_maps = head_maps_1mm(head, maps["gm_factor"], maps["pet_factor"], texture)
     axcodes = str(rng.choice(["RAS", "LAS", "LPS", "PIR"]))
     voxel = np.round(rng.uniform(1.0, 1.2), 2) * np.ones(3)
     tilt = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.3 else 0.0

@@ -132,22 +132,47 @@ def test_deformation_is_a_smooth_diffeomorphism():
     assert 0.8 * synth_effects.RESIDUAL_RMS_MM < rms < 1.2 * synth_effects.RESIDUAL_RMS_MM
 
 
-def test_texture_keeps_region_means(names):
-    """The nonlinear family's texture has zero GM-weighted mean in every region."""
+def test_texture_fields_have_zero_region_means(names):
     model = synth_effects.grid_model()
     settings = synth_effects.EffectSettings("nonlinear")
     spec = synth.SubjectSpec(0, "x", "AD", ["01"], 5, 1.0)
     subj = synth_effects.draw_subject(spec, settings, names)
     texture = synth_effects.subject_texture(subj, model)
+    assert texture.shape[0] == 4
     labels = model.labels.reshape(-1)
     weight = model.tissue[0].reshape(-1).astype(np.float64)
     for field in texture:
         num = np.bincount(labels, weights=weight * field.reshape(-1), minlength=117)[1:]
         den = np.bincount(labels, weights=weight, minlength=117)[1:]
         assert np.abs(num / den).max() < 1e-4
+        assert 0.8 < field.reshape(-1)[labels > 0].std() < 1.2
+
+
+def test_nonlinear_moves_texture_not_region_means(tmp_path, names):
+    """The same AD subject as ``none`` and as ``nonlinear``: same region means, more texture."""
+    kw = dict(
+        n_per_group=1,
+        groups=("AD",),
+        seed=8,
+        two_session_fraction=0,
+        preprocessed=True,
+        raw=False,
+        regions_only=True,
+    )
+    flat = synth.generate(tmp_path / "none", effect="none", **kw)
+    rough = synth.generate(tmp_path / "nonlinear", effect="nonlinear", **kw)
+    layout = regions.atlas_layout()
     planted = _planted(names, "nonlinear")
-    sd = np.array([texture[0].reshape(-1)[labels == r + 1].std() for r in range(len(names))])
-    assert sd[planted].mean() > 2.5 * sd[~planted].mean()
+    off = layout.offsets
+    for key in ("gm", "pet"):
+        a = np.load(next(flat.glob("derivatives/bids_siamfuse/sub-*/ses-*/pet/*.npz")))[key]
+        b = np.load(next(rough.glob("derivatives/bids_siamfuse/sub-*/ses-*/pet/*.npz")))[key]
+        assert np.allclose(layout.region_means(a), layout.region_means(b), rtol=1e-4)
+        ratio = np.array(
+            [b[off[r] : off[r + 1]].std() / a[off[r] : off[r + 1]].std() for r in range(116)]
+        )
+        assert ratio[planted].mean() > 1.05 and (ratio[planted] > 1.0).all()
+        assert np.allclose(ratio[~planted], 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
