@@ -62,16 +62,16 @@ AGE_CENTER = 73.5
 #: AD pattern: AAL stem -> (GM loss, intrinsic FDG loss) at the full AD stage, effect size 1.
 #: The measured PET loss adds the partial-volume share of the atrophy (PET follows GM).
 AD_PATTERN = {
-    "Hippocampus": (0.20, 0.06),
-    "ParaHippocampal": (0.14, 0.08),
-    "Amygdala": (0.18, 0.05),
-    "Temporal_Inf": (0.09, 0.12),
-    "Temporal_Mid": (0.08, 0.12),
-    "Fusiform": (0.07, 0.06),
-    "Cingulum_Post": (0.06, 0.18),
-    "Precuneus": (0.05, 0.15),
-    "Angular": (0.05, 0.17),
-    "Parietal_Inf": (0.04, 0.13),
+    "Hippocampus": (0.26, 0.06),
+    "ParaHippocampal": (0.20, 0.08),
+    "Amygdala": (0.25, 0.03),
+    "Temporal_Inf": (0.12, 0.12),
+    "Temporal_Mid": (0.10, 0.12),
+    "Fusiform": (0.08, 0.06),
+    "Cingulum_Post": (0.08, 0.18),
+    "Precuneus": (0.08, 0.15),
+    "Angular": (0.08, 0.17),
+    "Parietal_Inf": (0.06, 0.15),
 }
 #: Regions planted by ``coupling`` and ``nonlinear``: the AD core (both hemispheres).
 CORE = (
@@ -88,12 +88,12 @@ SEVERITY_SD = 0.3  # spread of the disease effect inside a group (relative)
 PROGRESSION = 0.15  # stage units per year: hippocampus +3 %/yr beyond ageing in AD (Barnes 2009)
 
 GM_SD = 0.08  # per-region natural spread of GM (relative, head size apart)
-PET_SD = 0.07  # per-region natural spread of FDG uptake (relative, after normalization)
+PET_SD = 0.11  # per-region natural spread of the GM uptake: ~7 % in the regional means
 NATURAL_RHO = 0.3  # natural GM-PET correlation of the regional latents
 COUPLING_RHO = 0.6  # |correlation| in the planted regions of ``coupling`` (CN +, AD -)
 TEXTURE_BASE = 0.05  # within-region heterogeneity (SD, relative) of everybody
-TEXTURE_GAIN = 0.15  # added at the full AD stage (``nonlinear``)
-TEXTURE_SIGMA_MM = 3.0
+TEXTURE_GAIN = 0.20  # added at the full AD stage (``nonlinear``)
+TEXTURE_SIGMA_MM = 4.0  # FWHM ~9 mm: part of it survives the PET PSF
 
 GM_AGE_SLOPE = 0.004  # per year (Fjell & Walhovd 2010; Raz et al. 2005)
 FDG_AGE_SLOPE = {"frontal": 0.003, "other": 0.001}  # per year (Kalpouzos et al. 2009)
@@ -275,36 +275,24 @@ def jacobian_determinant(disp: np.ndarray, spacing: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def draw_subject(spec, settings: EffectSettings, names) -> dict:
-    """Everything random about one subject that is not image noise, from its own generator."""
-    from .synth import WARP_SHAPE, WARP_SPACING
+def draw_covariates(spec, settings: EffectSettings, names) -> dict:
+    """The subject's covariates, disease and regional latents (cheap: no fields).
 
+    Drawn from the subject's own generator, which then goes on to the session poses.
+    """
     rng = np.random.default_rng([spec.seed, spec.index, 1201])
     family, es = settings.family, settings.effect_size
     stage = STAGES[spec.group] if family != "none" else 0.0
     n = len(names)
-    stems = [_stem(x) for x in names]
     age = float(np.clip(rng.normal(*AGE), *AGE_RANGE))
     sex = str(rng.choice(["M", "F"]))
     mmse = int(np.clip(round(rng.normal(*MMSE[spec.group])), 10, 30))
     head_scale = HEAD_SCALE_SEX[sex] * float(np.clip(rng.normal(1.0, HEAD_SCALE_SD), 0.9, 1.1))
-    severity = float(np.clip(rng.normal(1.0, SEVERITY_SD), 0.3, 1.8)) if stage > 0 else 0.0
+    # drawn for everybody, so that a subject's other draws do not depend on its group
+    severity = float(np.clip(rng.normal(1.0, SEVERITY_SD), 0.3, 1.8)) * (stage > 0)
     site = int(rng.integers(settings.sites)) if settings.sites > 1 else 0
-    # the subject deformation: a smooth stationary velocity field, exponentiated
-    warp_max = float(rng.uniform(*WARP_MAX_MM))
-    for _attempt in range(5):
-        v = np.moveaxis(smooth_field(rng, WARP_SHAPE, 2.5, 3), 0, -1)
-        v *= warp_max / np.linalg.norm(v, axis=-1).max()
-        warp = exponentiate(v, WARP_SPACING)
-        det = jacobian_determinant(warp, WARP_SPACING)
-        if det.min() > 0.2:
-            break
-        warp_max *= 0.7
-    # the registration residual (subject part), voxels of the output grid
-    residual = smooth_field(rng, _COARSE, RESIDUAL_SIGMA_MM / 3.0, 3)
-    residual *= RESIDUAL_RMS_MM / np.sqrt(3.0) / 1.5
     # regional latents: natural variation, and the coupling family's planted relation
-    core = np.array([s in CORE for s in stems])
+    core = np.array([_stem(x) in CORE for x in names])
     rho = np.full(n, NATURAL_RHO)
     if family == "coupling":
         rho[core] = _rho(stage, es)
@@ -314,7 +302,6 @@ def draw_subject(spec, settings: EffectSettings, names) -> dict:
     texture_sd = np.full(n, TEXTURE_BASE)
     if family == "nonlinear":
         texture_sd[core] = TEXTURE_BASE + TEXTURE_GAIN * stage * es
-    interval = float(rng.uniform(1.0, 2.5))
     return {
         "rng": rng,
         "stage": stage,
@@ -324,17 +311,45 @@ def draw_subject(spec, settings: EffectSettings, names) -> dict:
         "head_scale": head_scale,
         "severity": severity,
         "site": site,
-        "warp": warp,
-        "warp_max_mm": float(np.linalg.norm(warp, axis=-1).max()),
-        "warp_min_jacobian": float(det.min()),
-        "residual": residual.astype(np.float32),
         "g": g,
         "p": p,
         "rho": rho,
         "texture_sd": texture_sd,
-        "interval": interval,
+        "interval": float(rng.uniform(1.0, 2.5)),
+    }
+
+
+def draw_anatomy(spec) -> dict:
+    """The subject's deformation, registration residual and texture seed (own generator)."""
+    from .synth import WARP_SHAPE, WARP_SPACING
+
+    rng = np.random.default_rng([spec.seed, spec.index, 1204])
+    # a smooth stationary velocity field, exponentiated: a diffeomorphism by construction;
+    # the check on the Jacobian guards the discretization
+    warp_max = float(rng.uniform(*WARP_MAX_MM))
+    for _attempt in range(5):
+        v = np.moveaxis(smooth_field(rng, WARP_SHAPE, 2.5, 3), 0, -1)
+        v *= warp_max / np.linalg.norm(v, axis=-1).max()
+        warp = exponentiate(v, WARP_SPACING)
+        det = jacobian_determinant(warp, WARP_SPACING)
+        if det.min() > 0.2:
+            break
+        warp_max *= 0.7
+    # the registration residual (subject part), in voxels of the output grid
+    residual = smooth_field(rng, _COARSE, RESIDUAL_SIGMA_MM / 3.0, 3)
+    residual *= RESIDUAL_RMS_MM / np.sqrt(3.0) / 1.5
+    return {
+        "warp": warp,
+        "warp_max_mm": float(np.linalg.norm(warp, axis=-1).max()),
+        "warp_min_jacobian": float(det.min()),
+        "residual": residual.astype(np.float32),
         "texture_seed": int(rng.integers(2**31)),
     }
+
+
+def draw_subject(spec, settings: EffectSettings, names) -> dict:
+    """Everything random about one subject that is not image noise."""
+    return {**draw_covariates(spec, settings, names), **draw_anatomy(spec)}
 
 
 def session_factors(subj: dict, settings: EffectSettings, names, years: float):
@@ -418,27 +433,45 @@ def _sample(volumes: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def subject_texture(subj: dict, model: GridModel) -> np.ndarray:
-    """Within-region texture of GM and metabolism, (2, grid), zero GM-weighted mean per region.
+    """The subject's texture fields, (4, grid): unit SD, zero GM-weighted mean per region.
 
-    Its SD is the subject's per-region ``texture_sd``: everybody has some heterogeneity; the
-    ``nonlinear`` family raises it in the planted regions without moving any region's mean.
+    Channels 0 and 1 (GM, metabolism) scaled by ``TEXTURE_BASE`` are everybody's within-region
+    heterogeneity; channels 2 and 3 carry the ``nonlinear`` family's extra texture
+    (:func:`add_texture`). Cached in ``subj``.
     """
-    if "texture" in subj:
-        return subj["texture"]
+    if "texture_fields" in subj:
+        return subj["texture_fields"]
     rng = np.random.default_rng(subj["texture_seed"])
-    fields = upsample(smooth_field(rng, _COARSE, TEXTURE_SIGMA_MM / 3.0, 2))
+    fields = upsample(smooth_field(rng, _COARSE, TEXTURE_SIGMA_MM / 3.0, 4))
     labels = model.labels.reshape(-1)
     weight = model.tissue[0].reshape(-1).astype(np.float64)
-    count = len(model.names) + 1
-    wsum = np.bincount(labels, weights=weight, minlength=count)
-    sd = np.r_[TEXTURE_BASE, subj["texture_sd"]].astype(np.float32)[labels]
     for f in fields:
-        flat = f.reshape(-1)
-        mean = np.bincount(labels, weights=weight * flat, minlength=count)
-        flat -= (mean / np.maximum(wsum, 1e-9)).astype(np.float32)[labels]
-        flat *= sd
-    subj["texture"] = fields
+        _remove_region_means(f.reshape(-1), labels, weight)
+    subj["texture_fields"] = fields
     return fields
+
+
+def _remove_region_means(flat: np.ndarray, labels: np.ndarray, weight) -> None:
+    """Subtract from ``flat`` (in place) its ``weight``-weighted mean in every label."""
+    count = int(labels.max()) + 1
+    wsum = np.bincount(labels, weights=weight, minlength=count)
+    mean = np.bincount(labels, weights=weight * flat, minlength=count)
+    flat -= (mean / np.where(wsum > 0, wsum, 1.0)).astype(np.float32)[labels]
+
+
+def add_texture(image: np.ndarray, field: np.ndarray, sd_per_region, labels) -> np.ndarray:
+    """``image x (1 + sd x t)`` with ``t`` made zero-mean per region under weights ``image``.
+
+    Every atlas region's mean of the result equals the image's (to float precision): the
+    ``nonlinear`` family's texture is added to the final maps, after the PET normalization,
+    whose top-0.1 % mean would otherwise turn more heterogeneity into a lower global PET level.
+    """
+    flat_labels = labels.reshape(-1)
+    t = field.reshape(-1).astype(np.float32).copy()
+    _remove_region_means(t, flat_labels, image.reshape(-1).astype(np.float64))
+    gain = np.asarray(sd_per_region, dtype=np.float32)[flat_labels]
+    out = image.reshape(-1) * (1.0 + gain * t)
+    return np.maximum(out, 0.0).reshape(image.shape).astype(np.float32)
 
 
 def grid_modulation(mapping) -> np.ndarray:
@@ -467,7 +500,7 @@ def session_maps(
     model = grid_model()
     idx = model.index
     gm_f, met_f = session_factors(subj, settings, model.names, years)
-    texture = subject_texture(subj, model)
+    texture = subject_texture(subj, model)[:2] * TEXTURE_BASE
     # smooth random fields of the session, drawn at 3 mm and interpolated together
     session_residual = smooth_field(noise_rng, _COARSE, RESIDUAL_SIGMA_MM / 3.0, 3)
     session_residual *= RESIDUAL_SESSION_RMS_MM / np.sqrt(3.0) / 1.5
@@ -512,10 +545,20 @@ def session_maps(
     pet.reshape(-1)[idx] = np.maximum(seen, 0.0)
     pet_norm, value, description = normalize(pet, "none")
     pet_norm = pet_norm * site["pet_scale"] + site["pet_offset"] * (pet_norm > 0)
+    pet_norm = np.maximum(pet_norm, 0.0).astype(np.float32)
+    extra = np.r_[0.0, subj["texture_sd"] - TEXTURE_BASE]
+    if extra.max() > 0:  # the nonlinear family: more heterogeneity, same region means
+        fields = subject_texture(subj, model)
+        wc1 = add_texture(wc1, fields[2], extra, model.labels)
+        mwc1 = add_texture(mwc1, fields[2], extra, model.labels)
+        # the metabolism texture as the scanner sees it: through the PSF, back to unit SD
+        seen_t = ndimage.gaussian_filter(fields[3], sigma, mode="constant", truncate=3.0)
+        seen_t /= seen_t.reshape(-1)[idx].std() + 1e-12
+        pet_norm = add_texture(pet_norm, seen_t, extra, model.labels)
     return {
         "wc1": wc1,
         "mwc1": mwc1,
-        "pet": np.maximum(pet_norm, 0.0).astype(np.float32),
+        "pet": pet_norm,
         "norm_value": value,
         "norm_description": description,
         "gm_factor": gm_f,
@@ -590,6 +633,7 @@ def make_subject(spec, opts) -> dict:
         if opts.raw and "pet_to_t1w" in maps:
             truth["pet_to_t1w_affine"] = maps["pet_to_t1w"].tolist()
             truth["gm_volume_native_mm3"] = maps.get("gm_volume_native")
+            truth["pet_frame_motion"] = [m.tolist() for m in maps["pet_frame_motion"]]
         save_json(truth_anat / f"{prefix}_desc-truth_xfm.json", truth)
         if opts.preprocessed:
             _write_derivatives(out, spec, session, opts, maps, settings)
@@ -670,19 +714,61 @@ def _write_derivatives(out, spec, session, opts, maps, settings: EffectSettings)
     )
 
 
+def head_maps_1mm(head, gm_factor, pet_factor, texture) -> dict:
+    """The subject's tissue and image maps on the head model's 1 mm grids (raw images).
+
+    As :func:`bids_siamfuse.synth.subject_maps`, with the session's regional factors and the
+    subject's within-region texture (resampled from the output grid) multiplied in.
+    """
+    from .synth import T1_TISSUE, apply_affine, grid_points
+
+    vox = apply_affine(
+        np.linalg.inv(GRID_AFFINE), grid_points(head.gm.shape, head.template_affine)
+    )
+    tex = [
+        ndimage.map_coordinates(t, vox, order=1, prefilter=False, output=np.float32).reshape(
+            head.gm.shape
+        )
+        for t in texture
+    ]
+    del vox
+    gm_fac = ndimage.gaussian_filter(gm_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
+    met_fac = ndimage.gaussian_filter(pet_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
+    room = head.gm + head.csf
+    gm = np.minimum(head.gm * gm_fac * (1.0 + tex[0]), room)
+    csf = room - gm
+    wm = head.wm
+    sl = tuple(slice(o, o + n) for o, n in zip(head.offset, gm.shape))
+    outside = np.clip(1.0 - (gm + wm + csf), 0.0, 1.0)
+    t1 = head.t1_head.copy()
+    t1[sl] = (
+        gm * T1_TISSUE["GM"] + wm * T1_TISSUE["WM"] + csf * T1_TISSUE["CSF"] + outside * t1[sl]
+    )
+    fdg = head.fdg_head.copy()
+    fdg[sl] = (
+        gm * met_fac * (1.0 + tex[1]) * FDG_TISSUE["GM"]
+        + wm * FDG_TISSUE["WM"]
+        + csf * FDG_TISSUE["CSF"]
+        + outside * fdg[sl]
+    )
+    return {"gm": gm, "wm": wm, "csf": csf, "t1": t1, "fdg": fdg}
+
+
 def _write_raw(spec, session, opts, subj, maps, mapping, rng, noise_rng, fwhm, truth_anat):
     """Native T1w and PET of the subject (the synth head model, with this subject's factors)."""
     from . import synth
 
     head = synth.head_model()
-    # the head model's AAL on the 1 mm template grid carries the session's factors
     params = {
-        "gm_factor": maps["gm_factor"].astype(np.float64),
-        "pet_factor": maps["pet_factor"].astype(np.float64),
         "uptake_scale": float(rng.uniform(4000.0, 8000.0)),
         "t1_gain": float(rng.uniform(0.6, 1.6)),
     }
-    head_maps = synth.subject_maps(head, params)
+    # raw images: the whole texture goes through the images (and the PSF, the normalization)
+    model = grid_model()
+    sd = np.r_[TEXTURE_BASE, subj["texture_sd"]].astype(np.float32)[model.labels]
+    fields = subject_texture(subj, model)
+    texture = [fields[0] * sd, fields[1] * sd]
+    head_maps = head_maps_1mm(head, maps["gm_factor"], maps["pet_factor"], texture)
     axcodes = str(rng.choice(["RAS", "LAS", "LPS", "PIR"]))
     voxel = np.round(rng.uniform(1.0, 1.2), 2) * np.ones(3)
     tilt = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.3 else 0.0
@@ -792,3 +878,71 @@ def cohort_parameters(settings: EffectSettings) -> dict:
         "site_sd": SITE_SD,
         "age": list(AGE),
     }
+
+
+def region_summary(root, classes=("CN", "AD")) -> tuple:
+    """Per-region statistics of a cohort's region files (first sessions only).
+
+    (table, counts): per region the planted flag, Cohen's d (second class - first) and the %
+    change of the region means of modulated GM and PET, the within-class GM-PET correlation of
+    the region means, and the ratio of the within-region relative SD (second / first class).
+    ``benchmarks/synth_effects.py`` prints it; the slow tests check it.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .bids import read_participants
+    from .preproc import regions
+
+    data = regions.load_cohort(
+        Path(root) / "derivatives" / "bids_siamfuse", read_participants(root), classes=classes
+    )
+    first = ~pd.Series(data.subjects).duplicated().to_numpy()
+    layout = data.layout
+    gm = np.stack([layout.region_means(x) for x in data.gm[first]])
+    pet = np.stack([layout.region_means(x) for x in data.pet[first]])
+    sd_gm = np.stack([_region_sd(x, layout) for x in data.gm[first]])
+    sd_pet = np.stack([_region_sd(x, layout) for x in data.pet[first]])
+    y = np.asarray(data.labels)[first]
+    truth = pd.read_csv(Path(root) / "derivatives" / "synth-truth" / "regions.tsv", sep="\t")
+
+    def pct(v):
+        return 100.0 * (v[y == 1].mean(axis=0) / v[y == 0].mean(axis=0) - 1.0)
+
+    def cohen(v):
+        a, b = v[y == 1], v[y == 0]
+        pooled = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2)
+        return (a.mean(axis=0) - b.mean(axis=0)) / pooled
+
+    def corr(k):
+        out = []
+        for r in range(gm.shape[1]):
+            out.append(np.corrcoef(gm[y == k, r], pet[y == k, r])[0, 1])
+        return np.array(out)
+
+    table = pd.DataFrame(
+        {
+            "name": layout.names,
+            "planted": truth["planted"].astype(bool).to_numpy(),
+            "d_gm": cohen(gm),
+            "d_pet": cohen(pet),
+            "pct_gm": pct(gm),
+            "pct_pet": pct(pet),
+            "r_cn": corr(0),
+            "r_ad": corr(1),
+            "sd_ratio_gm": sd_gm[y == 1].mean(0) / sd_gm[y == 0].mean(0),
+            "sd_ratio_pet": sd_pet[y == 1].mean(0) / sd_pet[y == 0].mean(0),
+        }
+    )
+    return table, {"n_cn": int((y == 0).sum()), "n_ad": int((y == 1).sum())}
+
+
+def _region_sd(vector, layout) -> np.ndarray:
+    """Within-region SD of a compact vector, relative to the region mean."""
+    off = layout.offsets
+    out = np.empty(len(off) - 1)
+    for r in range(len(off) - 1):
+        v = vector[off[r] : off[r + 1]]
+        out[r] = v.std() / max(abs(v.mean()), 1e-6)
+    return out
