@@ -698,7 +698,9 @@ def _save_data(path: Path, obj, ent: dict, *, extension: str, dtype=None) -> Pat
 #: Environment variable naming the input dataset's location as the user sees it (the host path
 #: when the app runs in a container, where BIDS_DIR is a mount point such as /data).
 HOST_BIDS_DIR_ENV = "BIDS_SIAMFUSE_HOST_BIDS_DIR"
-_DOCKERENV = Path("/.dockerenv")  # Docker creates it in every container
+# Docker creates it in every container; the variable lets a test suite that itself runs in a
+# container (CI) behave as on a bare machine (tests/conftest.py)
+_DOCKERENV = Path(os.environ.get("BIDS_SIAMFUSE_DOCKERENV", "/.dockerenv"))
 
 
 def container_info() -> dict | None:

@@ -11,7 +11,29 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """``main()`` points the logging handlers at the stderr of the test that ran it; pytest
+    closes that stream afterwards. Plain stream handlers left behind are removed so a later
+    test does not print "--- Logging error ---" into its own captured stderr."""
+    yield
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if type(handler) is logging.StreamHandler and handler.stream not in (
+                sys.__stderr__,
+                sys.__stdout__,
+            ):
+                logger.removeHandler(handler)
+
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# CI runs inside a container (/.dockerenv): the outputs' container provenance is tested on its
+# own (test_nipreps.py), every other test sees a bare machine, subprocesses included
+os.environ["BIDS_SIAMFUSE_DOCKERENV"] = str(Path(__file__).with_name("no-dockerenv"))
 
 
 @pytest.fixture(scope="session")

@@ -645,7 +645,8 @@ def test_report_renders_offline_in_chromium(built, which, tmp_path):
     html = built[which]
     shot = tmp_path / f"{which}.png"
     result = browse(html, tmp_path / "browser", shot)
-    assert result["images"] == (2 if which == "participant" else 5)
+    # participant: two figures + ses-01's PET motion trace (the fixture's dynamic PET)
+    assert result["images"] == (3 if which == "participant" else 5)
     assert result["bad"] == [], f"images that did not decode: {result['bad']}"
     if which == "participant":
         assert result["svgs"] == 6 and result["flat"] == 0
@@ -668,8 +669,11 @@ def test_crashed_participant_run_still_reports(tmp_path, monkeypatch):
     make_participant(out)
     (out / "logs" / "participant-run1.tsv").unlink()  # only this run's status counts
 
+    import networkx as nx
+
     class Crashing:
         config = {"execution": {}}
+        _graph = nx.DiGraph()  # no steps: the progress lines count none
 
         def run(self, **kwargs):
             raise RuntimeError("a node crashed")

@@ -20,6 +20,8 @@ import logging
 import re
 from pathlib import Path
 
+from ..bids import OUTPUTS
+
 LOGGER = logging.getLogger("bids_siamfuse.reports")
 
 #: reportlets of a session, in report order: (filename pattern, title, caption)
@@ -255,7 +257,8 @@ def _qc_section(pet_dir: Path) -> list[dict]:
         except (OSError, ValueError):
             entry["warnings"] = []
         prefix = path.name[: -len("_desc-qc_stats.tsv")]
-        motion = pet_dir / f"{prefix}_desc-realign_motion.tsv"
+        spec = OUTPUTS["pet_confounds"]  # same PET source entities as the QC table
+        motion = pet_dir / f"{prefix}_desc-{spec['desc']}_{spec['suffix']}{spec['extension']}"
         if motion.is_file():
             try:
                 table = pd.read_csv(motion, sep="\t", na_values=["n/a"])
