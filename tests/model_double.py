@@ -183,3 +183,20 @@ def fit(train: RegionDataset, config: TrainConfig) -> FittedModel:
 def fit_boom(train: RegionDataset, config: TrainConfig) -> FittedModel:
     """A fit that fails (to test how worker errors reach the parent)."""
     raise RuntimeError("boom: the double refuses to train")
+
+
+def save_fitted(model, data, folder, **extra):
+    """Save a fitted model (the double or the real one) as a bundle for ``data``'s layout and
+    classes; ``extra`` goes to ``save_bundle`` (training, cohort, ...). Returns its path."""
+    from bids_siamfuse.model import bundle as bundles
+
+    tensors, meta = model.state()
+    return bundles.save_bundle(
+        folder,
+        tensors=tensors,
+        model_meta=meta,
+        layout=data.layout,
+        classes=data.classes,
+        standardization=model.standardizer.to_dict(),
+        **extra,
+    )

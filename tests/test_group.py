@@ -289,16 +289,7 @@ def test_bundle_round_trip_real(cohort, tmp_path):
 
     small = cohort.subset(np.arange(10))
     model = train.fit(small, train.TrainConfig(epochs=1, sloppy=True, seed=1))
-    tensors, meta = model.state()
-    path = bundles.save_bundle(
-        tmp_path / "b",
-        tensors=tensors,
-        model_meta=meta,
-        layout=cohort.layout,
-        classes=cohort.classes,
-        standardization=model.standardizer.to_dict(),
-        training={"epochs": 1},
-    )
+    path = md.save_fitted(model, cohort, tmp_path / "b", training={"epochs": 1})
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files
     loaded = bundles.load_bundle(path, layout=regions.atlas_layout())
     again = loaded.model()
@@ -321,17 +312,8 @@ def test_bundle_round_trip_real(cohort, tmp_path):
 @pytest.fixture
 def double_bundle(cohort, tmp_path):
     model = md.fit(cohort, md.TrainConfig())
-    tensors, meta = model.state()
     folder = tmp_path / "bundle"
-    bundles.save_bundle(
-        folder,
-        tensors=tensors,
-        model_meta=meta,
-        layout=cohort.layout,
-        classes=cohort.classes,
-        standardization=model.standardizer.to_dict(),
-        cohort={"subjects": 24},
-    )
+    md.save_fitted(model, cohort, folder, cohort={"subjects": 24})
     return folder
 
 

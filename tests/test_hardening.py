@@ -321,23 +321,14 @@ def test_bad_region_file_at_group_level(group_ds, tmp_path, monkeypatch, capsys,
 def bundle_dir(synth_derivs, tmp_path) -> Path:
     import model_double as md
 
-    from bids_siamfuse.model import bundle as bundles
     from bids_siamfuse.preproc import regions
 
     cohort = regions.load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse", bids.read_participants(synth_derivs)
     )
     model = md.fit(cohort, md.TrainConfig())
-    tensors, meta = model.state()
     folder = tmp_path / "bundle"
-    bundles.save_bundle(
-        folder,
-        tensors=tensors,
-        model_meta=meta,
-        layout=cohort.layout,
-        classes=cohort.classes,
-        standardization=model.standardizer.to_dict(),
-    )
+    md.save_fitted(model, cohort, folder)
     return folder
 
 
@@ -383,6 +374,7 @@ def test_bundle_json_validated_and_hashed(bundle_dir, edit, needle):
 @pytest.mark.slow  # trains the real network for one epoch (~60 s on a loaded 2-core machine)
 def test_bundle_tensor_shape_edit_is_a_data_error(synth_derivs, tmp_path):
     """A weights file rewritten with a wrong-shaped tensor (hashes updated): 65, not exit 1."""
+    import model_double as md
     from safetensors.numpy import load_file, save_file
 
     from bids_siamfuse.model import bundle as bundles
@@ -394,16 +386,8 @@ def test_bundle_tensor_shape_edit_is_a_data_error(synth_derivs, tmp_path):
     )
     small = cohort.subset(np.arange(10))
     model = train.fit(small, train.TrainConfig(epochs=1, sloppy=True, seed=1))
-    tensors, meta = model.state()
     bundle_dir = tmp_path / "bundle"
-    bundles.save_bundle(
-        bundle_dir,
-        tensors=tensors,
-        model_meta=meta,
-        layout=small.layout,
-        classes=small.classes,
-        standardization=model.standardizer.to_dict(),
-    )
+    md.save_fitted(model, small, bundle_dir)
     weights = bundle_dir / "model.safetensors"
     tensors = load_file(str(weights))
     name = next(k for k in sorted(tensors) if not k.startswith("layout.") and tensors[k].ndim)
