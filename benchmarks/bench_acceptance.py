@@ -135,7 +135,14 @@ def cmd_cv(args) -> None:
         data = dataclasses.replace(data, labels=labels)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_kwargs = {"sloppy": args.sloppy, "gate": args.gate, "fusion": args.fusion}
+    from bids_siamfuse.model.train import TrainConfig
+
+    # the package defaults unless named (the model row is then the default model)
+    train_kwargs = {
+        "sloppy": args.sloppy,
+        "gate": args.gate or TrainConfig.gate,
+        "fusion": args.fusion or TrainConfig.fusion,
+    }
     if args.epochs:
         train_kwargs["epochs"] = args.epochs
     t0 = time.perf_counter()
@@ -298,8 +305,8 @@ def main(argv=None) -> None:
     c.add_argument("--permutations", type=int, default=0)
     c.add_argument("--sloppy", action="store_true")
     c.add_argument("--epochs", type=int, default=0)
-    c.add_argument("--gate", default="paired")
-    c.add_argument("--fusion", default="similarity")
+    c.add_argument("--gate", default=None, help="default: TrainConfig's")
+    c.add_argument("--fusion", default=None, help="default: TrainConfig's")
     c.add_argument("--device", default="cpu")
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--threads", type=int, default=0)
