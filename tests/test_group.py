@@ -680,7 +680,9 @@ def ad_eval(tmp_path_factory):
 
 COUPLING_NOT_MET = (
     "issue 12 acceptance not met (docs/benchmarks.md): on coupling-1101 the model scored "
-    "0.52-0.55 (target 0.85) and ranked the planted regions at 0.32 (target 0.85)"
+    "0.52-0.55 (target 0.85) and ranked the planted regions at 0.32 (target 0.85); a logistic "
+    "regression on per-region GM x PET products reaches 0.61-0.78 on this family (0.85-0.91 "
+    "only when told the planted regions), so the target is at or above what the data allow"
 )
 
 
@@ -738,9 +740,11 @@ def test_acceptance_no_effect_and_shuffled_labels_score_chance(tmp_path_factory,
         data = dataclasses.replace(data, labels=labels)
     else:
         _, data = _effect_cohort(tmp_path_factory, "none", 1103)
+    # 5 folds as measured on the GPU (docs/benchmarks.md: every interval covers 0.5 there; the
+    # permutation p-values were not measured)
     res = cv.cross_validate(
         data,
-        folds=4,
+        folds=5,
         seed=42,
         permutations=19,
         train_kwargs={"sloppy": True},
