@@ -280,6 +280,7 @@ def write_tables(res, folder: Path) -> dict:
 def cmd_cv(args) -> int:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
+    from bids_siamfuse.model.workers import default_threads, resolve_devices
 
     t0 = time.perf_counter()
     if args.cohort:
@@ -297,7 +298,7 @@ def cmd_cv(args) -> int:
         if args.device == "cpu":
             devices = ["cpu"] * workers
         else:
-            devices = cv.resolve_devices(args.device, gpus=workers)
+            devices = resolve_devices(args.device, gpus=workers)
             if len(devices) < workers and args.share_gpu:
                 # N worker processes on fewer GPUs (round robin): the process-independence
                 # check where a machine has one GPU
@@ -320,7 +321,7 @@ def cmd_cv(args) -> int:
             permutations=args.permutation_tests,
             train_kwargs=train_kwargs,
             devices=devices,
-            threads=cv.default_threads(devices, args.threads or 0),
+            threads=default_threads(devices, args.threads or 0),
             progress=progress,
             final_model=not args.no_final,
         )
