@@ -126,6 +126,7 @@ def cmd_cv(args) -> None:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
     from bids_siamfuse.model.folds import shuffle_subject_labels
+    from bids_siamfuse.model.train import TrainConfig
     from bids_siamfuse.model.workers import resolve_devices
 
     path = Path(args.cohort)
@@ -137,8 +138,6 @@ def cmd_cv(args) -> None:
         data = dataclasses.replace(data, labels=labels)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bids_siamfuse.model.train import TrainConfig
-
     # the package defaults unless named (the model row is then the default model)
     train_kwargs = {
         "sloppy": args.sloppy,

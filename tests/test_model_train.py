@@ -341,6 +341,26 @@ def test_constant_gate_rejects_gains_without_class_information():
     assert kept == {"paired": [1.0, 1.0], "constant": [0.0, 1.0]}
 
 
+def test_constant_gate_patience_waits_for_a_network_on_its_way_below_the_constant():
+    """Region 0: the validation hinge falls 1.5 -> 1.3 -> 1.2 -> 1.1 (no epoch beats the best
+    constant's 1.0) and then to 0.3: with a patience of 2 the constant gate keeps training it
+    and keeps epoch 4. Region 1: stuck at 1.2 (beats the untrained network, not the constant):
+    it stops after the patience and keeps its untrained weights."""
+    from bids_siamfuse.model.siamese_stage import _RegionEarlyStop
+
+    h0 = torch.full((2, 6), 1.5)
+    targets = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    params = [torch.zeros(2, 3)]
+    stop = _RegionEarlyStop(params, h0, 0.01, 2, gate="constant", targets=targets)
+    for epoch, v in enumerate([1.3, 1.2, 1.1, 0.3], start=1):
+        params[0].fill_(float(epoch))
+        stop.update(torch.stack([torch.full((6,), v), torch.full((6,), 1.2)]), epoch)
+    stop.restore()
+    assert stop.stop_epoch.tolist() == [4, 0]
+    assert params[0][0].tolist() == [4.0] * 3 and params[0][1].tolist() == [0.0] * 3
+    assert bool(stop.done[1]) and not bool(stop.done[0])
+
+
 def test_gate_and_fusion_are_checked():
     with pytest.raises(ValueError, match="fusion"):
         TrainConfig(fusion="cosine")
