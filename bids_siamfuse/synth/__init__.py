@@ -58,15 +58,7 @@ Modules, by job:
 from .cli import build_parser, main
 from .cohort import generate, plan_cohort
 from .files import Truth, load_truth
-from .geometry import (
-    Mapping,
-    apply_affine,
-    grid_points,
-    oriented_grid,
-    rigid,
-    rotation,
-    sample,
-)
+from .geometry import Mapping, apply_affine, grid_points, oriented_grid, rigid, rotation, sample
 from .head import EFFECTS, STAGES, HeadModel, SubjectSpec, effect_weights, head_model
 from .subject import CohortOptions, make_subject
 

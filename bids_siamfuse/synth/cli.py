@@ -102,26 +102,13 @@ def main(argv=None) -> int:
     if args.pet_frames < 1:
         print("bids_siamfuse-synth: error: --pet-frames must be 1 or more", file=sys.stderr)
         return UsageError.exit_code
+    # the flags are generate()'s keywords, but for the two negated ones
+    options = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
+    options["sessions"] = not options.pop("no_sessions")
+    options["raw"] = not options.pop("skip_raw")
     t0 = time.time()
     try:
-        out = generate(
-            args.out,
-            n_per_group=args.n_per_group,
-            groups=args.groups,
-            seed=args.seed,
-            effect_size=args.effect_size,
-            tracer=args.tracer,
-            pet_frames=args.pet_frames,
-            frame_duration=args.frame_duration,
-            two_session_fraction=args.two_session_fraction,
-            sessions=not args.no_sessions,
-            preprocessed=args.preprocessed,
-            raw=not args.skip_raw,
-            jobs=args.jobs,
-            effect=args.effect,
-            sites=args.sites,
-            regions_only=args.regions_only,
-        )
+        out = generate(args.out, **options)
     except SiamFuseError as exc:
         print(f"bids_siamfuse-synth: error: {exc}", file=sys.stderr)
         return exc.exit_code

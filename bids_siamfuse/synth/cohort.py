@@ -185,35 +185,14 @@ def generate(
     )
     with atomic_path(truth / "region_factors.tsv") as tmp:
         factors.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    save_json(
-        truth / "dataset_description.json",
-        {
-            "Name": "bids_siamfuse synthetic ground truth",
-            "BIDSVersion": "1.10.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "bids_siamfuse-synth", "Version": __version__}],
-        },
-    )
-    save_json(
-        truth / "cohort.json",
-        {
-            "seed": seed,
-            "effect_size": effect_size,
-            "groups": list(groups),
-            "n_per_group": n_per_group,
-            "tracer": tracer,
-            "pet_frames": pet_frames,
-            "frame_duration": frame_duration,
-            "stages": STAGES,
-            "max_atrophy": MAX_ATROPHY,
-            "max_hypometabolism": MAX_HYPOMETABOLISM,
-            "region_sd": REGION_SD,
-            "effects": {k: list(v) for k, v in EFFECTS.items()},
-        },
-    )
-    if preprocessed:
-        ensure_dataset_description(out / "derivatives" / "bids_siamfuse", out)
-    return out
+    parameters = {
+        "stages": STAGES,
+        "max_atrophy": MAX_ATROPHY,
+        "max_hypometabolism": MAX_HYPOMETABOLISM,
+        "region_sd": REGION_SD,
+        "effects": {k: list(v) for k, v in EFFECTS.items()},
+    }
+    return _write_cohort_description(out, opts, groups, n_per_group, parameters)
 
 
 def _write_effect_cohort(out: Path, rows, opts: CohortOptions, groups, n_per_group) -> Path:
@@ -241,6 +220,15 @@ def _write_effect_cohort(out: Path, rows, opts: CohortOptions, groups, n_per_gro
         subjects.to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="n/a")
     names = effects.grid_model().names
     write_truth_tables(out, rows, settings, names, opts.seed)
+    return _write_cohort_description(
+        out, opts, groups, n_per_group, effects.cohort_parameters(settings)
+    )
+
+
+def _write_cohort_description(out: Path, opts: CohortOptions, groups, n_per_group, parameters):
+    """The truth's dataset_description.json and cohort.json (the settings of the run, then the
+    generator's ``parameters``), and with ``--preprocessed`` the derivatives' description."""
+    truth = out / "derivatives" / "synth-truth"
     save_json(
         truth / "dataset_description.json",
         {
@@ -260,7 +248,7 @@ def _write_effect_cohort(out: Path, rows, opts: CohortOptions, groups, n_per_gro
             "tracer": opts.tracer,
             "pet_frames": opts.pet_frames,
             "frame_duration": opts.frame_duration,
-            **effects.cohort_parameters(settings),
+            **parameters,
         },
     )
     if opts.preprocessed:

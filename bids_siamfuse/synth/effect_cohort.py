@@ -20,20 +20,13 @@ from .effects import (
     region_table,
     site_parameters,
 )
-from .files import _prefix, _save_warp, _session_dir
+from .files import WARP_CONVENTION, _prefix, _save_warp, _session_dir
 from .geometry import (
-    BRAIN_CENTER_MNI,
-    PET_FOV,
-    T1_FOV,
-    T1_FOV_CENTER_MNI,
     Mapping,
-    apply_affine,
-    oriented_grid,
-    rigid,
     rotation,
 )
-from .head import head_model, smoothed_uptake
-from .subject import LOGGER, _write_raw_session, pet_sidecar
+from .head import head_model
+from .subject import _write_raw_session, draw_acquisition, session_row
 
 
 def make_subject(spec, opts) -> dict:
@@ -81,10 +74,7 @@ def make_subject(spec, opts) -> dict:
             "age": subj["age"] + years,
             "native_to_prewarp_affine": A.tolist(),
             "warp_file": os.path.relpath(warp_path, truth_anat),
-            "warp_convention": (
-                "MNI = z + u(z), z = A @ native (RAS mm); u trilinear on the warp file's grid "
-                "(edge values extend outside it)"
-            ),
+            "warp_convention": WARP_CONVENTION,
             "warp_max_displacement_mm": subj["warp_max_mm"],
             "warp_min_jacobian": subj["warp_min_jacobian"],
             "head_scale": subj["head_scale"],
@@ -104,13 +94,8 @@ def make_subject(spec, opts) -> dict:
         save_json(truth_anat / f"{prefix}_desc-truth_xfm.json", truth)
         if opts.preprocessed:
             _write_derivatives(out, spec, session, opts, maps, settings)
-        rows.append(
-            {"session": session, "acq_time": f"{2020 + s_index}-03-0{1 + s_index}T09:00:00"}
-        )
         factors.append((session, maps["gm_factor"], maps["pet_factor"]))
-        LOGGER.info(
-            "sub-%s%s: %.1f s", spec.label, f" ses-{session}" if session else "", time.time() - t0
-        )
+        rows.append(session_row(spec, session, s_index, t0))
     return {
         "participant_id": f"sub-{spec.label}",
         "diagnosis": spec.group,
@@ -193,47 +178,15 @@ def _write_raw(spec, session, opts, subj, maps, mapping, rng, noise_rng, fwhm, t
     fields = subject_texture(subj, model)
     texture = [fields[0] * sd, fields[1] * sd]
     head_maps = head_maps_1mm(head, maps["gm_factor"], maps["pet_factor"], texture)
-    axcodes = str(rng.choice(["RAS", "LAS", "LPS", "PIR"]))
-    voxel = np.round(rng.uniform(1.0, 1.2), 2) * np.ones(3)
-    tilt = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.3 else 0.0
-    inv_A = np.linalg.inv(mapping.A)
-    center = apply_affine(inv_A, T1_FOV_CENTER_MNI[:, None])[:, 0]
-    shape, t1_aff = oriented_grid(axcodes, voxel, T1_FOV, center, tilt)
-    p_angles = rng.uniform(-10.0, 10.0, 3)
-    p_shift = rng.uniform(-20.0, 20.0, 3)
-    brain_native = apply_affine(inv_A, BRAIN_CENTER_MNI[:, None])[:, 0]
-    pet_to_t1w = rigid(p_angles, p_shift, center=brain_native)
-    pet_voxel = np.array([rng.uniform(2.0, 2.5)] * 3).round(3)
-    pet_center = apply_affine(np.linalg.inv(pet_to_t1w), brain_native[:, None])[:, 0]
-    pet_codes = str(rng.choice(["RAS", "LAS", "LPS"]))
-    pet_shape, pet_aff = oriented_grid(pet_codes, pet_voxel, PET_FOV, pet_center)
-    motions = [np.eye(4)] + [
-        rigid(rng.uniform(-1.0, 1.0, 3), rng.uniform(-1.5, 1.5, 3), pet_center)
-        for _ in range(opts.pet_frames - 1)
-    ]
-    sidecar = pet_sidecar(opts.pet_frames, opts.frame_duration, opts.tracer, rng)
-    uptake, uptake_aff = smoothed_uptake(head_maps["fdg"], fwhm)
-    uptake *= params["uptake_scale"]
-    gm_native = _write_raw_session(
-        opts.out,
-        spec,
-        session,
-        opts,
-        head_maps,
-        mapping,
-        params,
-        noise_rng,
-        t1=(shape, t1_aff),
-        pet=(pet_shape, pet_aff),
-        pet_to_t1w=pet_to_t1w,
-        motions=motions,
-        sidecar=sidecar,
-        uptake=(uptake, uptake_aff),
-        truth_anat=truth_anat,
+    acq = draw_acquisition(
+        rng, mapping, opts, head_maps["fdg"], params["uptake_scale"], fwhm=fwhm, jitter=False
     )
-    maps["pet_to_t1w"] = pet_to_t1w
+    gm_native = _write_raw_session(
+        opts.out, spec, session, opts, head_maps, mapping, params, noise_rng, acq, truth_anat
+    )
+    maps["pet_to_t1w"] = acq.pet_to_t1w
     maps["gm_volume_native"] = gm_native
-    maps["pet_frame_motion"] = motions
+    maps["pet_frame_motion"] = acq.motions
 
 
 def write_truth_tables(out, rows, settings: EffectSettings, names, seed: int) -> None:

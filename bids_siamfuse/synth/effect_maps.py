@@ -24,8 +24,8 @@ from .effects import (
     smooth_field,
     upsample,
 )
-from .geometry import apply_affine, grid_points, rigid
-from .head import T1_TISSUE
+from .geometry import grid_points, rigid, sample
+from .head import subject_maps
 
 
 def _sample(volumes: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -90,10 +90,7 @@ def add_texture(image: np.ndarray, field: np.ndarray, sd_per_region, labels) -> 
 
 def grid_modulation(mapping) -> np.ndarray:
     """The modulation factor (inverse Jacobian of the subject's native->MNI map) on the grid."""
-    coarse_aff = GRID_AFFINE.copy()
-    coarse_aff[:3, :3] *= 2.0
-    jac = mapping.inverse_jacobian(grid_points(_COARSE, coarse_aff)).reshape(_COARSE)
-    return upsample(jac[None])[0]
+    return upsample(mapping.coarse_inverse_jacobian()[None])[0]
 
 
 def session_maps(
@@ -181,36 +178,10 @@ def session_maps(
 def head_maps_1mm(head, gm_factor, pet_factor, texture) -> dict:
     """The subject's tissue and image maps on the head model's 1 mm grids (raw images).
 
-    As :func:`bids_siamfuse.synth.head.subject_maps`, with the session's regional factors and the
+    :func:`bids_siamfuse.synth.head.subject_maps` with the session's regional factors and the
     subject's within-region texture (resampled from the output grid) multiplied in.
     """
-    vox = apply_affine(
-        np.linalg.inv(GRID_AFFINE), grid_points(head.gm.shape, head.template_affine)
-    )
-    tex = [
-        ndimage.map_coordinates(t, vox, order=1, prefilter=False, output=np.float32).reshape(
-            head.gm.shape
-        )
-        for t in texture
-    ]
-    del vox
-    gm_fac = ndimage.gaussian_filter(gm_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
-    met_fac = ndimage.gaussian_filter(pet_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
-    room = head.gm + head.csf
-    gm = np.minimum(head.gm * gm_fac * (1.0 + tex[0]), room)
-    csf = room - gm
-    wm = head.wm
-    sl = tuple(slice(o, o + n) for o, n in zip(head.offset, gm.shape))
-    outside = np.clip(1.0 - (gm + wm + csf), 0.0, 1.0)
-    t1 = head.t1_head.copy()
-    t1[sl] = (
-        gm * T1_TISSUE["GM"] + wm * T1_TISSUE["WM"] + csf * T1_TISSUE["CSF"] + outside * t1[sl]
-    )
-    fdg = head.fdg_head.copy()
-    fdg[sl] = (
-        gm * met_fac * (1.0 + tex[1]) * FDG_TISSUE["GM"]
-        + wm * FDG_TISSUE["WM"]
-        + csf * FDG_TISSUE["CSF"]
-        + outside * fdg[sl]
-    )
-    return {"gm": gm, "wm": wm, "csf": csf, "t1": t1, "fdg": fdg}
+    pts = grid_points(head.gm.shape, head.template_affine)
+    tex = [sample(t, GRID_AFFINE, pts).reshape(head.gm.shape) for t in texture]
+    del pts
+    return subject_maps(head, gm_factor, pet_factor, tex, FDG_TISSUE)

@@ -45,7 +45,15 @@ import numpy as np
 from scipy import ndimage
 
 from ..data.templates import GRID_AFFINE, GRID_SHAPE
-from .geometry import WARP_SHAPE, WARP_SPACING, apply_affine, grid_points
+from .geometry import (
+    COARSE_SHAPE,
+    WARP_SHAPE,
+    WARP_SPACING,
+    grid_points,
+    jacobian_determinant,
+    sample,
+)
+from .head import region_stem
 
 FAMILIES = ("ad", "coupling", "nonlinear", "none")
 
@@ -111,7 +119,7 @@ PET_NOISE = 0.06  # relative noise SD at GM uptake, correlated over ~3 mm
 FDG_TISSUE = {"GM": 3.5, "WM": 1.0, "CSF": 0.05}
 SITE_SD = {"gm_scale": 0.04, "gm_offset": 0.01, "pet_scale": 0.03, "pet_offset": 0.02}
 
-_COARSE = tuple((n + 1) // 2 for n in GRID_SHAPE)  # 3 mm grid: index 2k = fine index k
+_COARSE = COARSE_SHAPE  # 3 mm grid: index 2k = fine index k
 
 
 @dataclass(frozen=True)
@@ -122,17 +130,13 @@ class EffectSettings:
     regions_only: bool = False
 
 
-def _stem(name: str) -> str:
-    return name.rsplit("_", 1)[0] if name.endswith(("_L", "_R")) else name
-
-
 def region_table(names, family: str, effect_size: float = 1.0):
     """Per region: planted flag and the family's weights (the truth's ``regions.tsv``)."""
     import pandas as pd
 
     rows = []
     for index, name in enumerate(names, start=1):
-        stem = _stem(name)
+        stem = region_stem(name)
         gm_loss, fdg_loss = AD_PATTERN.get(stem, (0.0, 0.0))
         core = stem in CORE
         row = {"index": index, "name": name, "atrophy_weight": 0.0, "hypometabolism_weight": 0.0}
@@ -185,11 +189,7 @@ def grid_model() -> GridModel:
     pts = grid_points(GRID_SHAPE, GRID_AFFINE)
     for kind in ("GM", "WM", "CSF"):
         img = load_template(kind)
-        vox = apply_affine(np.linalg.inv(img.affine), pts)
-        data = np.asanyarray(img.dataobj, dtype=np.float32)
-        tissue.append(
-            ndimage.map_coordinates(data, vox, order=1, prefilter=False, output=np.float32)
-        )
+        tissue.append(sample(np.asanyarray(img.dataobj, dtype=np.float32), img.affine, pts))
     atlas = load_atlas()
     # cached here so that forked workers inherit them: the PET normalization's mask and the
     # region writer's layout
@@ -207,7 +207,7 @@ def grid_model() -> GridModel:
         tissue=tissue,
         labels=np.asarray(atlas.labels, dtype=np.int64),
         names=tuple(atlas.names),
-        stems=tuple(_stem(n) for n in atlas.names),
+        stems=tuple(region_stem(n) for n in atlas.names),
         index=index,
         position=np.stack(np.unravel_index(index, GRID_SHAPE)).astype(np.float32),
     )
@@ -258,15 +258,6 @@ def exponentiate(velocity: np.ndarray, spacing: float, steps: int = 6) -> np.nda
     return disp.astype(np.float32)
 
 
-def jacobian_determinant(disp: np.ndarray, spacing: float) -> np.ndarray:
-    grads = [np.gradient(disp[..., i], spacing) for i in range(3)]
-    jac = np.empty((*disp.shape[:3], 3, 3), dtype=np.float32)
-    for i in range(3):
-        for j in range(3):
-            jac[..., i, j] = grads[i][j] + (1.0 if i == j else 0.0)
-    return np.linalg.det(jac)
-
-
 # ----------------------------------------------------------------------------------------------
 # One subject
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +280,7 @@ def draw_covariates(spec, settings: EffectSettings, names) -> dict:
     severity = float(np.clip(rng.normal(1.0, SEVERITY_SD), 0.3, 1.8)) * (stage > 0)
     site = int(rng.integers(settings.sites)) if settings.sites > 1 else 0
     # regional latents: natural variation, and the coupling family's planted relation
-    core = np.array([_stem(x) in CORE for x in names])
+    core = np.array([region_stem(x) in CORE for x in names])
     rho = np.full(n, NATURAL_RHO)
     if family == "coupling":
         rho[core] = _rho(stage, es)
@@ -354,7 +345,7 @@ def session_factors(subj: dict, settings: EffectSettings, names, years: float):
     ``(1 + p) / (1 + g)``: with the partial-volume effect the PET regional value moves by ``p``.
     """
     n = len(names)
-    stems = [_stem(x) for x in names]
+    stems = [region_stem(x) for x in names]
     age = subj["age"] + years
     gm = np.ones(n + 1)
     met = np.ones(n + 1)

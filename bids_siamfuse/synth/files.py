@@ -11,6 +11,12 @@ import numpy as np
 from ..bids import atomic_path
 from .geometry import WARP_AFFINE, Mapping
 
+#: How ``desc-truth_xfm.json`` and the warp file give the native->MNI map (:class:`Mapping`).
+WARP_CONVENTION = (
+    "MNI = z + u(z), z = A @ native (RAS mm); u trilinear on the warp file's grid "
+    "(edge values extend outside it)"
+)
+
 
 def _session_dir(out: Path, label: str, session: str | None, datatype: str) -> Path:
     base = out / f"sub-{label}"

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data.templates import GRID_AFFINE, GRID_SHAPE
+from ..preproc.registration import apply_matrix, sample_at
 
 # The extended 1 mm grid that holds the whole head (template grid + room for skull and neck).
 EXT_ORIGIN = np.array([-100.0, -140.0, -140.0])
@@ -35,6 +36,11 @@ def _affine(origin, spacing=1.0):
 
 EXT_AFFINE = _affine(EXT_ORIGIN)
 WARP_AFFINE = _affine(EXT_ORIGIN, WARP_SPACING)
+# The output grid at 3 mm (every second voxel, index 2k = fine index k): smooth fields are
+# computed there and interpolated.
+COARSE_SHAPE = tuple((n + 1) // 2 for n in GRID_SHAPE)
+COARSE_AFFINE = GRID_AFFINE.copy()
+COARSE_AFFINE[:3, :3] *= 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,19 +49,13 @@ WARP_AFFINE = _affine(EXT_ORIGIN, WARP_SPACING)
 
 
 def apply_affine(aff: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Apply a 4x4 affine to float32 points of shape (3, N)."""
-    aff = np.asarray(aff, dtype=np.float32)
-    out = aff[:3, :3] @ np.asarray(pts, dtype=np.float32)
-    out += aff[:3, 3:4]
-    return out
+    """Apply a 4x4 affine to points of shape (3, N), in float32 (the head grid has 13 M)."""
+    return apply_matrix(aff, pts, dtype=np.float32)
 
 
 def sample(volume, vol_affine, pts, order=1, cval=0.0, mode="constant"):
-    """Values of ``volume`` at world points ``pts`` (3, N), trilinear by default."""
-    vox = apply_affine(np.linalg.inv(vol_affine), pts)
-    return ndimage.map_coordinates(
-        volume, vox, order=order, mode=mode, cval=cval, prefilter=False, output=np.float32
-    )
+    """Values of float32 ``volume`` at world points ``pts`` (3, N), trilinear by default."""
+    return sample_at(volume, vol_affine, pts, order, cval, mode=mode, dtype=np.float32)
 
 
 def grid_points(shape, affine) -> np.ndarray:
@@ -163,12 +163,7 @@ class Mapping:
 
     def inverse_jacobian(self, y: np.ndarray) -> np.ndarray:
         """|det d(native)/d(MNI)| at MNI points: the SPM modulation factor."""
-        grads = [np.gradient(self.warp[..., i], WARP_SPACING) for i in range(3)]
-        jac = np.empty((*self.warp.shape[:3], 3, 3), dtype=np.float32)
-        for i in range(3):
-            for j in range(3):
-                jac[..., i, j] = grads[i][j] + (1.0 if i == j else 0.0)
-        det_n = np.linalg.det(jac).astype(np.float32)
+        det_n = jacobian_determinant(self.warp, WARP_SPACING)
         z = np.array(y, dtype=np.float32, copy=True)
         for _ in range(3):  # the determinant varies slowly: 3 fixed-point steps suffice
             z = y - self.displacement(z)
@@ -176,13 +171,25 @@ class Mapping:
         det_at = ndimage.map_coordinates(det_n, vox, order=1, mode="nearest", prefilter=False)
         return (1.0 / (abs(np.linalg.det(self.A[:3, :3])) * det_at)).astype(np.float32)
 
+    def coarse_inverse_jacobian(self) -> np.ndarray:
+        """:meth:`inverse_jacobian` on the 3 mm output grid (``COARSE_SHAPE``): it is smooth."""
+        jac = self.inverse_jacobian(grid_points(COARSE_SHAPE, COARSE_AFFINE))
+        return jac.reshape(COARSE_SHAPE)
+
+
+def jacobian_determinant(disp: np.ndarray, spacing: float) -> np.ndarray:
+    """det(I + du/dx) of a displacement field ``disp`` (*shape, 3) in mm, float32."""
+    grads = [np.gradient(disp[..., i], spacing) for i in range(3)]
+    jac = np.empty((*disp.shape[:3], 3, 3), dtype=np.float32)
+    for i in range(3):
+        for j in range(3):
+            jac[..., i, j] = grads[i][j] + (1.0 if i == j else 0.0)
+    return np.linalg.det(jac)
+
 
 def _grid_inverse_jacobian(mapping: Mapping) -> np.ndarray:
     """The modulation factor on the output grid, computed at 3 mm and interpolated (smooth)."""
-    coarse_shape = tuple((n + 1) // 2 for n in GRID_SHAPE)
-    coarse_aff = GRID_AFFINE.copy()
-    coarse_aff[:3, :3] *= 2.0
-    jac = mapping.inverse_jacobian(grid_points(coarse_shape, coarse_aff)).reshape(coarse_shape)
+    jac = mapping.coarse_inverse_jacobian()
     fine = np.indices(GRID_SHAPE, dtype=np.float32).reshape(3, -1) / 2.0
     return ndimage.map_coordinates(
         jac, fine, order=1, mode="nearest", prefilter=False, output=np.float32

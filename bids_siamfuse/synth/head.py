@@ -46,24 +46,16 @@ REGION_SD = 0.07  # normal inter-subject variation of regional GM and uptake
 
 # Tissue intensities (T1w, arbitrary units) and FDG uptake (relative to WM).
 T1_TISSUE = {"GM": 550.0, "WM": 900.0, "CSF": 180.0}
-T1_HEAD = {
-    "rim": 180.0,
-    "skull": 60.0,
-    "scalp": 650.0,
-    "muscle": 420.0,
-    "fat": 760.0,
-    "cord": 620.0,
-    "bone": 280.0,
-}
 FDG_TISSUE = {"GM": 3.5, "WM": 1.0, "CSF": 0.05}
-FDG_HEAD = {
-    "rim": 0.05,
-    "skull": 0.1,
-    "scalp": 0.4,
-    "muscle": 0.5,
-    "fat": 0.2,
-    "cord": 0.8,
-    "bone": 0.3,
+#: Layers of the head outside the brain: (T1w intensity, FDG uptake).
+HEAD_LAYERS = {
+    "rim": (180.0, 0.05),
+    "skull": (60.0, 0.1),
+    "scalp": (650.0, 0.4),
+    "muscle": (420.0, 0.5),
+    "fat": (760.0, 0.2),
+    "cord": (620.0, 0.8),
+    "bone": (280.0, 0.3),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +115,8 @@ def _build_head_model() -> HeadModel:
     ).reshape(EXT_SHAPE)
     dist[brain] = 0.0
     del fine
-    layer = np.zeros(EXT_SHAPE, dtype=np.uint8)  # 0 air, then the keys of T1_HEAD in order
-    codes = {name: i + 1 for i, name in enumerate(T1_HEAD)}
+    layer = np.zeros(EXT_SHAPE, dtype=np.uint8)  # 0 air, then HEAD_LAYERS in order
+    codes = {name: i + 1 for i, name in enumerate(HEAD_LAYERS)}
     layer[(dist > 0) & (dist <= 3)] = codes["rim"]
     layer[(dist > 3) & (dist <= 8)] = codes["skull"]
     layer[(dist > 8) & (dist <= 14)] = codes["scalp"]
@@ -140,12 +132,12 @@ def _build_head_model() -> HeadModel:
     below = int(round(-72 - EXT_ORIGIN[2]))
     layer[:, :, :below] = neck[:, :, None]
 
-    def layered(values):
-        lut = np.array([0.0] + [values[name] for name in T1_HEAD], dtype=np.float32)
+    def layered(column):
+        lut = np.array([0.0] + [v[column] for v in HEAD_LAYERS.values()], dtype=np.float32)
         return ndimage.gaussian_filter(lut[layer], 0.7, truncate=3.0)
 
-    t1_head = layered(T1_HEAD)
-    fdg_head = layered(FDG_HEAD)
+    t1_head = layered(0)
+    fdg_head = layered(1)
 
     path, names, codes = fetch_aal_files()
     aal_img = nb.load(str(path))
@@ -168,12 +160,17 @@ def _build_head_model() -> HeadModel:
 # ----------------------------------------------------------------------------------------------
 
 
+def region_stem(name: str) -> str:
+    """An AAL name without its hemisphere (``Hippocampus_L`` -> ``Hippocampus``)."""
+    return name.rsplit("_", 1)[0] if name.endswith(("_L", "_R")) else name
+
+
 def effect_weights(names) -> tuple[np.ndarray, np.ndarray]:
     """Atrophy and hypometabolism weight per region (index 0 = background)."""
     atrophy = np.zeros(len(names) + 1)
     hypo = np.zeros(len(names) + 1)
     for index, name in enumerate(names, start=1):
-        stem = name.rsplit("_", 1)[0] if name.endswith(("_L", "_R")) else name
+        stem = region_stem(name)
         if stem in EFFECTS:
             atrophy[index], hypo[index] = EFFECTS[stem]
     return atrophy, hypo
@@ -239,33 +236,39 @@ def subject_parameters(spec: SubjectSpec, n_regions: int, names) -> dict:
     }
 
 
-def subject_maps(head: HeadModel, params: dict) -> dict:
-    """The subject's MNI-space tissue maps (template grid) and head images (extended grid)."""
-    gm_fac = ndimage.gaussian_filter(
-        params["gm_factor"].astype(np.float32)[head.aal], 1.5, truncate=2.0
-    )
-    pet_fac = ndimage.gaussian_filter(
-        params["pet_factor"].astype(np.float32)[head.aal], 1.5, truncate=2.0
-    )
+def subject_maps(
+    head: HeadModel, gm_factor, met_factor, texture=None, fdg_tissue=FDG_TISSUE
+) -> dict:
+    """The subject's MNI-space tissue maps (template grid) and head images (extended grid).
+
+    ``gm_factor``, ``met_factor``: per region (index 0 = outside the atlas), smoothed across
+    region borders; ``texture``: optional (GM, metabolism) relative modulations on the template
+    grid (the ``--effect`` families' within-region heterogeneity).
+    """
+    gm_fac = ndimage.gaussian_filter(gm_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
+    met_fac = ndimage.gaussian_filter(met_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
     room = head.gm + head.csf
-    gm = np.minimum(head.gm * gm_fac, room)
+    gm = head.gm * gm_fac
+    if texture is not None:
+        gm = gm * (1.0 + texture[0])
+    gm = np.minimum(gm, room)
     csf = room - gm
     wm = head.wm
     sl = tuple(slice(o, o + s) for o, s in zip(head.offset, gm.shape))
-    tissue = gm + wm + csf
+    outside = np.clip(1.0 - (gm + wm + csf), 0.0, 1.0)
     t1 = head.t1_head.copy()
     t1[sl] = (
-        gm * T1_TISSUE["GM"]
-        + wm * T1_TISSUE["WM"]
-        + csf * T1_TISSUE["CSF"]
-        + np.clip(1.0 - tissue, 0.0, 1.0) * t1[sl]
+        gm * T1_TISSUE["GM"] + wm * T1_TISSUE["WM"] + csf * T1_TISSUE["CSF"] + outside * t1[sl]
     )
+    uptake = gm * met_fac
+    if texture is not None:
+        uptake = uptake * (1.0 + texture[1])
     fdg = head.fdg_head.copy()
     fdg[sl] = (
-        gm * pet_fac * FDG_TISSUE["GM"]
-        + wm * FDG_TISSUE["WM"]
-        + csf * FDG_TISSUE["CSF"]
-        + np.clip(1.0 - tissue, 0.0, 1.0) * fdg[sl]
+        uptake * fdg_tissue["GM"]
+        + wm * fdg_tissue["WM"]
+        + csf * fdg_tissue["CSF"]
+        + outside * fdg[sl]
     )
     return {"gm": gm, "wm": wm, "csf": csf, "t1": t1, "fdg": fdg}
 

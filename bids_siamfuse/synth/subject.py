@@ -12,7 +12,7 @@ import numpy as np
 
 from ..bids import save_image, save_json, save_output
 from ..data.templates import GRID_AFFINE, GRID_SHAPE, SPACE, grid_image
-from .files import _prefix, _save_nifti, _save_warp, _session_dir
+from .files import WARP_CONVENTION, _prefix, _save_nifti, _save_warp, _session_dir
 from .geometry import (
     BRAIN_CENTER_MNI,
     EXT_AFFINE,
@@ -110,6 +110,91 @@ class CohortOptions:
     effect: object = None  # effects.EffectSettings for --effect cohorts
 
 
+@dataclass
+class Acquisition:
+    """One session's scanning: T1w and PET grids, the PET pose and frame motion, the PET
+    sidecar, and the uptake as the PET scanner resolves it (Bq/mL on a 2 mm grid)."""
+
+    t1_shape: tuple
+    t1_affine: np.ndarray
+    pet_shape: tuple
+    pet_affine: np.ndarray
+    pet_to_t1w: np.ndarray
+    motions: list
+    sidecar: dict
+    uptake: np.ndarray
+    uptake_affine: np.ndarray
+    axcodes: str
+    tilt: float
+    fwhm: float
+
+
+def draw_acquisition(
+    rng, mapping: Mapping, opts, fdg, uptake_scale: float, *, fwhm=None, jitter: bool = True
+) -> Acquisition:
+    """Draw a session's scanning from ``rng`` and blur the head's uptake ``fdg`` to match.
+
+    Both generators draw in this fixed order, which their cohorts depend on. ``jitter`` (the
+    original generator) also makes some T1w voxels 1.2 mm along one axis, shifts the T1w and
+    PET fields of view by a few mm and draws the PET's axial voxel size apart; ``fwhm`` None:
+    the PET resolution is drawn here (after the T1w grid).
+    """
+    inv_A = np.linalg.inv(mapping.A)
+    axcodes = str(rng.choice(["RAS", "LAS", "LPS", "PIR"]))
+    voxel = np.round(rng.uniform(1.0, 1.2), 2) * np.ones(3)
+    if jitter and rng.random() < 0.3:
+        voxel[rng.integers(3)] = 1.2
+    tilt = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.3 else 0.0
+    center = apply_affine(inv_A, T1_FOV_CENTER_MNI[:, None])[:, 0]
+    if jitter:
+        center = center + rng.uniform(-5, 5, 3)
+    shape, t1_aff = oriented_grid(axcodes, voxel, T1_FOV, center, tilt)
+    if fwhm is None:
+        fwhm = float(rng.uniform(6.0, 8.0))
+    p_angles = rng.uniform(-10.0, 10.0, 3)
+    p_shift = rng.uniform(-20.0, 20.0, 3)
+    brain_native = apply_affine(inv_A, BRAIN_CENTER_MNI[:, None])[:, 0]
+    pet_to_t1w = rigid(p_angles, p_shift, center=brain_native)
+    if jitter:
+        pet_voxel = np.array([rng.uniform(2.0, 2.5)] * 2 + [rng.uniform(2.0, 2.5)]).round(3)
+    else:
+        pet_voxel = np.array([rng.uniform(2.0, 2.5)] * 3).round(3)
+    pet_center = apply_affine(np.linalg.inv(pet_to_t1w), brain_native[:, None])[:, 0]
+    if jitter:
+        pet_center = pet_center + rng.uniform(-8, 8, 3)
+    pet_codes = str(rng.choice(["RAS", "LAS", "LPS"]))
+    pet_shape, pet_aff = oriented_grid(pet_codes, pet_voxel, PET_FOV, pet_center)
+    motions = [np.eye(4)] + [
+        rigid(rng.uniform(-1.0, 1.0, 3), rng.uniform(-1.5, 1.5, 3), pet_center)
+        for _ in range(opts.pet_frames - 1)
+    ]
+    sidecar = pet_sidecar(opts.pet_frames, opts.frame_duration, opts.tracer, rng)
+    uptake, uptake_aff = smoothed_uptake(fdg, fwhm)
+    uptake *= uptake_scale
+    return Acquisition(
+        shape,
+        t1_aff,
+        pet_shape,
+        pet_aff,
+        pet_to_t1w,
+        motions,
+        sidecar,
+        uptake,
+        uptake_aff,
+        axcodes,
+        tilt,
+        fwhm,
+    )
+
+
+def session_row(spec: SubjectSpec, session, s_index: int, t0: float) -> dict:
+    """The session's row of ``sessions.tsv`` (a yearly visit), once it is written (logged)."""
+    LOGGER.info(
+        "sub-%s%s: %.1f s", spec.label, f" ses-{session}" if session else "", time.time() - t0
+    )
+    return {"session": session, "acq_time": f"{2020 + s_index}-03-0{1 + s_index}T09:00:00"}
+
+
 def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
     """Generate and write every session of one subject; return its table rows.
 
@@ -125,7 +210,7 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
     head = head_model()
     params = subject_parameters(spec, len(head.aal_names), head.aal_names)
     rng = params["rng"]
-    maps = subject_maps(head, params)
+    maps = subject_maps(head, params["gm_factor"], params["pet_factor"])
     out = opts.out
     truth_root = out / "derivatives" / "synth-truth"
     warp_path = truth_root / f"sub-{spec.label}" / f"sub-{spec.label}_desc-warp_xfm.nii.gz"
@@ -142,51 +227,13 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
         A[:3, :3] = rotation(angles) @ np.diag(1.0 / params["size"])
         A[:3, 3] = shift
         mapping = Mapping(A=A, warp=params["warp"])
-        inv_A = np.linalg.inv(A)
-        axcodes = str(rng.choice(["RAS", "LAS", "LPS", "PIR"]))
-        voxel = np.round(rng.uniform(1.0, 1.2), 2) * np.ones(3)
-        if rng.random() < 0.3:
-            voxel[rng.integers(3)] = 1.2
-        tilt = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.3 else 0.0
-        center = apply_affine(inv_A, T1_FOV_CENTER_MNI[:, None])[:, 0] + rng.uniform(-5, 5, 3)
-        shape, t1_aff = oriented_grid(axcodes, voxel, T1_FOV, center, tilt)
-        fwhm = float(rng.uniform(6.0, 8.0))
-        p_angles = rng.uniform(-10.0, 10.0, 3)
-        p_shift = rng.uniform(-20.0, 20.0, 3)
-        brain_native = apply_affine(inv_A, BRAIN_CENTER_MNI[:, None])[:, 0]
-        pet_to_t1w = rigid(p_angles, p_shift, center=brain_native)
-        pet_voxel = np.array([rng.uniform(2.0, 2.5)] * 2 + [rng.uniform(2.0, 2.5)]).round(3)
-        pet_center = apply_affine(np.linalg.inv(pet_to_t1w), brain_native[:, None])[:, 0]
-        pet_center = pet_center + rng.uniform(-8, 8, 3)
-        pet_codes = str(rng.choice(["RAS", "LAS", "LPS"]))
-        pet_shape, pet_aff = oriented_grid(pet_codes, pet_voxel, PET_FOV, pet_center)
-        motions = [np.eye(4)] + [
-            rigid(rng.uniform(-1.0, 1.0, 3), rng.uniform(-1.5, 1.5, 3), pet_center)
-            for _ in range(opts.pet_frames - 1)
-        ]
-        sidecar = pet_sidecar(opts.pet_frames, opts.frame_duration, opts.tracer, rng)
-        uptake, uptake_aff = smoothed_uptake(maps["fdg"], fwhm)
-        uptake *= params["uptake_scale"]
+        acq = draw_acquisition(rng, mapping, opts, maps["fdg"], params["uptake_scale"])
         prefix = _prefix(spec.label, session)
         truth_anat = _session_dir(truth_root, spec.label, session, "anat")
         gm_volume_native = None
         if opts.raw:
             gm_volume_native = _write_raw_session(
-                out,
-                spec,
-                session,
-                opts,
-                maps,
-                mapping,
-                params,
-                noise_rng,
-                t1=(shape, t1_aff),
-                pet=(pet_shape, pet_aff),
-                pet_to_t1w=pet_to_t1w,
-                motions=motions,
-                sidecar=sidecar,
-                uptake=(uptake, uptake_aff),
-                truth_anat=truth_anat,
+                out, spec, session, opts, maps, mapping, params, noise_rng, acq, truth_anat
             )
 
         jac = _grid_inverse_jacobian(mapping)
@@ -204,16 +251,13 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
             "group": spec.group,
             "native_to_prewarp_affine": A.tolist(),
             "warp_file": os.path.relpath(warp_path, truth_anat),
-            "warp_convention": (
-                "MNI = z + u(z), z = A @ native (RAS mm); u trilinear on the warp file's grid "
-                "(edge values extend outside it)"
-            ),
-            "pet_to_t1w_affine": pet_to_t1w.tolist(),
-            "pet_frame_motion": [m.tolist() for m in motions],
+            "warp_convention": WARP_CONVENTION,
+            "pet_to_t1w_affine": acq.pet_to_t1w.tolist(),
+            "pet_frame_motion": [m.tolist() for m in acq.motions],
             "pet_frame_motion_convention": "frame f shows the head at position motion_f @ q",
-            "pet_fwhm_mm": fwhm,
-            "t1w_axcodes": axcodes,
-            "t1w_tilt_deg": tilt,
+            "pet_fwhm_mm": acq.fwhm,
+            "t1w_axcodes": acq.axcodes,
+            "t1w_tilt_deg": acq.tilt,
             "gm_volume_native_mm3": gm_volume_native,
             "gm_volume_modulated_mm3": float(mwc1.sum() * 1.5**3),
             "uptake_scale_bq_ml": params["uptake_scale"],
@@ -221,14 +265,9 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
         save_json(truth_anat / f"{prefix}_desc-truth_xfm.json", truth)
         if opts.preprocessed:
             _write_preprocessed(
-                out, spec, session, opts, uptake, uptake_aff, gm_mni, mwc1, grid_pts
+                out, spec, session, opts, acq.uptake, acq.uptake_affine, gm_mni, mwc1, grid_pts
             )
-        rows.append(
-            {"session": session, "acq_time": f"{2020 + s_index}-03-0{1 + s_index}T09:00:00"}
-        )
-        LOGGER.info(
-            "sub-%s%s: %.1f s", spec.label, f" ses-{session}" if session else "", time.time() - t0
-        )
+        rows.append(session_row(spec, session, s_index, t0))
     return {
         "participant_id": f"sub-{spec.label}",
         "diagnosis": spec.group,
@@ -244,27 +283,12 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
 
 
 def _write_raw_session(
-    out,
-    spec,
-    session,
-    opts,
-    maps,
-    mapping,
-    params,
-    noise_rng,
-    *,
-    t1,
-    pet,
-    pet_to_t1w,
-    motions,
-    sidecar,
-    uptake,
-    truth_anat,
+    out, spec, session, opts, maps, mapping, params, noise_rng, acq: Acquisition, truth_anat
 ) -> float:
     """The native T1w and PET images of one session (and the native GM truth)."""
     head = head_model()
     prefix = _prefix(spec.label, session)
-    shape, t1_aff = t1
+    shape, t1_aff = acq.t1_shape, acq.t1_affine
     mni_pts = mapping.native_grid_to_mni(shape, t1_aff)
     image = sample(maps["t1"], EXT_AFFINE, mni_pts).reshape(shape)
     gm_native = sample(maps["gm"], head.template_affine, mni_pts).reshape(shape)
@@ -284,12 +308,12 @@ def _write_raw_session(
     _save_nifti(truth_anat / f"{prefix}_label-GM_probseg.nii.gz", gm_native, t1_aff, as_uint8=True)
     del gm_native
 
-    pet_shape, pet_aff = pet
-    data, data_aff = uptake
+    pet_shape, pet_aff = acq.pet_shape, acq.pet_affine
+    data, data_aff = acq.uptake, acq.uptake_affine
     frames = []
     duration = opts.frame_duration if opts.pet_frames > 1 else 1800.0
-    for f, motion in enumerate(motions):
-        pts = mapping.native_grid_to_mni(pet_shape, pet_to_t1w @ motion @ pet_aff)
+    for f, motion in enumerate(acq.motions):
+        pts = mapping.native_grid_to_mni(pet_shape, acq.pet_to_t1w @ motion @ pet_aff)
         frame = sample(data, data_aff, pts).reshape(pet_shape)
         if opts.pet_frames > 1:
             frame *= 0.97 + 0.01 * f  # FDG still accumulating slowly
@@ -300,7 +324,7 @@ def _write_raw_session(
     pet_data = frames[0] if len(frames) == 1 else np.stack(frames, axis=-1)
     pet_dir = _session_dir(out, spec.label, session, "pet")
     pet_name = f"{prefix}_trc-{opts.tracer}_pet"
-    save_json(pet_dir / f"{pet_name}.json", sidecar)
+    save_json(pet_dir / f"{pet_name}.json", acq.sidecar)
     _save_nifti(
         pet_dir / f"{pet_name}.nii.gz",
         pet_data,
