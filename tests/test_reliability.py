@@ -262,14 +262,6 @@ def test_disk_full_during_derivative_write(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-01"]
 
 
-@pytest.fixture(scope="module")
-def group_ds(synth_derivs, tmp_path_factory) -> Path:
-    """A private copy of the synth_derivs cohort (region files only)."""
-    from test_group import copy_cohort
-
-    return copy_cohort(synth_derivs, tmp_path_factory.mktemp("reliability") / "ds")
-
-
 @pytest.fixture
 def double(monkeypatch):
     import model_double as md
@@ -499,9 +491,7 @@ def _group_cmd(ds: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", GROUP_DRIVER, str(ds), str(out), "group", *GROUP_ARGS]
 
 
-def test_group_offline_killed_resumed_deterministic(group_ds, synth_derivs, tmp_path):
-    from test_group import copy_cohort
-
+def test_group_offline_killed_resumed_deterministic(group_ds, synth_derivs, tmp_path, copy_cohort):
     """The group level, as subprocesses with sockets blocked: an uninterrupted run; a run
     SIGKILLed while it writes its report (no task folder appears, only a hidden staging folder);
     a rerun that completes with outputs identical to the uninterrupted run; the BIDS folder is
