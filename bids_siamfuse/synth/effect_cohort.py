@@ -26,7 +26,7 @@ from .geometry import (
     rotation,
 )
 from .head import head_model
-from .subject import _write_raw_session, draw_acquisition, session_row
+from .subject import _write_raw_session, draw_acquisition, participant_row, session_row
 
 
 def make_subject(spec, opts) -> dict:
@@ -96,28 +96,24 @@ def make_subject(spec, opts) -> dict:
             _write_derivatives(out, spec, session, opts, maps, settings)
         factors.append((session, maps["gm_factor"], maps["pet_factor"]))
         rows.append(session_row(spec, session, s_index, t0))
-    return {
-        "participant_id": f"sub-{spec.label}",
-        "diagnosis": spec.group,
-        "age": subj["age"],
-        "sex": subj["sex"],
-        "MMSE": subj["mmse"],
-        "site": site["site"],
-        "severity": subj["severity"],
-        "atrophy_share": float("nan"),
-        "stage": subj["stage"],
-        "head_scale": subj["head_scale"],
-        "warp_max_mm": subj["warp_max_mm"],
-        "warp_min_jacobian": subj["warp_min_jacobian"],
-        "gm_factor": factors[0][1][1:].tolist(),
-        "pet_factor": factors[0][2][1:].tolist(),
-        "session_factors": [(s, g[1:].tolist(), p[1:].tolist()) for s, g, p in factors],
-        "gm_latent": subj["g"].tolist(),
-        "pet_latent": subj["p"].tolist(),
-        "rho": subj["rho"].tolist(),
-        "texture_sd": subj["texture_sd"].tolist(),
-        "sessions": rows,
-    }
+    return participant_row(
+        spec,
+        subj,
+        rows,
+        site=site["site"],
+        atrophy_share=float("nan"),
+        stage=subj["stage"],
+        head_scale=subj["head_scale"],
+        warp_max_mm=subj["warp_max_mm"],
+        warp_min_jacobian=subj["warp_min_jacobian"],
+        gm_factor=factors[0][1][1:].tolist(),
+        pet_factor=factors[0][2][1:].tolist(),
+        session_factors=[(s, g[1:].tolist(), p[1:].tolist()) for s, g, p in factors],
+        gm_latent=subj["g"].tolist(),
+        pet_latent=subj["p"].tolist(),
+        rho=subj["rho"].tolist(),
+        texture_sd=subj["texture_sd"].tolist(),
+    )
 
 
 def _write_derivatives(out, spec, session, opts, maps, settings: EffectSettings):

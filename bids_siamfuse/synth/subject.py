@@ -195,6 +195,21 @@ def session_row(spec: SubjectSpec, session, s_index: int, t0: float) -> dict:
     return {"session": session, "acq_time": f"{2020 + s_index}-03-0{1 + s_index}T09:00:00"}
 
 
+def participant_row(spec: SubjectSpec, draws: dict, sessions: list, **more) -> dict:
+    """The subject's row of participants.tsv and the truth tables: who it is, its drawn age,
+    sex, MMSE and severity, the ``more`` columns, and its ``sessions`` rows."""
+    return {
+        "participant_id": f"sub-{spec.label}",
+        "diagnosis": spec.group,
+        "age": draws["age"],
+        "sex": draws["sex"],
+        "MMSE": draws["mmse"],
+        "severity": draws["severity"],
+        **more,
+        "sessions": sessions,
+    }
+
+
 def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
     """Generate and write every session of one subject; return its table rows.
 
@@ -268,18 +283,14 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
                 out, spec, session, opts, acq.uptake, acq.uptake_affine, gm_mni, mwc1, grid_pts
             )
         rows.append(session_row(spec, session, s_index, t0))
-    return {
-        "participant_id": f"sub-{spec.label}",
-        "diagnosis": spec.group,
-        "age": params["age"],
-        "sex": params["sex"],
-        "MMSE": params["mmse"],
-        "severity": params["severity"],
-        "atrophy_share": params["atrophy_share"],
-        "gm_factor": params["gm_factor"][1:].tolist(),
-        "pet_factor": params["pet_factor"][1:].tolist(),
-        "sessions": rows,
-    }
+    return participant_row(
+        spec,
+        params,
+        rows,
+        atrophy_share=params["atrophy_share"],
+        gm_factor=params["gm_factor"][1:].tolist(),
+        pet_factor=params["pet_factor"][1:].tolist(),
+    )
 
 
 def _write_raw_session(
