@@ -24,7 +24,7 @@ import pandas as pd
 
 def main(argv=None) -> int:
     from bids_siamfuse.synth import generate
-    from bids_siamfuse.synth_effects import region_summary
+    from bids_siamfuse.synth.effect_cohort import region_summary
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)

@@ -38,30 +38,37 @@ class SiamFuseError(Exception):
 
     exit_code = EXIT_FAILURE
 
-
-class InvalidBIDSError(SiamFuseError):
-    exit_code = EXIT_INVALID_BIDS
-
-
-class UnknownLevelError(SiamFuseError):
-    exit_code = EXIT_UNKNOWN_LEVEL
-
-
-class NothingSelectedError(SiamFuseError):
-    exit_code = EXIT_NOTHING_SELECTED
+    def __init_subclass__(cls, code: int | None = None, **kwargs):
+        # ``class X(SiamFuseError, code=N)`` sets X's exit code; subclasses without one keep
+        # their parent's
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.exit_code = code
 
 
-class UsageError(SiamFuseError):
-    exit_code = EXIT_USAGE
+class InvalidBIDSError(SiamFuseError, code=EXIT_INVALID_BIDS):
+    """The input dataset is not valid BIDS."""
 
 
-class DataError(SiamFuseError):
-    exit_code = EXIT_DATAERR
+class UnknownLevelError(SiamFuseError, code=EXIT_UNKNOWN_LEVEL):
+    """Analysis level other than ``participant`` or ``group``."""
 
 
-class NoInputError(SiamFuseError):
-    exit_code = EXIT_NOINPUT
+class NothingSelectedError(SiamFuseError, code=EXIT_NOTHING_SELECTED):
+    """The filters (labels, filter file) selected nothing."""
 
 
-class CannotWriteError(SiamFuseError):
-    exit_code = EXIT_CANTCREAT
+class UsageError(SiamFuseError, code=EXIT_USAGE):
+    """Bad command line (unknown flag, bad value, clashing paths)."""
+
+
+class DataError(SiamFuseError, code=EXIT_DATAERR):
+    """An input file is unusable (corrupt image, bad sidecar, ...)."""
+
+
+class NoInputError(SiamFuseError, code=EXIT_NOINPUT):
+    """An input path or a required file does not exist."""
+
+
+class CannotWriteError(SiamFuseError, code=EXIT_CANTCREAT):
+    """The output or work directory cannot be created or written."""

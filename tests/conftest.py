@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic cohorts built once per session.
+"""Shared fixtures: small synthetic cohorts built once per session (and per-module copies,
+the loaded cohort), an HTML parser for report structure checks, the parsed Dockerfile.
 
 The AAL atlas ships in the package, so the suite needs no ``NILEARN_DATA`` (``.ci/run`` unsets
 it); ``tests/test_atlas.py`` checks the nilearn layout as the alternative source.
@@ -7,7 +8,9 @@ it); ``tests/test_atlas.py`` checks the nilearn layout as the alternative source
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -70,6 +73,105 @@ def synth_derivs(tmp_path_factory) -> Path:
         raw=False,
         jobs=2,
     )
+
+
+def _copy_cohort(src: Path, dst: Path) -> Path:
+    """participants.tsv, dataset_description.json and the region files of a synth cohort."""
+    dst.mkdir(parents=True)
+    for name in ("participants.tsv", "dataset_description.json"):
+        shutil.copy(src / name, dst / name)
+    deriv = src / "derivatives" / "bids_siamfuse"
+    for f in deriv.rglob("*_regions.*"):
+        target = dst / "derivatives" / "bids_siamfuse" / f.relative_to(deriv)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    shutil.copy(deriv / "dataset_description.json", dst / "derivatives" / "bids_siamfuse")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def copy_cohort():
+    """``copy_cohort(src, dst) -> dst``: a cohort's participants.tsv, dataset_description.json
+    and region files (what the group level reads), copied to ``dst``."""
+    return _copy_cohort
+
+
+@pytest.fixture(scope="module")
+def group_ds(synth_derivs, tmp_path_factory) -> Path:
+    """This test module's private copy of the synth_derivs cohort (region files only)."""
+    return _copy_cohort(synth_derivs, tmp_path_factory.mktemp("group_ds") / "ds")
+
+
+@pytest.fixture(scope="module")
+def cohort(synth_derivs):
+    """The synth_derivs cohort's CN and AD region files as a ``RegionDataset``."""
+    from bids_siamfuse.bids import read_participants
+    from bids_siamfuse.preproc import regions
+
+    return regions.load_cohort(
+        synth_derivs / "derivatives" / "bids_siamfuse",
+        read_participants(synth_derivs),
+        classes=("CN", "AD"),
+    )
+
+
+@pytest.fixture(scope="session")
+def parse_html():
+    """``parse_html(text_or_path)``: the document's element tree (lxml, a forgiving parser like
+    a browser's), for structure checks with XPath instead of counting markup in the text."""
+    import lxml.html
+
+    def parse(source):
+        text = source.read_text() if isinstance(source, Path) else source
+        return lxml.html.document_fromstring(text)
+
+    return parse
+
+
+class DockerInstruction(NamedTuple):
+    stage: str  # the ``AS`` name of the stage it belongs to ("" before the first FROM)
+    keyword: str  # FROM, RUN, ENV, ...
+    value: str  # the rest, continuation lines joined
+
+    def pairs(self) -> dict:
+        """``KEY=value`` pairs of an ENV, ARG or LABEL instruction (shell quoting removed)."""
+        import shlex
+
+        return dict(
+            item.split("=", 1) if "=" in item else (item, None) for item in shlex.split(self.value)
+        )
+
+    def script(self) -> str:
+        """A RUN instruction's shell command, without its ``--mount=...`` options."""
+        import re
+
+        return re.sub(r"^(--\S+\s+)+", "", self.value)
+
+
+def _parse_dockerfile(path: Path) -> list[DockerInstruction]:
+    instructions, stage, pending = [], "", ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or not (pending or line.strip()):
+            continue  # comments go even inside continued instructions, as in docker build
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1]
+            continue
+        keyword, _, value = pending.strip().partition(" ")
+        pending = ""
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            words = value.split()
+            stage = words[2] if len(words) > 2 and words[1].upper() == "AS" else words[0]
+        instructions.append(DockerInstruction(stage, keyword, value.strip()))
+    return instructions
+
+
+@pytest.fixture(scope="session")
+def dockerfile() -> list[DockerInstruction]:
+    """The project's Dockerfile as a list of instructions (a small parser of the subset of the
+    syntax it uses), for checks on its structure rather than on its text."""
+    return _parse_dockerfile(Path(__file__).resolve().parents[1] / "Dockerfile")
 
 
 @pytest.fixture(scope="session")

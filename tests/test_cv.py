@@ -14,7 +14,6 @@ import model_double as md
 import numpy as np
 import pytest
 
-from bids_siamfuse.bids import read_participants
 from bids_siamfuse.errors import DataError, UsageError
 from bids_siamfuse.model import cv
 from bids_siamfuse.model.baselines import (
@@ -50,7 +49,6 @@ from bids_siamfuse.model.workers import (
     resolve_devices,
     run_tasks,
 )
-from bids_siamfuse.preproc import regions
 
 
 def toy_cohort(seed=0, sizes=(12, 10, 8)):
@@ -65,14 +63,6 @@ def toy_cohort(seed=0, sizes=(12, 10, 8)):
                 subjects.append(f"{k:03d}")
                 labels.append(c)
     return np.array(subjects), np.array(labels)
-
-
-@pytest.fixture(scope="module")
-def cohort(synth_derivs):
-    parts = read_participants(synth_derivs)
-    return regions.load_cohort(
-        synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD")
-    )
 
 
 # ----------------------------------------------------------------------------------------------

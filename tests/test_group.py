@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import model_double as md
@@ -52,24 +51,10 @@ ABLATIONS = {cv.ABLATION_PREFIX + "mri_only", cv.ABLATION_PREFIX + "pet_only"}
 METHODS = {cv.MODEL_METHOD, *ABLATIONS, *BASELINES}
 
 
-def copy_cohort(src: Path, dst: Path) -> Path:
-    """participants.tsv, dataset_description.json and the region files of a synth cohort."""
-    dst.mkdir(parents=True)
-    for name in ("participants.tsv", "dataset_description.json"):
-        shutil.copy(src / name, dst / name)
-    deriv = src / "derivatives" / "bids_siamfuse"
-    for f in deriv.rglob("*_regions.*"):
-        target = dst / "derivatives" / "bids_siamfuse" / f.relative_to(deriv)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, target)
-    shutil.copy(deriv / "dataset_description.json", dst / "derivatives" / "bids_siamfuse")
-    return dst
-
-
 @pytest.fixture(scope="module")
-def ds(synth_derivs, tmp_path_factory) -> Path:
+def ds(group_ds) -> Path:
     """A private copy of the synth_derivs cohort (region files only) for the double's runs."""
-    return copy_cohort(synth_derivs, tmp_path_factory.mktemp("group") / "ds")
+    return group_ds
 
 
 @pytest.fixture
@@ -277,13 +262,6 @@ def test_group_without_region_files(bad_bids, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # bundles and model application
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cohort(synth_derivs):
-    return regions.load_cohort(
-        synth_derivs / "derivatives" / "bids_siamfuse", read_participants(synth_derivs)
-    )
 
 
 def test_bundle_round_trip_real(cohort, tmp_path):
@@ -589,7 +567,7 @@ def _report_dom(html: Path) -> _Dom:
     return _Dom(dom.stdout)
 
 
-def test_group_report_structure_in_browser(ds, double, tmp_path):
+def test_group_report_structure_in_browser(ds, double, tmp_path, copy_cohort):
     import re
 
     root = copy_cohort(ds, tmp_path / "ds")

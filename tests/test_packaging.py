@@ -48,35 +48,91 @@ def test_version_is_written_in_one_place():
     assert 'attr = "bids_siamfuse._version.__version__"' in _read("pyproject.toml")
 
 
-def test_dockerfile_labels_take_the_version_from_the_package():
-    text = DOCKERFILE.read_text()
-    assert re.search(r'org\.opencontainers\.image\.version="\$\{VERSION\}"', text)
-    # no version literal anywhere in the recipe
-    assert __version__ not in text
-    assert not re.search(r"image\.version=\"?\d", text)
-    # the build refuses a VERSION that disagrees with the installed package...
-    assert "bids_siamfuse.__version__" in text and '"${VERSION}" != "${installed}"' in text
-    # ...and the build script reads it from the one place
-    build = (SCRIPTS / "build_image.sh").read_text()
-    assert "bids_siamfuse/_version.py" in build and "VERSION=${version}" in build
+def _stage(dockerfile, name: str, keyword: str) -> list:
+    return [i for i in dockerfile if i.stage == name and i.keyword == keyword]
+
+
+def test_dockerfile_labels_take_the_version_from_the_package(dockerfile, tmp_path):
+    final = dockerfile[-1].stage
+    (label,) = _stage(dockerfile, final, "LABEL")
+    labels = label.pairs()
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert not any(__version__ in str(v) for v in labels.values())  # no version literal
+    # the build refuses a VERSION that disagrees with the installed package: the install step
+    # run with a stub pip and this checkout's package
+    (install,) = [i for i in _stage(dockerfile, final, "RUN") if "installed=" in i.value]
+    stubs = tmp_path / "venv"
+    stubs.mkdir()
+    (stubs / "pip").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    script = (
+        install.script().replace("/opt/venv/bin/", f"{stubs}/").replace("/src", "/nonexistent")
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for version, code in (("", 0), (__version__, 0), ("0.0.0-other", 1)):
+        proc = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", script],
+            env={**env, "VERSION": version},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == code, (version, proc.stderr)
+    assert f"_version.py says {__version__}" in proc.stderr
+    # ...and the build script passes the package's version (run with a stub builder)
+    builder = tmp_path / "build.sh"
+    builder.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    builder.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "build_image.sh"), "bids_siamfuse:test"],
+        env={**os.environ, "BUILD_SH": str(builder)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"VERSION={__version__}" in proc.stdout.splitlines()
     scratch = _read("singularity/from_scratch.def")
     assert "bids_siamfuse.__version__" in scratch and __version__ not in scratch
 
 
-def test_dockerfile_runtime_contract():
-    text = DOCKERFILE.read_text()
-    final = text[text.rindex("\nFROM ") :]
-    assert re.search(r"^FROM debian|^ARG BASE_IMAGE=debian:bookworm-slim", text, re.MULTILINE)
-    assert 'ENTRYPOINT ["bids_siamfuse"]' in final
-    user = re.findall(r"^USER\s+(\S+)", final, re.MULTILINE)
-    assert user and not user[-1].startswith(("0", "root")), "the image must not run as root"
-    for variable in ("OMP_NUM_THREADS=1", "TEMPLATEFLOW_HOME=", "HOME=/tmp"):
-        assert variable in final, variable
-    assert "TORCH_SPEC" in text and "PIP_FIND_LINKS" in text and "WITH_SPM" in text
+def test_dockerfile_runtime_contract(dockerfile):
+    """The final stage: the app as entry point, a non-root user, the runtime environment; the
+    build arguments the build script passes; nothing of nilearn's data; pinned dependencies."""
+    import shlex
+
+    args = {}
+    for i in dockerfile:
+        if i.keyword == "ARG":
+            args.update({k: v for k, v in i.pairs().items() if v is not None or k not in args})
+    assert args["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert {"TORCH_SPEC", "PIP_FIND_LINKS", "WITH_SPM"} <= set(args)
+    final = dockerfile[-1].stage
+    (entry,) = _stage(dockerfile, final, "ENTRYPOINT")
+    assert json.loads(entry.value) == ["bids_siamfuse"]
+    user = _stage(dockerfile, final, "USER")
+    assert user and not user[-1].value.startswith(("0", "root")), "the image must not run as root"
+    env = {k: v for i in _stage(dockerfile, final, "ENV") for k, v in i.pairs().items()}
+    assert env["OMP_NUM_THREADS"] == "1" and env["HOME"] == "/tmp"
+    assert env["TEMPLATEFLOW_HOME"] == "/opt/data/templateflow"
     # the AAL atlas ships in the package: no atlas seed, no NILEARN_DATA in the image
-    assert "NILEARN_DATA" not in text and "nilearn_data" not in text
-    # reproducible builds: dependencies installed at the pinned versions of constraints.txt
-    assert "pip install -c /src/constraints.txt" in text
+    every_env = {k for i in dockerfile if i.keyword == "ENV" for k in i.pairs()}
+    assert "NILEARN_DATA" not in every_env | set(args)
+    assert not any("nilearn_data" in i.value for i in dockerfile if i.keyword in ("COPY", "RUN"))
+    # reproducible builds: every pip install of requirements uses the pinned constraints
+    commands = []
+    for i in dockerfile:
+        if i.keyword == "RUN":
+            words = shlex.split(i.script())
+            starts = [0] + [k + 1 for k, w in enumerate(words) if w == "&&"]
+            ends = [k for k, w in enumerate(words) if w == "&&"] + [len(words)]
+            commands += [words[s:e] for s, e in zip(starts, ends)]
+    requirements = [c for c in commands if c[:2] == ["pip", "install"] and "-r" in c]
+    assert requirements
+    for words in requirements:
+        assert words[words.index("-c") + 1] == "/src/constraints.txt", words
 
 
 def test_constraints_pin_every_dependency():
@@ -102,23 +158,39 @@ def test_constraints_pin_every_dependency():
     assert "-c /src/constraints.txt" in scratch
 
 
-def test_apptainer_runscript_prints_help_without_arguments():
+def test_apptainer_runscript_prints_help_without_arguments(tmp_path):
+    """Each recipe's %runscript, run by sh with a stub app: no arguments give ``--help``
+    (like the Docker image's CMD), arguments are passed on unchanged."""
+    (tmp_path / "bids_siamfuse").write_text('#!/bin/sh\necho "called: $*"\n')
+    (tmp_path / "bids_siamfuse").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     for name in ("singularity/from_image.def", "singularity/from_scratch.def"):
         text = _read(name)
-        runscript = text[text.index("%runscript") :].split("\n%")[0]
-        assert 'if [ "$#" -eq 0 ]; then exec bids_siamfuse --help; fi' in runscript, name
+        runscript = text[text.index("%runscript") + len("%runscript") :].split("\n%")[0]
+        for args, expected in (
+            ([], "called: --help"),
+            (["bids", "out", "group"], "called: bids out group"),
+        ):
+            proc = subprocess.run(
+                ["sh", "-c", runscript, "runscript", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert proc.returncode == 0 and proc.stdout.strip() == expected, (name, args)
 
 
-def test_dockerignore_lets_every_copied_file_through():
+def test_dockerignore_lets_every_copied_file_through(dockerfile):
     allowed = [
         line[1:].rstrip("/")
         for line in _read(".dockerignore").splitlines()
         if line.startswith("!")
     ]
     sources = []
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.startswith("COPY ") and "--from=" not in line:
-            sources += line.split()[1:-1]
+    for i in dockerfile:
+        if i.keyword == "COPY" and "--from=" not in i.value:
+            sources += i.value.split()[:-1]
     assert sources
     for source in sources:
         assert any(source == a or source.startswith(a + "/") for a in allowed), source

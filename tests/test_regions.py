@@ -77,27 +77,55 @@ def test_atlas_layout_on_grid():
     assert 300 * 2 * 4 * layout.n_voxels < 2e9
 
 
-def test_region_outputs_match_maps(synth_raw):
-    deriv = synth_raw / "derivatives" / "bids_siamfuse"
-    npz = sorted(deriv.glob("sub-*/ses-*/pet/*_regions.npz"))
-    assert len(npz) == 3
-    import nibabel as nb
+def test_region_outputs_against_known_volumes(tmp_path):
+    """The region writer against an independent construction: GM and PET maps whose voxel
+    values are known functions of the atlas label, and expectations computed with numpy from
+    the label volume alone (``np.bincount``), not with the layout or ``extract`` it writes with."""
     import pandas as pd
 
-    f = npz[0]
-    sub, ses = f.name.split("_")[:2]
-    gm_map = next(deriv.glob(f"{sub}/{ses}/anat/*desc-modulated_probseg.nii.gz"))
-    gm = np.asanyarray(nb.load(str(gm_map)).dataobj, dtype=np.float32)
-    layout = regions.atlas_layout()
-    with np.load(f) as data:
-        assert np.allclose(data["gm"], extract(gm, layout))
-        assert json.loads(str(data["signature"])) == json.loads(
-            json.dumps(layout.signature, sort_keys=True)
-        )
-    table = pd.read_csv(next(deriv.glob(f"{sub}/{ses}/anat/*desc-gm_morph.tsv")), sep="\t")
-    sums = np.add.reduceat(extract(gm, layout).astype(np.float64), layout.offsets[:-1])
-    assert np.allclose(table["gm_volume_mm3"], sums * 1.5**3, rtol=1e-5)
-    assert table["name"].tolist() == list(layout.names)
+    from bids_siamfuse.data.atlas import load_atlas
+
+    labels = np.asarray(load_atlas().labels).astype(np.int64)
+    n = int(labels.max())
+    assert n == 116
+    rng = np.random.default_rng(7)
+    level = rng.uniform(0.2, 0.9, n + 1)
+    level[0] = 5.0  # background: must never reach a region
+    ramp = np.indices(labels.shape)[0] * 1e-3  # varies inside every region
+    gm = (level[labels] + ramp).astype(np.float32)
+    pet = (2.0 * level[labels]).astype(np.float32)
+    pet[(labels == 3) & (np.indices(labels.shape)[2] % 2 == 0)] = 0.0  # half of region 3
+    src = {"subject": "01", "session": "01"}
+    regions.write_region_outputs(
+        tmp_path, gm, pet, anat_source=src, pet_source={**src, "tracer": "FDG"}
+    )
+
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n + 1)[1:]
+    gm_sums = np.bincount(flat, weights=gm.ravel().astype(np.float64), minlength=n + 1)[1:]
+    nonzero = np.bincount(flat, weights=(pet.ravel() > 0).astype(float), minlength=n + 1)[1:]
+    gm_table = pd.read_csv(next(tmp_path.rglob("*desc-gm_morph.tsv")), sep="\t")
+    assert gm_table["index"].tolist() == list(range(1, n + 1))
+    assert gm_table["voxels"].tolist() == counts.tolist()
+    assert np.allclose(gm_table["gm_volume_mm3"], gm_sums * 1.5**3, rtol=1e-5)  # 6 digits
+    pet_table = pd.read_csv(next(tmp_path.rglob("*_stats.tsv")), sep="\t")
+    # PET is 2 x level in a region's non-zero voxels
+    assert np.allclose(pet_table["mean_uptake"], 2.0 * level[1:] * nonzero / counts, rtol=1e-5)
+    fraction = pet_table["nonbackground_fraction"].to_numpy()
+    assert np.allclose(fraction, nonzero / counts) and 0.4 < fraction[2] < 0.6
+    assert np.all(np.delete(fraction, 2) == 1.0)
+
+    with np.load(next(tmp_path.rglob("*_regions.npz"))) as data:
+        vec_gm, vec_pet, signature = data["gm"], data["pet"], json.loads(str(data["signature"]))
+    assert signature["atlas"] == "AAL116" and signature["shape"] == [121, 145, 121]
+    assert vec_gm.shape == vec_pet.shape == (counts.sum(),)
+    assert vec_gm.max() < 1.0 and vec_gm.min() > 0.0  # no background (5.0), no padding zeros
+    # regions in index order, each segment holding exactly that region's voxel values
+    offsets = np.r_[0, np.cumsum(counts)]
+    for r in range(1, n + 1):
+        seg = slice(offsets[r - 1], offsets[r])
+        assert np.array_equal(np.sort(vec_gm[seg]), np.sort(gm[labels == r])), r
+        assert np.array_equal(np.sort(vec_pet[seg]), np.sort(pet[labels == r])), r
 
 
 def test_load_cohort(synth_derivs):

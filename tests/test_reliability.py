@@ -262,14 +262,6 @@ def test_disk_full_during_derivative_write(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-01"]
 
 
-@pytest.fixture(scope="module")
-def group_ds(synth_derivs, tmp_path_factory) -> Path:
-    """A private copy of the synth_derivs cohort (region files only)."""
-    from test_group import copy_cohort
-
-    return copy_cohort(synth_derivs, tmp_path_factory.mktemp("reliability") / "ds")
-
-
 @pytest.fixture
 def double(monkeypatch):
     import model_double as md
@@ -499,9 +491,7 @@ def _group_cmd(ds: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", GROUP_DRIVER, str(ds), str(out), "group", *GROUP_ARGS]
 
 
-def test_group_offline_killed_resumed_deterministic(group_ds, synth_derivs, tmp_path):
-    from test_group import copy_cohort
-
+def test_group_offline_killed_resumed_deterministic(group_ds, synth_derivs, tmp_path, copy_cohort):
     """The group level, as subprocesses with sockets blocked: an uninterrupted run; a run
     SIGKILLed while it writes its report (no task folder appears, only a hidden staging folder);
     a rerun that completes with outputs identical to the uninterrupted run; the BIDS folder is
@@ -714,12 +704,28 @@ def test_participant_array_jobs_at_once(raw_ds, reference_run):
 
 
 def test_catalog_lists_existing_tests():
-    """docs/reliability.md: >= 20 bad-input cases, and every test it names exists."""
+    """docs/reliability.md's catalog table: >= 20 bad-input cases, each naming tests that are
+    collected test functions (parsed from the modules, so a renamed or deleted test fails)."""
+    import ast
+
     text = (ROOT / "docs" / "reliability.md").read_text()
-    rows = [r for r in text.splitlines() if re.match(r"\| \d+ \|", r)]
-    assert len(rows) >= 20
-    named = set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text))
-    assert all(re.search(r"tests/\w+\.py::\w+", r) for r in rows)  # every case has a test
-    for path, name in sorted(named):
-        source = (ROOT / path).read_text()
-        assert re.search(rf"^def {name}\(", source, re.M), f"{path}::{name}"
+    table = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+    header = table[0]
+    cases = [row for row in table[2:] if row[0].isdigit()]
+    assert header[0] == "#" and header[-1] == "test" and len(cases) >= 20
+    named = [re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", row[-1]) for row in cases]
+    assert all(named), "every case names its test"
+    defined = {}
+    for path, name in sorted({pair for pairs in named for pair in pairs}):
+        if path not in defined:
+            tree = ast.parse((ROOT / path).read_text())
+            defined[path] = {
+                node.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+            }
+        assert name in defined[path], f"{path}::{name}"

@@ -8,6 +8,7 @@ that nothing was requested from the network, and take a screenshot.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -269,24 +270,31 @@ def built(tmp_path_factory):
 # content
 
 
-def test_participant_report_content(built):
+def test_participant_report_content(built, parse_html):
     html = built["participant"].read_text()
+    doc = parse_html(html)
     assert built["participant"] == built["out"] / "sub-01.html"
     # one section per session, the crash reported, the inputs summarized
     assert 'id="ses-01"' in html and 'id="ses-02"' in html
     assert "failed" in html and "ValueError: boom" in html and "crash-1-pet.txt" in html
     assert "sub-01/ses-01/pet/sub-01_ses-01_trc-FDG_pet.nii.gz" in html
     assert "4x5x6, 3 frame(s)" in html
-    # reportlets inlined (5 in ses-01, 1 in ses-02), missing ones named for ses-02
-    assert html.count('class="reportlet"') == 6
+    # reportlets inlined (5 in ses-01, 1 in ses-02) as SVG drawings captioned with their
+    # figures/ file, missing ones named for ses-02
+    for session, n in (("ses-01", 5), ("ses-02", 1)):
+        figures = reportlet_figures(doc, session)
+        assert len(figures) == n, session
+        for fig in figures:
+            assert fig.xpath("./svg//*"), "an empty drawing"
+            shown = fig.xpath("string(./figcaption//span)").strip("() ")
+            assert (built["out"] / "sub-01" / shown).is_file(), shown
     assert "<?xml" not in html
     ses02 = html[html.index('id="ses-02"') :]
     assert "Not available for this session" in ses02 and "PET to T1w coregistration" in ses02
     # model: probabilities and the relevance ranking (region 8 is the top one)
     assert "0.800" in html and "predicted: AD" not in html  # the figure is an image, not text
     top = _names()[7]
-    first_row = re.search(r"<td class=\"num\">1</td><td>([^<]+)</td>", html)
-    assert first_row and first_row.group(1) == top
+    assert ranked_regions(doc)[0] == ("1", top)
     # the relevance reportlet is a derivative under figures/
     rel = list((built["out"] / "sub-01" / "figures").glob("*desc-relevance*_stat.png"))
     assert len(rel) == 1 and rel[0].stat().st_size > 1000
@@ -301,12 +309,26 @@ def test_participant_report_content(built):
     assert "1 pair(s) did not finish" in html  # the flagged one finished
 
 
+def reportlet_figures(doc, section: str) -> list:
+    """The reportlet figures (``<figure class="reportlet">``) inside a session's section."""
+    return doc.xpath(
+        f'//section[@id="{section}"]//figure[contains(concat(" ", @class, " "), " reportlet ")]'
+    )
+
+
+def ranked_regions(doc) -> list[tuple[str, str]]:
+    """(rank, region) of each row of the first table whose header starts with "rank"."""
+    table = doc.xpath('//table[tr[1]/th[1][normalize-space()="rank"]]')[0]
+    return [(r.xpath("string(td[1])"), r.xpath("string(td[2])")) for r in table.xpath("tr[td]")]
+
+
 def ses01(html: str) -> str:
     return html[html.index('id="ses-01"') : html.index('id="ses-02"')]
 
 
-def test_group_report_content(built):
+def test_group_report_content(built, parse_html):
     html = built["group"].read_text()
+    doc = parse_html(html)
     assert built["group"] == built["out"] / "group" / "report.html"
     # Table 1 from participants.tsv: subjects 01..12 in predictions, 01..04 in participants.tsv
     assert "sex (M/F)" in html and "MMSE (mean ± SD)" in html
@@ -316,10 +338,22 @@ def test_group_report_content(built):
     assert f"{ba.mean():.3f} ± {ba.std(ddof=1):.3f}" in html
     assert html.index("siamese_attention") < html.index("svm_both")
     # relevance: top region named first (index 41 forced highest)
-    assert re.search(r"<td class=\"num\">1</td><td>" + re.escape(_names()[40]), html)
+    assert ranked_regions(doc)[0] == ("1", _names()[40])
     # permutation p and figures
     assert "p = 0.048" in html
-    assert html.count("data:image/png;base64,") == 5  # ROC, relevance, activations, perm, curves
+    # the figures: ROC, relevance, activations, permutations, curves, each an inline PNG
+    images = {img.get("alt"): img.get("src") for img in doc.xpath("//img")}
+    assert set(images) == {
+        "ROC curves per fold and mean",
+        "relevance maps",
+        "activation count maps",
+        "permutation histogram",
+        "training curves",
+    }
+    for alt, src in images.items():
+        head, _, data = src.partition(",")
+        assert head == "data:image/png;base64", alt
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n", alt
     assert "http://" not in html and "https://" not in html
 
 
@@ -363,7 +397,7 @@ def test_inline_svg_refuses_external(tmp_path):
 # boilerplate
 
 
-def test_citation_parts_and_references(tmp_path):
+def test_citation_parts_and_references(tmp_path, parse_html):
     from bids_siamfuse.reports.boilerplate import group_text, write_citation
 
     logs = tmp_path / "logs"
@@ -396,10 +430,10 @@ def test_citation_parts_and_references(tmp_path):
     ):
         assert needle in refs
     assert "Tzourio-Mazoyer" in refs and "{" not in refs and "\\" not in refs
-    page = html.read_text()
-    assert (
-        "<ol>" in page and "<h2>References</h2>" in page and "http" not in page.split("<main>")[1]
-    )
+    page = parse_html(html)
+    items = page.xpath('//h2[normalize-space()="References"]/following-sibling::ol[1]/li')
+    assert len(items) == len(re.findall(r"^\d+\. ", refs, re.M)) >= 6
+    assert "http" not in page.xpath("string(//main)")  # nothing to fetch in the page text
 
 
 def test_participant_text_first_subject_only():
@@ -658,7 +692,7 @@ def test_report_renders_offline_in_chromium(built, which, tmp_path):
         assert len(set(img.convert("L").resize((64, 80)).getdata())) > 10  # not blank
 
 
-def test_crashed_participant_run_still_reports(tmp_path, monkeypatch):
+def test_crashed_participant_run_still_reports(tmp_path, monkeypatch, parse_html):
     """run_participant writes the report after a workflow failure, naming the failed pair."""
     from bids_siamfuse.bids import Plan, SessionPair
     from bids_siamfuse.config import Settings
@@ -701,7 +735,15 @@ def test_crashed_participant_run_still_reports(tmp_path, monkeypatch):
     assert code == 1
     html = (out / "sub-01.html").read_text()
     assert "incomplete" in html and "a node crashed" in html
-    assert html.count('class="reportlet"') == 6  # what finished is shown
+    # what finished is shown: every reportlet drawing written, each inlined
+    doc = parse_html(html)
+    shown = [
+        fig.xpath("string(./figcaption//span)").strip("() ")
+        for fig in doc.xpath('//figure[contains(concat(" ", @class, " "), " reportlet ")]')
+        if fig.xpath("./svg//*")
+    ]
+    written = [f"figures/{f.name}" for f in (out / "sub-01" / "figures").glob("*.svg")]
+    assert sorted(shown) == sorted(written) and len(shown) == 6
 
 
 def test_aal_outlines_are_thin_and_in_plane():

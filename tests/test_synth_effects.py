@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_siamfuse import synth, synth_effects
+from bids_siamfuse import synth
 from bids_siamfuse.bids import read_participants
 from bids_siamfuse.preproc import regions
+from bids_siamfuse.synth import effect_cohort, effect_maps
+from bids_siamfuse.synth import effects as synth_effects
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def test_texture_fields_have_zero_region_means(names):
     settings = synth_effects.EffectSettings("nonlinear")
     spec = synth.SubjectSpec(0, "x", "AD", ["01"], 5, 1.0)
     subj = synth_effects.draw_subject(spec, settings, names)
-    texture = synth_effects.subject_texture(subj, model)
+    texture = effect_maps.subject_texture(subj, model)
     assert texture.shape[0] == 4
     labels = model.labels.reshape(-1)
     weight = model.tissue[0].reshape(-1).astype(np.float64)
@@ -333,7 +335,7 @@ def test_coupling_cohort_marginals_equal_relation_flips(tmp_path_factory):
 @pytest.mark.slow
 def test_nonlinear_cohort_moves_texture_not_means(tmp_path_factory):
     root = _cohort(tmp_path_factory, "nonlinear")
-    table, _ = synth_effects.region_summary(root)
+    table, _ = effect_cohort.region_summary(root)
     assert table.d_gm.abs().max() < NULL_D and table.d_pet.abs().max() < NULL_D
     planted = table.planted
     assert table.sd_ratio_gm[planted].mean() > table.sd_ratio_gm[~planted].mean() + 0.03

@@ -46,44 +46,25 @@ def _label(prefix: str):
     return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be 1 or more")
-    return number
+def _number(cast, noun: str, ok, requirement: str):
+    """An argparse type: ``cast`` the value (else "is not <noun>"), then require ``ok``."""
+
+    def parse(value: str):
+        try:
+            number = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {noun}") from None
+        if not ok(number):
+            raise argparse.ArgumentTypeError(f"{value!r} {requirement}")
+        return number
+
+    return parse
 
 
-def _nonnegative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more")
-    return number
-
-
-def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0 < number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must lie between 0 and 1")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
-    return number
+_positive_int = _number(int, "an integer", lambda n: n >= 1, "must be 1 or more")
+_nonnegative_int = _number(int, "an integer", lambda n: n >= 0, "must be 0 or more")
+_fraction = _number(float, "a number", lambda n: 0 < n < 1, "must lie between 0 and 1")
+_positive_float = _number(float, "a number", lambda n: n > 0, "must be positive")
 
 
 def _memory_mb(value: str) -> int:
@@ -94,6 +75,25 @@ def _memory_mb(value: str) -> int:
     number, unit = float(match.group(1)), match.group(2).upper()
     scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
     return int(number * scale)
+
+
+def _flag(group, *names: str, **kwargs):
+    """``group.add_argument`` with every ``--multi-word`` name also accepted as ``--multi_word``.
+
+    fMRIPrep accepts both spellings; the underscore one follows its dashed twin (as ``--help``
+    lists them), and argparse's ``dest`` is the first long name with ``_``.
+    """
+    spellings = []
+    for name in names:
+        spellings.append(name)
+        if name.startswith("--") and "-" in name[2:]:
+            spellings.append("--" + name[2:].replace("-", "_"))
+    return group.add_argument(*spellings, **kwargs)
+
+
+def _switch(group, *names: str, help: str):
+    """An on/off flag (``store_true``), spelled as :func:`_flag` does."""
+    return _flag(group, *names, action="store_true", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,36 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_selection_args(parser):
     g = parser.add_argument_group("Options for filtering BIDS queries")
-    g.add_argument(
+    _flag(
+        g,
         "--participant-label",
-        "--participant_label",
-        dest="participant_label",
         nargs="+",
         type=_label("sub"),
         metavar="LABEL",
         help="subjects to process, with or without 'sub-' (default: all)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--session-label",
-        "--session_label",
-        dest="session_label",
         nargs="+",
         type=_label("ses"),
         metavar="LABEL",
         help="sessions to process, with or without 'ses-' (default: all)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--tracer-label",
-        "--tracer_label",
-        dest="tracer_label",
         type=_label("trc"),
         metavar="LABEL",
         help="the PET tracer entity to use (trc-<label>); default FDG",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--bids-filter-file",
-        "--bids_filter_file",
-        dest="bids_filter_file",
         type=Path,
         metavar="FILE",
         help='JSON of extra pybids filters per query, e.g. {"t1w": {"acquisition": "mprage"}, '
@@ -178,18 +174,15 @@ def _add_selection_args(parser):
         help="which T1w goes with a PET: 'same-session' only, or 'nearest' (the same session "
         "when it has one, else the T1w of the nearest session in time; default)",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--skip-bids-validation",
-        "--skip_bids_validation",
-        dest="skip_bids_validation",
-        action="store_true",
         help="do not run the BIDS validator on the input (by default it checks the top-level "
         "files and the selected participants only)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--bids-database-dir",
-        "--bids_database_dir",
-        dest="bids_database_dir",
         type=Path,
         metavar="DIR",
         help="reuse the pybids index saved in DIR, or save it there (share one across the "
@@ -208,18 +201,16 @@ def _add_performance_args(parser):
         type=_positive_int,
         help="processes the workflow engine may run at once (default: all CPUs)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--omp-nthreads",
-        "--omp_nthreads",
-        dest="omp_nthreads",
         type=_positive_int,
         help="threads per process for ANTs/ITK and torch (default: min(8, nprocs))",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--mem-mb",
-        "--mem_mb",
         "--mem",
-        dest="mem_mb",
         type=_memory_mb,
         metavar="MB",
         help="memory the workflow engine may plan for: a number is megabytes (MB), or give "
@@ -235,10 +226,9 @@ def _add_performance_args(parser):
         type=_nonnegative_int,
         help="at most this many GPUs for group training (0: all visible)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--cpu-workers",
-        "--cpu_workers",
-        dest="cpu_workers",
         type=_positive_int,
         help="group training with --device cpu: worker processes sharing the folds (default: "
         "1), each with --omp-nthreads threads (default: the CPUs shared out)",
@@ -247,26 +237,20 @@ def _add_performance_args(parser):
 
 def _add_subset_args(parser):
     g = parser.add_argument_group("Options for performing only a subset of the workflow")
-    g.add_argument(
+    _switch(
+        g,
         "--boilerplate-only",
-        "--boilerplate_only",
-        dest="boilerplate_only",
-        action="store_true",
         help="write the methods text (OUTPUT_DIR/logs/CITATION.md) of the workflow the flags "
         "describe, then exit without processing anything",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--reports-only",
-        "--reports_only",
-        dest="reports_only",
-        action="store_true",
         help="rebuild the reports from existing derivatives, computing nothing",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--dry-run",
-        "--dry_run",
-        dest="dry_run",
-        action="store_true",
         help="print what would be processed (and what is skipped, and why), then exit",
     )
 
@@ -279,17 +263,15 @@ def _add_workflow_args(parser):
         help="registration/segmentation engine: ants (antspyx, default) or spm "
         "(SPM12 standalone + MATLAB Runtime)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--spm-cmd",
-        "--spm_cmd",
-        dest="spm_cmd",
         metavar="CMD",
         help="command that runs SPM12 standalone (default: from SPMSTANDALONE_HOME/MCR_HOME)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--pet-ref-region",
-        "--pet_ref_region",
-        dest="pet_ref_region",
         choices=("none", "cerebellum"),
         help="'none': the paper's normalization (mean of the top 0.1%% voxels); 'cerebellum': "
         "SUVR to AAL cerebellar grey matter",
@@ -305,11 +287,9 @@ def _add_workflow_args(parser):
         metavar="BUNDLE",
         help="participant level: apply this trained model bundle to every processed session",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--model-only",
-        "--model_only",
-        dest="model_only",
-        action="store_true",
         help="with --model: skip preprocessing and apply the bundle to the region files "
         "already in OUTPUT_DIR",
     )
@@ -342,24 +322,21 @@ def _add_model_args(parser):
     g.add_argument(
         "--batch-size", "--batch_size", dest="batch_size", type=_positive_int, help="batch size"
     )
-    g.add_argument(
+    _flag(
+        g,
         "--learning-rate",
-        "--learning_rate",
-        dest="learning_rate",
         type=_positive_float,
         help="Adam learning rate",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--val-fraction",
-        "--val_fraction",
-        dest="val_fraction",
         type=_fraction,
         help="share of each training fold held out for early stopping",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--early-stop-loss",
-        "--early_stop_loss",
-        dest="early_stop_loss",
         type=_positive_float,
         help="stop training once the validation loss falls below this (default: 0.01)",
     )
@@ -368,18 +345,15 @@ def _add_model_args(parser):
         type=_positive_int,
         help="stop training after this many epochs without improvement (default: 20)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--permutation-tests",
-        "--permutation_tests",
-        dest="permutation_tests",
         type=_nonnegative_int,
         help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--nondeterministic-gpu",
-        "--nondeterministic_gpu",
-        dest="nondeterministic_gpu",
-        action="store_true",
         help="GPU training with atomic-add reductions instead of the default fixed-order ones: "
         "no longer bit-reproducible between runs or GPU counts (measured speed gain on an H200: "
         "none to 5 %%; see docs/benchmarks.md)",
@@ -401,9 +375,9 @@ def _add_model_args(parser):
         "constant similarity (constant), 2 SE below the untrained loss (se), any improvement "
         "(none)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--no-ablations",
-        "--no_ablations",
         dest="ablations",
         action="store_false",
         help="skip the ablations (similarity only, untrained networks, MRI/PET only, other "
@@ -414,11 +388,9 @@ def _add_model_args(parser):
 def _add_qc_args(parser):
     # issue 17: separate function so the model-argument group above stays as it was
     g = parser.add_argument_group("Quality control")
-    g.add_argument(
+    _switch(
+        g,
         "--include-flagged",
-        "--include_flagged",
-        dest="include_flagged",
-        action="store_true",
         help="group level: keep sessions flagged by participant quality control (left out by "
         "default; the report counts them)",
     )
@@ -426,21 +398,19 @@ def _add_qc_args(parser):
 
 def _add_other_args(parser):
     g = parser.add_argument_group("Other options")
-    g.add_argument(
+    _flag(
+        g,
         "-w",
         "--work-dir",
-        "--work_dir",
-        dest="work_dir",
         type=Path,
         help="nipype working directory (default: ./work in the current folder, or a "
         "bids_siamfuse_work folder under the temporary folder when the current one is not "
         "writable; measured about 130 MB per PET/T1w pair with --sloppy, see README); reuse "
         "it to resume an interrupted run, remove it afterwards or pass --clean-workdir",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--config-file",
-        "--config_file",
-        dest="config_file",
         type=Path,
         metavar="FILE",
         help="TOML settings (as written to OUTPUT_DIR/logs); flags given here win",
@@ -474,36 +444,28 @@ def _add_nipreps_args(parser):
         action="store_true",
         help="accepted for NiPreps scripts and ignored: bids_siamfuse never sends usage data",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--clean-workdir",
-        "--clean_workdir",
-        dest="clean_workdir",
-        action="store_true",
         help="after a successful run (exit 0), remove what this run put in the work directory "
         "(and the directory itself when it is then empty); kept after a failure, to resume",
     )
-    groups["Options to handle performance"].add_argument(
+    _switch(
+        groups["Options to handle performance"],
         "--low-mem",
-        "--low_mem",
-        dest="low_mem",
-        action="store_true",
         help="participant level: run at most one memory-heavy step (registration, "
         "segmentation) at a time, the light ones still in parallel; lowers the peak memory, "
         "lengthens the run",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--write-graph",
-        "--write_graph",
-        dest="write_graph",
-        action="store_true",
         help="write the participant workflow graph to OUTPUT_DIR/logs/workflow-<run>.dot "
         "(Graphviz; also .svg when the dot program is installed)",
     )
-    g.add_argument(
+    _switch(
+        g,
         "--resource-monitor",
-        "--resource_monitor",
-        dest="resource_monitor",
-        action="store_true",
         help="record each step's run time, CPU and memory to "
         "OUTPUT_DIR/logs/resources-<run>.jsonl (nipype's resource monitor)",
     )

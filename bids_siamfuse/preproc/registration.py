@@ -213,10 +213,14 @@ def write_matrix(matrix: np.ndarray, path: Path) -> Path:
     return Path(path)
 
 
-def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """4x4 matrix applied to points of shape (3, N)."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    return matrix[:3, :3] @ points + matrix[:3, 3:4]
+def apply_matrix(matrix: np.ndarray, points: np.ndarray, *, dtype=np.float64) -> np.ndarray:
+    """4x4 matrix applied to points of shape (3, N), computed in ``dtype``.
+
+    ``dtype=np.float32`` halves the memory of large point clouds (the synthetic generator's
+    13 M-point head grid) at ~1e-5 mm of rounding.
+    """
+    matrix = np.asarray(matrix, dtype=dtype)
+    return matrix[:3, :3] @ np.asarray(points, dtype=dtype) + matrix[:3, 3:4]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,17 +450,30 @@ def jacobian_determinant(positions: np.ndarray, affine: np.ndarray) -> np.ndarra
     return np.abs(np.linalg.det(jac)).astype(np.float32)
 
 
-def sample_at(data: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int = 1, cval=0.0):
-    """Values of a volume at world points ((3, ...) RAS mm), trilinear by default."""
+def sample_at(
+    data: np.ndarray,
+    affine: np.ndarray,
+    points: np.ndarray,
+    order: int = 1,
+    cval=0.0,
+    *,
+    mode: str = "constant",
+    dtype=np.float64,
+):
+    """Values of a volume at world points ((3, ...) RAS mm), trilinear by default.
+
+    ``dtype``: of the voxel coordinates (see :func:`apply_matrix`); ``mode``: scipy's
+    ``map_coordinates`` mode outside the volume.
+    """
     from scipy import ndimage
 
     shape = points.shape[1:]
-    vox = apply_matrix(np.linalg.inv(affine), points.reshape(3, -1).astype(np.float64))
+    vox = apply_matrix(np.linalg.inv(affine), points.reshape(3, -1), dtype=dtype)
     out = ndimage.map_coordinates(
         np.asarray(data, dtype=np.float32),
         vox,
         order=order,
-        mode="constant",
+        mode=mode,
         cval=cval,
         prefilter=False,
         output=np.float32,

@@ -1,0 +1,196 @@
+"""Geometry of the synthetic cohort: grids, affines, sampling and the native<->MNI mapping.
+
+The extended 1 mm grid holds the whole head (template grid + room for skull and neck); the
+subject's displacement field lives on a 5 mm grid over it. :class:`Mapping` is ``y = N(A x)``,
+the exact map from a T1w's scanner position to MNI that :func:`bids_siamfuse.synth.load_truth`
+rebuilds from the ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ..data.templates import GRID_AFFINE, GRID_SHAPE
+from ..preproc.registration import apply_matrix, sample_at
+
+# The extended 1 mm grid that holds the whole head (template grid + room for skull and neck).
+EXT_ORIGIN = np.array([-100.0, -140.0, -140.0])
+EXT_SHAPE = (201, 251, 261)
+WARP_SPACING = 5.0
+WARP_SHAPE = (41, 51, 53)
+T1_FOV = np.array([180.0, 236.0, 236.0])  # L-R, A-P, S-I extent in head-aligned mm
+T1_FOV_CENTER_MNI = np.array([0.0, -14.0, -12.0])
+PET_FOV = np.array([256.0, 256.0, 200.0])
+BRAIN_CENTER_MNI = np.array([0.0, -18.0, 12.0])
+
+
+def _affine(origin, spacing=1.0):
+    aff = np.eye(4)
+    aff[:3, :3] *= spacing
+    aff[:3, 3] = origin
+    return aff
+
+
+EXT_AFFINE = _affine(EXT_ORIGIN)
+WARP_AFFINE = _affine(EXT_ORIGIN, WARP_SPACING)
+# The output grid at 3 mm (every second voxel, index 2k = fine index k): smooth fields are
+# computed there and interpolated.
+COARSE_SHAPE = tuple((n + 1) // 2 for n in GRID_SHAPE)
+COARSE_AFFINE = GRID_AFFINE.copy()
+COARSE_AFFINE[:3, :3] *= 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def apply_affine(aff: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 affine to points of shape (3, N), in float32 (the head grid has 13 M)."""
+    return apply_matrix(aff, pts, dtype=np.float32)
+
+
+def sample(volume, vol_affine, pts, order=1, cval=0.0, mode="constant"):
+    """Values of float32 ``volume`` at world points ``pts`` (3, N), trilinear by default."""
+    return sample_at(volume, vol_affine, pts, order, cval, mode=mode, dtype=np.float32)
+
+
+def grid_points(shape, affine) -> np.ndarray:
+    """World coordinates (3, N) of every voxel centre of a grid, C order."""
+    idx = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    return apply_affine(affine, idx)
+
+
+def rotation(angles_deg) -> np.ndarray:
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rigid(angles_deg, translation, center=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """4x4 rotation about ``center`` followed by a translation."""
+    rot = rotation(angles_deg)
+    center = np.asarray(center, dtype=float)
+    aff = np.eye(4)
+    aff[:3, :3] = rot
+    aff[:3, 3] = center - rot @ center + np.asarray(translation, dtype=float)
+    return aff
+
+
+_AXES = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def oriented_grid(axcodes: str, voxel, fov, center_world, tilt_deg=0.0):
+    """Shape and affine of a grid whose axes point along ``axcodes`` (e.g. 'PIR')."""
+    direction = np.zeros((3, 3))
+    voxel = np.asarray(voxel, dtype=float)
+    for col, code in enumerate(axcodes):
+        world_axis, sign = _AXES[code]
+        direction[world_axis, col] = sign
+    extent = np.abs(direction.T) @ np.asarray(fov, dtype=float)  # FOV along each voxel axis
+    shape = tuple(int(np.ceil(e / v)) for e, v in zip(extent, voxel))
+    lin = rotation((tilt_deg, 0.0, 0.0)) @ direction @ np.diag(voxel)
+    aff = np.eye(4)
+    aff[:3, :3] = lin
+    centre_vox = (np.array(shape) - 1) / 2.0
+    aff[:3, 3] = np.asarray(center_world, dtype=float) - lin @ centre_vox
+    return shape, aff
+
+
+# ----------------------------------------------------------------------------------------------
+# The native <-> MNI mapping
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mapping:
+    """``y = N(A x)``: scanner position x of the T1w to MNI position y (both RAS mm)."""
+
+    A: np.ndarray  # 4x4
+    warp: np.ndarray  # (41, 51, 53, 3) displacement in mm on the 5 mm grid
+    warp_affine: np.ndarray = field(default_factory=lambda: WARP_AFFINE.copy())
+
+    def displacement(self, z: np.ndarray) -> np.ndarray:
+        vox = apply_affine(np.linalg.inv(self.warp_affine), z)
+        return np.stack(
+            [
+                ndimage.map_coordinates(
+                    self.warp[..., i],
+                    vox,
+                    order=1,
+                    mode="nearest",
+                    prefilter=False,
+                    output=np.float32,
+                )
+                for i in range(3)
+            ]
+        )
+
+    def native_to_mni(self, x: np.ndarray) -> np.ndarray:
+        z = apply_affine(self.A, x)
+        return z + self.displacement(z)
+
+    def native_grid_to_mni(self, shape, affine, step: int = 3) -> np.ndarray:
+        """MNI points (3, N) of every voxel of a native grid, fast.
+
+        The mapping is evaluated exactly on every ``step``-th voxel and interpolated
+        trilinearly in between: exact for the affine part, within ~0.05 mm for the smooth
+        displacement (whose scale is ~12 mm).
+        """
+        import torch
+
+        coarse_shape = tuple(int(np.ceil((n - 1) / step)) + 1 for n in shape)
+        idx = np.indices(coarse_shape, dtype=np.float32).reshape(3, -1) * step
+        coarse = self.native_to_mni(apply_affine(affine, idx)).reshape(3, *coarse_shape)
+        size = tuple(step * (m - 1) + 1 for m in coarse_shape)
+        with torch.no_grad():
+            fine = torch.nn.functional.interpolate(
+                torch.from_numpy(coarse)[None], size=size, mode="trilinear", align_corners=True
+            )[0]
+        fine = fine[:, : shape[0], : shape[1], : shape[2]]
+        return np.ascontiguousarray(fine.numpy()).reshape(3, -1)
+
+    def mni_to_native(self, y: np.ndarray, iterations: int = 6) -> np.ndarray:
+        z = np.array(y, dtype=np.float32, copy=True)
+        for _ in range(iterations):  # fixed point of z = y - u(z); |du/dz| << 1
+            z = y - self.displacement(z)
+        return apply_affine(np.linalg.inv(self.A), z)
+
+    def inverse_jacobian(self, y: np.ndarray) -> np.ndarray:
+        """|det d(native)/d(MNI)| at MNI points: the SPM modulation factor."""
+        det_n = jacobian_determinant(self.warp, WARP_SPACING)
+        z = np.array(y, dtype=np.float32, copy=True)
+        for _ in range(3):  # the determinant varies slowly: 3 fixed-point steps suffice
+            z = y - self.displacement(z)
+        vox = apply_affine(np.linalg.inv(self.warp_affine), z)
+        det_at = ndimage.map_coordinates(det_n, vox, order=1, mode="nearest", prefilter=False)
+        return (1.0 / (abs(np.linalg.det(self.A[:3, :3])) * det_at)).astype(np.float32)
+
+    def coarse_inverse_jacobian(self) -> np.ndarray:
+        """:meth:`inverse_jacobian` on the 3 mm output grid (``COARSE_SHAPE``): it is smooth."""
+        jac = self.inverse_jacobian(grid_points(COARSE_SHAPE, COARSE_AFFINE))
+        return jac.reshape(COARSE_SHAPE)
+
+
+def jacobian_determinant(disp: np.ndarray, spacing: float) -> np.ndarray:
+    """det(I + du/dx) of a displacement field ``disp`` (*shape, 3) in mm, float32."""
+    grads = [np.gradient(disp[..., i], spacing) for i in range(3)]
+    jac = np.empty((*disp.shape[:3], 3, 3), dtype=np.float32)
+    for i in range(3):
+        for j in range(3):
+            jac[..., i, j] = grads[i][j] + (1.0 if i == j else 0.0)
+    return np.linalg.det(jac)
+
+
+def _grid_inverse_jacobian(mapping: Mapping) -> np.ndarray:
+    """The modulation factor on the output grid, computed at 3 mm and interpolated (smooth)."""
+    jac = mapping.coarse_inverse_jacobian()
+    fine = np.indices(GRID_SHAPE, dtype=np.float32).reshape(3, -1) / 2.0
+    return ndimage.map_coordinates(
+        jac, fine, order=1, mode="nearest", prefilter=False, output=np.float32
+    ).reshape(GRID_SHAPE)
