@@ -292,6 +292,8 @@ def cmd_cv(args) -> int:
         train_kwargs["deterministic"] = False
     if args.epochs:
         train_kwargs["epochs"] = args.epochs
+    if args.batch_size:
+        train_kwargs["batch_size"] = args.batch_size
     rows, first = [], None
     for workers in args.workers:
         if args.device == "cpu":
@@ -316,6 +318,7 @@ def cmd_cv(args) -> int:
         res = cv.cross_validate(
             data,
             folds=args.folds,
+            repeats=args.repeats,
             seed=42,
             permutations=args.permutation_tests,
             train_kwargs=train_kwargs,
@@ -398,6 +401,8 @@ def main(argv=None) -> int:
         help="train with the atomic-add fused kernels (TrainConfig(deterministic=False))",
     )
     p.add_argument("--out-dir", help="write predictions.tsv/metrics.tsv per row here")
+    p.add_argument("--batch-size", type=int, default=0, help="0: TrainConfig's default")
+    p.add_argument("--repeats", type=int, default=1, help="repeated CV (new fold draws)")
     p.set_defaults(func=cmd_cv)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,95 @@
+"""Issue 16 (throughput): the device-side standardization, the resident cohort's bookkeeping and
+the reduced-precision bundle, checked on the CPU (CI has no GPU; the CUDA paths run the same
+functions on another device)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from bids_siamfuse.model.data import (
+    RegionDataset,
+    Standardizer,
+    device_rows,
+    layout_from_labels,
+)
+
+
+def _cohort(n=9, seed=0):
+    labels_img = np.zeros((6, 7, 5), dtype=np.int32)
+    labels_img[:3, :4, :] = 1
+    labels_img[3:, 2:, 1:4] = 2
+    labels_img[1:5, 5:, 4] = 3
+    layout = layout_from_labels(labels_img, ("a", "b", "c"), {"atlas": "toy"})
+    rng = np.random.default_rng(seed)
+    v = layout.n_voxels
+    # a large mean and small SD per region: the case where E[x^2] - mean^2 loses digits
+    gm = (rng.normal(0, 0.1, (n, v)) + 50.0).astype(np.float32)
+    pet = rng.gamma(2.0, 1.0, (n, v)).astype(np.float32)
+    return RegionDataset(
+        gm=gm,
+        pet=pet,
+        labels=np.arange(n) % 2,
+        classes=("CN", "AD"),
+        subjects=np.array([f"s{i}" for i in range(n)]),
+        sessions=np.array([""] * n),
+        layout=layout,
+    )
+
+
+def test_standardizer_on_tensors_matches_numpy():
+    data = _cohort()
+    ref = Standardizer().fit({"gm": data.gm, "pet": data.pet}, data.layout)
+    got = Standardizer().fit_tensors(
+        {"gm": torch.from_numpy(data.gm), "pet": torch.from_numpy(data.pet)},
+        data.layout,
+        chunk=4,  # several chunks
+    )
+    for mod in ("gm", "pet"):
+        np.testing.assert_allclose(got.mean[mod], ref.mean[mod], rtol=1e-6)
+        np.testing.assert_allclose(got.std[mod], ref.std[mod], rtol=1e-4)
+        values = getattr(data, mod)
+        z_ref = ref.transform(mod, values, data.layout)
+        z = ref.transform_tensor(mod, torch.from_numpy(values), data.layout).numpy()
+        # the same float32 operations: the same bits
+        np.testing.assert_array_equal(z, z_ref)
+        assert abs(float(z_ref.mean())) < 0.2  # standardized indeed
+
+
+def test_subset_origin_composes_and_device_rows():
+    data = _cohort()
+    first = data.subset(np.array([8, 1, 3, 5, 0]))
+    second = first.subset(np.array([4, 2]))
+    root_gm, root_pet, index = second._root()
+    assert root_gm is data.gm and root_pet is data.pet
+    np.testing.assert_array_equal(index, [0, 3])
+    rows = device_rows(second, "cpu")
+    np.testing.assert_array_equal(rows["gm"].numpy(), data.gm[[0, 3]])
+    np.testing.assert_array_equal(rows["pet"].numpy(), data.pet[[0, 3]])
+    # a copy with other arrays: its recorded origin no longer describes it
+    changed = dataclasses.replace(second, gm=second.gm + 1)
+    assert changed._root()[2] is None
+    np.testing.assert_array_equal(device_rows(changed, "cpu")["gm"].numpy(), changed.gm)
+    # relabelled (permutation tests): the same rows, so the origin still holds
+    relabelled = dataclasses.replace(second, labels=second.labels[::-1].copy())
+    assert relabelled._root()[2] is not None
+    # pickled (to a worker): the rows travel, not the root cohort
+    back = pickle.loads(pickle.dumps(second))
+    assert back.origin is None
+    np.testing.assert_array_equal(back.gm, second.gm)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_coarsen_on_tensors_matches_matrix(factor):
+    from bids_siamfuse.model.geometry import RegionGrid, coarsen, coarsen_tensor
+
+    data = _cohort()
+    fine = RegionGrid.from_layout(data.layout)
+    _, matrix = coarsen(fine, factor)
+    ref = np.asarray((matrix.T @ data.gm.T).T, dtype=np.float32)
+    got = coarsen_tensor(torch.from_numpy(data.gm), matrix).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)
