@@ -93,3 +93,25 @@ def test_coarsen_on_tensors_matches_matrix(factor):
     ref = np.asarray((matrix.T @ data.gm.T).T, dtype=np.float32)
     got = coarsen_tensor(torch.from_numpy(data.gm), matrix).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)
+
+
+def test_batched_linear_matches_autograd_and_keeps_the_weight_layout():
+    from bids_siamfuse.model.ops import batched_linear
+
+    g = torch.Generator().manual_seed(0)
+    # x as the engine passes it: a transposed view (S, R, F) -> (R, S, F)
+    x = torch.randn(5, 3, 7, generator=g, dtype=torch.float64).transpose(0, 1)
+    w = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (
+        lambda x, w, b: torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)),
+        batched_linear,
+    ):
+        xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+        out = fn(xs, ws, bs)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), xs.grad, ws.grad, bs.grad))
+    for ref, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref)
+    assert grads[1][2].is_contiguous()  # the weight gradient in the weight's own layout
