@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _inputs_module():
-    """The module holding ``_Inputs`` (train.py before issue 15's split)."""
+    """The module holding ``_Inputs`` (numerics.py; train.py before issue 15's split)."""
     import importlib
 
-    for name in ("bids_siamfuse.model.inputs", "bids_siamfuse.model.train"):
+    for name in ("bids_siamfuse.model.numerics", "bids_siamfuse.model.train"):
         try:
             mod = importlib.import_module(name)
         except ImportError:

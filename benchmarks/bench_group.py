@@ -287,7 +287,7 @@ def set_previous_path(previous: bool) -> dict:
 
     done = {}
     for module, name in (
-        ("bids_siamfuse.model.inputs", "DEVICE_INPUTS"),
+        ("bids_siamfuse.model.numerics", "DEVICE_INPUTS"),
         ("bids_siamfuse.model.train", "DEVICE_INPUTS"),
         ("bids_siamfuse.model.cv", "PARALLEL_BASELINES"),
     ):
