@@ -125,13 +125,15 @@ def cmd_cv(args) -> None:
 
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
+    from bids_siamfuse.model.folds import shuffle_subject_labels
+    from bids_siamfuse.model.workers import resolve_devices
 
     path = Path(args.cohort)
     data = RegionDataset.load(path)
     truth_file = path.with_suffix(".truth.json")
     truth = json.loads(truth_file.read_text()) if truth_file.is_file() else None
     if args.shuffle_labels is not None:
-        labels = cv.shuffle_subject_labels(data.subjects, data.labels, args.shuffle_labels)
+        labels = shuffle_subject_labels(data.subjects, data.labels, args.shuffle_labels)
         data = dataclasses.replace(data, labels=labels)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +144,7 @@ def cmd_cv(args) -> None:
     if args.device.startswith("cuda") and args.workers > 1:  # several workers on one GPU
         devices = [args.device if ":" in args.device else "cuda:0"] * args.workers
     else:
-        devices = cv.resolve_devices(args.device, 0, args.workers)
+        devices = resolve_devices(args.device, 0, args.workers)
     res = cv.cross_validate(
         data,
         folds=args.folds,

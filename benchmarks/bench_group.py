@@ -305,6 +305,7 @@ def set_previous_path(previous: bool) -> dict:
 def cmd_cv(args) -> int:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
+    from bids_siamfuse.model.workers import default_threads, resolve_devices
 
     t0 = time.perf_counter()
     if args.cohort:
@@ -326,7 +327,7 @@ def cmd_cv(args) -> int:
         if args.device == "cpu":
             devices = ["cpu"] * workers
         else:
-            devices = cv.resolve_devices(args.device, gpus=workers)
+            devices = resolve_devices(args.device, gpus=workers)
             if len(devices) < workers and args.share_gpu:
                 # N worker processes on fewer GPUs (round robin): the process-independence
                 # check where a machine has one GPU
@@ -350,7 +351,7 @@ def cmd_cv(args) -> int:
             permutations=args.permutation_tests,
             train_kwargs=train_kwargs,
             devices=devices,
-            threads=cv.default_threads(devices, args.threads or 0),
+            threads=default_threads(devices, args.threads or 0),
             progress=progress,
             final_model=not args.no_final,
         )

@@ -52,14 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bids_siamfuse.model.data import RegionDataset, RegionLayout  # noqa: E402
 from bids_siamfuse.model.geometry import RegionGrid, coarsen  # noqa: E402
 from bids_siamfuse.model.losses import siamese_loss  # noqa: E402
+from bids_siamfuse.model.numerics import _tf32  # noqa: E402
+from bids_siamfuse.model.options import TrainConfig, architecture  # noqa: E402
 from bids_siamfuse.model.siamese import SiameseBank, extend  # noqa: E402
-from bids_siamfuse.model.train import (  # noqa: E402
-    TrainConfig,
-    _tf32,
-    architecture,
-    fit,
-    train_siamese,
-)
+from bids_siamfuse.model.siamese_stage import train_siamese  # noqa: E402
+from bids_siamfuse.model.train import fit  # noqa: E402
 
 
 def load_layout(path: str | None) -> RegionLayout:
@@ -196,7 +193,7 @@ def profile_step(bank, xm, xp, t, batch, dtype, device):
     """Top kernels of eager training steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bids_siamfuse.model.train import SiameseStep
+    from bids_siamfuse.model.siamese_stage import SiameseStep
 
     step = SiameseStep(bank, xm, xp, t, dtype, 1e-3, batch, graphs=False)
     idx = torch.arange(batch, device=device)

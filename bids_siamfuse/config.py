@@ -102,7 +102,7 @@ class ModelSettings:
     nondeterministic_gpu: bool = False  # opt-in atomic-add GPU training (not reproducible)
     # issue 12: what reaches the attention stage, which siamese epochs count, ablations
     fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
-    gate: str = "paired"  # "paired", "constant", "se" (previous), "none"; see model/train.py
+    gate: str = "paired"  # "paired", "constant", "se" (previous), "none"; model/siamese_stage.py
     ablations: bool = True  # train the ablation heads in every CV fold
     # sessions flagged by participant quality control (preproc/qc.py) are left out unless set
     include_flagged: bool = False

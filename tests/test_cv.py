@@ -17,6 +17,39 @@ import pytest
 from bids_siamfuse.bids import read_participants
 from bids_siamfuse.errors import DataError, UsageError
 from bids_siamfuse.model import cv
+from bids_siamfuse.model.baselines import (
+    BASELINE_C_GRID,
+    BASELINE_INNER_FOLDS,
+    BASELINES,
+    baseline_scores,
+    region_features,
+    tune_baseline_c,
+)
+from bids_siamfuse.model.folds import (
+    check_foldable,
+    shuffle_subject_labels,
+    subject_folds,
+    subject_labels,
+    task_seed,
+)
+from bids_siamfuse.model.metrics import (
+    LEVELS,
+    compute_metrics,
+    corrected_paired_test,
+    reliability,
+    roc_points,
+    subject_scores,
+    summarize,
+)
+from bids_siamfuse.model.tasks import RELEVANCE_KEYS, plan_tasks, run_task
+from bids_siamfuse.model.workers import (
+    WorkerError,
+    _physical_gpu,
+    _raise_remote,
+    default_threads,
+    resolve_devices,
+    run_tasks,
+)
 from bids_siamfuse.preproc import regions
 
 
@@ -50,7 +83,7 @@ def cohort(synth_derivs):
 @pytest.mark.parametrize("n_folds", [2, 3, 5])
 def test_subject_folds_keep_subjects_together_and_stratify(n_folds):
     subjects, labels = toy_cohort()
-    folds = cv.subject_folds(subjects, labels, n_folds, seed=7)
+    folds = subject_folds(subjects, labels, n_folds, seed=7)
     assert set(folds) == set(range(n_folds))
     for s in np.unique(subjects):  # every session of a subject in one fold
         assert len(set(folds[subjects == s])) == 1
@@ -65,18 +98,18 @@ def test_subject_folds_keep_subjects_together_and_stratify(n_folds):
 
 def test_subject_folds_are_seeded():
     subjects, labels = toy_cohort()
-    a = cv.subject_folds(subjects, labels, 4, seed=1)
-    assert np.array_equal(a, cv.subject_folds(subjects, labels, 4, seed=1))
-    assert not np.array_equal(a, cv.subject_folds(subjects, labels, 4, seed=2))
+    a = subject_folds(subjects, labels, 4, seed=1)
+    assert np.array_equal(a, subject_folds(subjects, labels, 4, seed=1))
+    assert not np.array_equal(a, subject_folds(subjects, labels, 4, seed=2))
     # row order does not matter: a subject's fold depends on the subject, not the row
     order = np.random.default_rng(0).permutation(len(subjects))
-    b = cv.subject_folds(subjects[order], labels[order], 4, seed=1)
+    b = subject_folds(subjects[order], labels[order], 4, seed=1)
     assert np.array_equal(b, a[order])
 
 
 def test_shuffle_subject_labels_moves_whole_subjects():
     subjects, labels = toy_cohort()
-    shuffled = cv.shuffle_subject_labels(subjects, labels, seed=3)
+    shuffled = shuffle_subject_labels(subjects, labels, seed=3)
     for s in np.unique(subjects):
         assert len(set(shuffled[subjects == s])) == 1
     _, first = np.unique(subjects, return_index=True)
@@ -86,23 +119,23 @@ def test_shuffle_subject_labels_moves_whole_subjects():
 
 def test_foldability_checks():
     subjects, labels = toy_cohort(sizes=(6, 3))
-    cv.check_foldable(subjects, labels, 3, ("CN", "AD"))
+    check_foldable(subjects, labels, 3, ("CN", "AD"))
     with pytest.raises(DataError, match="AD has 3 subject"):
-        cv.check_foldable(subjects, labels, 4, ("CN", "AD"))
+        check_foldable(subjects, labels, 4, ("CN", "AD"))
     with pytest.raises(UsageError):
-        cv.check_foldable(subjects, labels, 1, ("CN", "AD"))
+        check_foldable(subjects, labels, 1, ("CN", "AD"))
     bad = labels.copy()
     bad[np.flatnonzero(subjects == subjects[0])[-1]] = 1 - bad[0]
     if (subjects == subjects[0]).sum() > 1:
         with pytest.raises(DataError, match="sessions of different classes"):
-            cv.subject_labels(subjects, bad)
+            subject_labels(subjects, bad)
 
 
 def test_task_seeds_are_distinct_and_stable():
-    seeds = {cv.task_seed(42, 0, p, r, f) for p in range(3) for r in range(3) for f in range(5)}
+    seeds = {task_seed(42, 0, p, r, f) for p in range(3) for r in range(3) for f in range(5)}
     assert len(seeds) == 45
-    assert cv.task_seed(42, 0, 1, 2, 3) == cv.task_seed(42, 0, 1, 2, 3)
-    assert cv.task_seed(42, 1) != cv.task_seed(43, 1)
+    assert task_seed(42, 0, 1, 2, 3) == task_seed(42, 0, 1, 2, 3)
+    assert task_seed(42, 1) != task_seed(43, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +148,7 @@ def test_binary_metrics_by_hand():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     p_ad = np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.7, 0.6, 0.55, 0.4, 0.45])
     scores = np.stack([1 - p_ad, p_ad], 1)
-    m = cv.compute_metrics(y, scores, 2)
+    m = compute_metrics(y, scores, 2)
     assert m["sensitivity"] == pytest.approx(4 / 6)
     assert m["specificity"] == pytest.approx(3 / 4)
     assert m["balanced_accuracy"] == pytest.approx((4 / 6 + 3 / 4) / 2)
@@ -125,7 +158,7 @@ def test_binary_metrics_by_hand():
     pairs = sum((a > c) + 0.5 * (a == c) for a in p_ad[y == 1] for c in p_ad[y == 0])
     assert m["auc"] == pytest.approx(pairs / 24)
     # one class only in the fold: AUC undefined, not a crash
-    assert np.isnan(cv.compute_metrics(y[:4], scores[:4], 2)["auc"])
+    assert np.isnan(compute_metrics(y[:4], scores[:4], 2)["auc"])
 
 
 def test_multiclass_metrics_are_macro_averages():
@@ -135,7 +168,7 @@ def test_multiclass_metrics_are_macro_averages():
     y = np.repeat([0, 1, 2], 10)
     scores = rng.dirichlet([1, 1, 1], 30) + np.eye(3)[y] * 0.4
     scores /= scores.sum(1, keepdims=True)
-    m = cv.compute_metrics(y, scores, 3)
+    m = compute_metrics(y, scores, 3)
     pred = scores.argmax(1)
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["sensitivity"] == pytest.approx(m["balanced_accuracy"])
@@ -144,7 +177,7 @@ def test_multiclass_metrics_are_macro_averages():
     assert m["auc"] == pytest.approx(roc_auc_score(y, scores, multi_class="ovr"))
     spec = np.mean([((pred != c) & (y != c)).sum() / (y != c).sum() for c in range(3)])
     assert m["specificity"] == pytest.approx(spec)
-    rows = cv.roc_points(y, scores, ("CN", "MCI", "AD"))
+    rows = roc_points(y, scores, ("CN", "MCI", "AD"))
     assert {r["class"] for r in rows} == {"CN", "MCI", "AD"}
 
 
@@ -164,7 +197,7 @@ def _poison(data, rows):
 
 
 def test_fold_model_never_sees_test_fold_double(cohort):
-    tasks, _ = cv.plan_tasks(cohort, folds=3, repeats=1, seed=5, final_model=False)
+    tasks, _ = plan_tasks(cohort, folds=3, repeats=1, seed=5, final_model=False)
     task = tasks[0]
     fitted = []
 
@@ -173,10 +206,10 @@ def test_fold_model_never_sees_test_fold_double(cohort):
         fitted.append(model)
         return model
 
-    clean = cv.run_task(
+    clean = run_task(
         cohort, task, fit=fit, config_cls=md.TrainConfig, train_kwargs={}, device="cpu"
     )
-    poisoned = cv.run_task(
+    poisoned = run_task(
         _poison(cohort, task.test_index),
         task,
         fit=fit,
@@ -187,7 +220,7 @@ def test_fold_model_never_sees_test_fold_double(cohort):
     test_subjects = set(cohort.subjects[task.test_index])
     assert not fitted[0].seen_subjects & test_subjects
     assert np.array_equal(fitted[0].coef, fitted[1].coef)
-    for k in cv.RELEVANCE_KEYS:
+    for k in RELEVANCE_KEYS:
         assert np.array_equal(clean["relevance"][k], poisoned["relevance"][k])
     assert clean["history"] == poisoned["history"]
 
@@ -197,7 +230,7 @@ def test_fold_model_never_sees_test_fold_real(cohort):
     test rows hold (intensities wrecked, labels flipped)."""
     from bids_siamfuse.model import train
 
-    tasks, _ = cv.plan_tasks(cohort, folds=3, repeats=1, seed=5, final_model=False)
+    tasks, _ = plan_tasks(cohort, folds=3, repeats=1, seed=5, final_model=False)
     task = tasks[0]
     fitted = []
 
@@ -208,7 +241,7 @@ def test_fold_model_never_sees_test_fold_real(cohort):
 
     kwargs = {"epochs": 2, "sloppy": True}
     for data in (cohort, _poison(cohort, task.test_index)):
-        cv.run_tasks(
+        run_tasks(
             data,
             [task],
             ["cpu"],
@@ -226,15 +259,15 @@ def test_fold_model_never_sees_test_fold_real(cohort):
 
 
 def test_baselines_fit_on_training_rows_only(cohort):
-    feats = cv.region_features(cohort)
+    feats = region_features(cohort)
     x = np.concatenate([feats["gm"], feats["pet"]], 1)
     y = cohort.labels
     tr, te = np.arange(0, 20), np.arange(20, len(y))
     for kind in ("svm", "logreg"):
-        a = cv.baseline_scores(kind, x[tr], y[tr], x[te], 2, 0)
+        a = baseline_scores(kind, x[tr], y[tr], x[te], 2, 0)
         x2 = x.copy()
         x2[te[:3]] *= 100  # wreck three test rows: the others' scores must not move
-        b = cv.baseline_scores(kind, x[tr], y[tr], x2[te], 2, 0)
+        b = baseline_scores(kind, x[tr], y[tr], x2[te], 2, 0)
         assert np.array_equal(a[3:], b[3:])
         assert np.allclose(a.sum(1), 1)
 
@@ -272,7 +305,7 @@ def test_cv_separates_strong_effect_and_shuffles_score_chance(cohort):
 def test_a_leak_would_fail_the_chance_test(cohort, monkeypatch):
     """Negative control: if the test rows were in the training set, shuffled labels would
     score far above chance, so the chance test above has the power to catch a leak."""
-    plan = cv.plan_tasks
+    plan = plan_tasks
 
     def leaky(*args, **kwargs):
         tasks, assignment = plan(*args, **kwargs)
@@ -290,7 +323,7 @@ def test_repeats_use_different_folds(cohort):
     a, b = res.folds[(0, 0)], res.folds[(0, 1)]
     assert not np.array_equal(a, b)
     rows = [m for m in res.metrics if m["method"] == cv.MODEL_METHOD]
-    assert len(rows) == 6 * len(cv.LEVELS)
+    assert len(rows) == 6 * len(LEVELS)
     assert res.summary[cv.MODEL_METHOD]["balanced_accuracy"]["n"] == 6
 
 
@@ -325,12 +358,12 @@ def test_two_worker_processes_real_network(cohort):
     two = cv.cross_validate(cohort, devices=["cpu", "cpu"], **kw)
     assert one.predictions == two.predictions
     assert one.history == two.history
-    for k in cv.RELEVANCE_KEYS:
+    for k in RELEVANCE_KEYS:
         assert np.array_equal(one.relevance[k], two.relevance[k])
 
 
 def test_worker_failure_is_reported(cohort):
-    with pytest.raises(cv.WorkerError, match="boom") as info:
+    with pytest.raises(WorkerError, match="boom") as info:
         cv.cross_validate(
             cohort,
             folds=2,
@@ -345,32 +378,32 @@ def test_worker_failure_is_reported(cohort):
 
 def test_worker_errors_keep_their_exit_code():
     with pytest.raises(DataError, match="bad region"):
-        cv._raise_remote("cpu", "fold 1", ("DataError", "bad region", "tb"))
+        _raise_remote("cpu", "fold 1", ("DataError", "bad region", "tb"))
 
 
 def test_resolve_devices_on_cpu():
-    assert cv.resolve_devices("cpu") == ["cpu"]
-    assert cv.resolve_devices("cpu", cpu_workers=3) == ["cpu", "cpu", "cpu"]
-    assert cv.default_threads(["cpu", "cpu"], 0) >= 1
+    assert resolve_devices("cpu") == ["cpu"]
+    assert resolve_devices("cpu", cpu_workers=3) == ["cpu", "cpu", "cpu"]
+    assert default_threads(["cpu", "cpu"], 0) >= 1
     # CPU threads are explicit (an exported OMP_NUM_THREADS=1 must not decide them)
-    assert cv.default_threads(["cpu"], 0, nprocs=6) == 6
-    assert cv.default_threads(["cpu"], 0, nprocs=32) == 8
-    assert cv.default_threads(["cpu"] * 3, 0, nprocs=6) == 2
-    assert cv.default_threads(["cpu"], 3, nprocs=6) == 3
-    assert cv.default_threads(["cuda:0", "cuda:1"], 0, nprocs=6) is None
+    assert default_threads(["cpu"], 0, nprocs=6) == 6
+    assert default_threads(["cpu"], 0, nprocs=32) == 8
+    assert default_threads(["cpu"] * 3, 0, nprocs=6) == 2
+    assert default_threads(["cpu"], 3, nprocs=6) == 3
+    assert default_threads(["cuda:0", "cuda:1"], 0, nprocs=6) is None
     import torch
 
     if not torch.cuda.is_available():
-        assert cv.resolve_devices("auto") == ["cpu"]
+        assert resolve_devices("auto") == ["cpu"]
         with pytest.raises(UsageError, match="no CUDA"):
-            cv.resolve_devices("cuda")
+            resolve_devices("cuda")
 
 
 def test_gpu_workers_see_only_their_gpu(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert cv._physical_gpu("cuda:1") == "1" and cv._physical_gpu("cpu") is None
+    assert _physical_gpu("cuda:1") == "1" and _physical_gpu("cpu") is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    assert cv._physical_gpu("cuda:0") == "4" and cv._physical_gpu("cuda:1") == "6"
+    assert _physical_gpu("cuda:0") == "4" and _physical_gpu("cuda:1") == "6"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,27 +415,27 @@ def test_corrected_interval_and_paired_test_by_hand():
     from scipy.stats import t as student_t
 
     values = [0.8, 0.9, 0.7, 0.85, 0.75]
-    s = cv.summarize(values, test_train_ratio=0.25)
+    s = summarize(values, test_train_ratio=0.25)
     sd = np.std(values, ddof=1)
     half = student_t.ppf(0.975, 4) * np.sqrt((1 / 5 + 0.25) * sd**2)
     assert s["ci_low"] == pytest.approx(np.mean(values) - half)
     assert s["ci_high"] == pytest.approx(np.mean(values) + half)
     # wider than the naive interval that ignores the overlap of the training sets
     assert half > student_t.ppf(0.975, 4) * sd / np.sqrt(5)
-    assert cv.summarize(values)["ci_low"] is None  # no ratio, no interval
+    assert summarize(values)["ci_low"] is None  # no ratio, no interval
     d = [0.1, 0.2, 0.15, 0.05, 0.1]
-    test = cv.corrected_paired_test(d, 0.25)
+    test = corrected_paired_test(d, 0.25)
     t = np.mean(d) / np.sqrt((1 / 5 + 0.25) * np.var(d, ddof=1))
     assert test["t"] == pytest.approx(t)
     assert test["p_value"] == pytest.approx(2 * student_t.sf(t, 4))
-    assert cv.corrected_paired_test([0.1, -0.1, 0.1, -0.1], 0.25)["p_value"] == pytest.approx(1)
+    assert corrected_paired_test([0.1, -0.1, 0.1, -0.1], 0.25)["p_value"] == pytest.approx(1)
 
 
 def test_subject_scores_average_sessions():
     subjects = np.array(["b", "a", "b", "c"])
     y = np.array([1, 0, 1, 0])
     scores = np.array([[0.2, 0.8], [0.9, 0.1], [0.6, 0.4], [0.5, 0.5]])
-    uniq, labels, out = cv.subject_scores(subjects, y, scores)
+    uniq, labels, out = subject_scores(subjects, y, scores)
     assert uniq.tolist() == ["a", "b", "c"] and labels.tolist() == [0, 1, 0]
     assert np.allclose(out[1], [0.4, 0.6])
 
@@ -410,9 +443,9 @@ def test_subject_scores_average_sessions():
 def test_brier_and_reliability():
     y = np.array([0, 0, 1, 1])
     scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.05, 0.95]])
-    m = cv.compute_metrics(y, scores, 2)
+    m = compute_metrics(y, scores, 2)
     assert m["brier"] == pytest.approx(np.mean([0.01, 0.16, 0.09, 0.0025]))
-    rows = cv.reliability(y, scores, n_bins=2)
+    rows = reliability(y, scores, n_bins=2)
     assert [r["n"] for r in rows] == [2, 2]
     assert rows[0]["observed"] == 0 and rows[1]["observed"] == 1
     assert rows[0]["mean_predicted"] == pytest.approx(0.25)
@@ -434,11 +467,11 @@ def test_baseline_regularisation_is_tuned_inside_the_training_rows(monkeypatch):
                 yield tr, te
 
     monkeypatch.setattr(model_selection, "StratifiedGroupKFold", Spy)
-    c = cv.tune_baseline_c("logreg", x, y, subjects, seed=1)
-    assert c in cv.BASELINE_C_GRID
-    assert len(seen) == cv.BASELINE_INNER_FOLDS
+    c = tune_baseline_c("logreg", x, y, subjects, seed=1)
+    assert c in BASELINE_C_GRID
+    assert len(seen) == BASELINE_INNER_FOLDS
     assert all(not (a & b) for a, b in seen)  # sessions of a subject on one side
-    scores = cv.baseline_scores("svm", x, y, x[:4], 2, 1, groups=subjects)
+    scores = baseline_scores("svm", x, y, x[:4], 2, 1, groups=subjects)
     assert scores.shape == (4, 2)
 
 
@@ -464,7 +497,7 @@ def test_cv_tables_with_ablations_levels_and_statistics():
         final_model=False,
     )
     ablations = [cv.ABLATION_PREFIX + "mri_only", cv.ABLATION_PREFIX + "pet_only"]
-    assert res.methods == [cv.MODEL_METHOD, *ablations, *cv.BASELINES]
+    assert res.methods == [cv.MODEL_METHOD, *ablations, *BASELINES]
     assert {r["level"] for r in res.metrics} == {"subject", "session"}
     n_sub = len(np.unique(data.subjects))
     for level, n in (("subject", n_sub), ("session", len(data))):
@@ -478,7 +511,7 @@ def test_cv_tables_with_ablations_levels_and_statistics():
     }
     best = [c for c in res.comparisons if c["best_baseline"]]
     assert {c["metric"] for c in best} == {"balanced_accuracy", "auc", "brier"}
-    assert best[0]["versus"] in cv.BASELINES and best[0]["n"] == 6
+    assert best[0]["versus"] in BASELINES and best[0]["n"] == 6
     assert set(res.p_values) == set(res.methods)
     assert {r["method"] for r in res.calibration} == set(res.methods)
     assert len(res.training) == 6 * data.layout.n_regions

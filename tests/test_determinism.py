@@ -40,9 +40,9 @@ def _grid():
 
 
 def test_cuda_numerics_are_restored_and_cpu_untouched():
-    """``train._tf32`` sets torch's global numerics for a CUDA fit and restores them after;
+    """``numerics._tf32`` sets torch's global numerics for a CUDA fit and restores them after;
     on the CPU it changes nothing."""
-    from bids_siamfuse.model.train import _tf32
+    from bids_siamfuse.model.numerics import _tf32
 
     mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
 

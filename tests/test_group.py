@@ -22,7 +22,10 @@ from bids_siamfuse.bids import read_participants
 from bids_siamfuse.cli.run import main
 from bids_siamfuse.errors import DataError
 from bids_siamfuse.model import bundle as bundles
-from bids_siamfuse.model import cv
+from bids_siamfuse.model import cv, workers
+from bids_siamfuse.model.baselines import BASELINES
+from bids_siamfuse.model.folds import shuffle_subject_labels
+from bids_siamfuse.model.metrics import METRICS
 from bids_siamfuse.preproc import regions
 
 GROUP_FILES = {
@@ -44,9 +47,9 @@ GROUP_FILES = {
     "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-activationPET_stat.nii.gz",
     "space-MNI152NLin2009aSym_seg-AAL116_res-1p5_desc-activationFused_stat.nii.gz",
 }
-#: the double's stand-in ablations (the real model has five: see train.ABLATIONS)
+#: the double's stand-in ablations (the real model has five: see attention_stage.ABLATIONS)
 ABLATIONS = {cv.ABLATION_PREFIX + "mri_only", cv.ABLATION_PREFIX + "pet_only"}
-METHODS = {cv.MODEL_METHOD, *ABLATIONS, *cv.BASELINES}
+METHODS = {cv.MODEL_METHOD, *ABLATIONS, *BASELINES}
 
 
 def copy_cohort(src: Path, dst: Path) -> Path:
@@ -71,8 +74,8 @@ def ds(synth_derivs, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def double(monkeypatch):
-    monkeypatch.setattr(cv, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(cv, "default_config_cls", lambda: md.TrainConfig)
+    monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
+    monkeypatch.setattr(workers, "default_config_cls", lambda: md.TrainConfig)
     monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
 
 
@@ -113,7 +116,7 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     cohort = regions.load_cohort(out, read_participants(ds))
     metrics = pd.read_csv(task / "metrics.tsv", sep="\t")
     assert list(metrics.columns[:5]) == ["method", "repeat", "fold", "n_test", "level"]
-    assert set(cv.METRICS) <= set(metrics.columns)
+    assert set(METRICS) <= set(metrics.columns)
     assert set(metrics.method) == METHODS and len(metrics) == len(METHODS) * 3 * 2
     per_session = metrics[metrics.level == "session"]
     assert per_session.groupby("method").n_test.sum().eq(len(cohort)).all()
@@ -138,7 +141,7 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     assert ba["ci_low"] <= ba["mean"] <= ba["ci_high"]
     assert set(summary["methods"]) == METHODS
     best = [c for c in summary["comparisons"] if c["best_baseline"]]
-    assert best and best[0]["versus"] in cv.BASELINES
+    assert best and best[0]["versus"] in BASELINES
     assert len(summary["siamese_training"]) == 3
     training = pd.read_csv(task / "training.tsv", sep="\t")
     assert len(training) == 3 * 116 and set(training.fold) == {1, 2, 3}
@@ -689,14 +692,14 @@ COUPLING_NOT_MET = (
 def test_acceptance_coupling_model_beats_every_linear_baseline(coupling_eval):
     _, _, res = coupling_eval
     assert res.mean_balanced_accuracy() >= 0.85, res.summary[cv.MODEL_METHOD]
-    for method in cv.BASELINES:
+    for method in BASELINES:
         assert res.mean_balanced_accuracy(method) <= 0.65, (method, res.summary[method])
 
 
 @pytest.mark.slow
 def test_acceptance_ad_model_within_003_of_best_baseline(ad_eval):
     _, _, res = ad_eval
-    best = max(res.mean_balanced_accuracy(m) for m in cv.BASELINES)
+    best = max(res.mean_balanced_accuracy(m) for m in BASELINES)
     assert res.mean_balanced_accuracy() >= best - 0.03, res.summary
 
 
@@ -734,7 +737,7 @@ def test_acceptance_no_effect_and_shuffled_labels_score_chance(tmp_path_factory,
 
     if shuffle:
         _, data = _effect_cohort(tmp_path_factory, "ad", 1102)
-        labels = cv.shuffle_subject_labels(data.subjects, data.labels, 7)
+        labels = shuffle_subject_labels(data.subjects, data.labels, 7)
         data = dataclasses.replace(data, labels=labels)
     else:
         _, data = _effect_cohort(tmp_path_factory, "none", 1103)

@@ -302,7 +302,7 @@ def _shape(path: Path) -> None:
 )
 def test_bad_region_file_at_group_level(group_ds, tmp_path, monkeypatch, capsys, spoil, needle):
     """Exit 65 naming the file, before any training (a NaN trained on NaN loss before)."""
-    from bids_siamfuse.model import cv
+    from bids_siamfuse.model import workers
 
     ds = tmp_path / "ds"
     shutil.copytree(group_ds, ds)
@@ -310,7 +310,7 @@ def test_bad_region_file_at_group_level(group_ds, tmp_path, monkeypatch, capsys,
     victim = sorted(deriv.rglob("*_regions.npz"))[3]
     spoil(victim)
     trained = []
-    monkeypatch.setattr(cv, "default_fit", lambda: lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(workers, "default_fit", lambda: lambda *a, **k: trained.append(1))
     code = main([str(ds), str(deriv), "group", "--classes", "CN", "AD", "--folds", "3", "-q"])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 65 and str(victim) in line and needle in line

@@ -295,7 +295,7 @@ def test_paired_gate_passes_consistent_gains_that_the_se_gate_misses():
     class and high for the other); region 1: the same mean gain but from noise (half better,
     half worse); region 2: worse. Only region 0 may replace its untrained weights, and only
     under the paired gate."""
-    from bids_siamfuse.model.train import _RegionEarlyStop
+    from bids_siamfuse.model.siamese_stage import _RegionEarlyStop
 
     n = 6
     h0 = torch.tensor([[1.0, 1.1, 1.2, 2.6, 2.7, 2.8]] * 3)
@@ -325,7 +325,7 @@ def test_constant_gate_rejects_gains_without_class_information():
     everybody (a cosine shrunk towards 0: beats the untrained network, says nothing about the
     class); region 1: 0.2 for everybody (informative). The paired gate keeps both, the
     constant gate only region 1."""
-    from bids_siamfuse.model.train import _RegionEarlyStop
+    from bids_siamfuse.model.siamese_stage import _RegionEarlyStop
 
     h0 = torch.full((2, 6), 1.5)
     h1 = torch.stack([torch.full((6,), 1.0), torch.full((6,), 0.2)])

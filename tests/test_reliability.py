@@ -93,9 +93,9 @@ import os, sys, time
 sys.path.insert(0, {str(TESTS)!r})
 import model_double as md
 from bids_siamfuse import bids
-from bids_siamfuse.model import bundle, cv
-cv.default_fit = lambda: md.fit
-cv.default_config_cls = lambda: md.TrainConfig
+from bids_siamfuse.model import bundle, workers
+workers.default_fit = lambda: md.fit
+workers.default_config_cls = lambda: md.TrainConfig
 bundle.default_model_cls = lambda: md.FittedModel
 delay = float(os.environ.get("SIAMFUSE_SLOW_WRITES", "0"))
 if delay:  # the group writer imports bids.save_table when it runs: patched here
@@ -275,10 +275,10 @@ def double(monkeypatch):
     import model_double as md
 
     from bids_siamfuse.model import bundle as bundles
-    from bids_siamfuse.model import cv
+    from bids_siamfuse.model import workers
 
-    monkeypatch.setattr(cv, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(cv, "default_config_cls", lambda: md.TrainConfig)
+    monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
+    monkeypatch.setattr(workers, "default_config_cls", lambda: md.TrainConfig)
     monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
 
 

@@ -119,7 +119,7 @@ def metrics_table(metrics, model_method: str = "siamese_attention", summary=None
     With ``summary`` (``summary.json`` -> ``metrics``, holding 95 % CIs): mean [CI] at subject
     level; otherwise (older task folders) mean +- SD (ddof 1) over the folds of metrics.tsv.
     """
-    from ..model.cv import METRICS
+    from ..model.metrics import METRICS
 
     names = [m for m in METRICS if m in metrics.columns]
     if "level" in metrics.columns:

@@ -171,7 +171,8 @@ class GroupPlan:
 def plan_group(settings) -> GroupPlan:
     """Check a group-level request without reading images (see the module docstring)."""
     from .. import bids
-    from ..model import cv
+    from ..model.folds import check_foldable
+    from ..model.workers import default_threads, resolve_devices
     from ..preproc.regions import find_region_files
 
     ex, mo, wf = settings.execution, settings.model, settings.workflow
@@ -251,9 +252,9 @@ def plan_group(settings) -> GroupPlan:
         )
     labels = np.array([f[3] for f in selected])
     subjects = np.array([f[1] for f in selected])
-    cv.check_foldable(subjects, labels, mo.folds, classes)
-    devices = cv.resolve_devices(ex.device, mo.gpus, mo.cpu_workers)
-    threads = cv.default_threads(devices, ex.omp_nthreads, ex.nprocs)
+    check_foldable(subjects, labels, mo.folds, classes)
+    devices = resolve_devices(ex.device, mo.gpus, mo.cpu_workers)
+    threads = default_threads(devices, ex.omp_nthreads, ex.nprocs)
     train_kwargs = {
         "epochs": mo.epochs,
         "batch_size": mo.batch_size,
@@ -499,6 +500,9 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
     from ..bids import save_json, save_table
     from ..model import bundle as bundles
     from ..model import cv
+    from ..model.folds import KIND_FINAL, task_seed
+    from ..model.metrics import METRICS
+    from ..model.tasks import ACTIVATION_KEYS, RELEVANCE_ALL_KEYS, RELEVANCE_KEYS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -515,7 +519,7 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
     table(
         "metrics.tsv",
         result.metrics,
-        ["method", "repeat", "fold", "n_test", "level", *cv.METRICS],
+        ["method", "repeat", "fold", "n_test", "level", *METRICS],
     )
     if result.training:
         table(
@@ -560,11 +564,11 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
         ["repeat", "fold", "stage", "epoch", "train_loss", "val_loss"],
     )
     save_table(
-        folder / "relevance.tsv", _region_table(layout, result.relevance, cv.RELEVANCE_ALL_KEYS)
+        folder / "relevance.tsv", _region_table(layout, result.relevance, RELEVANCE_ALL_KEYS)
     )
     written.append("relevance.tsv")
     save_table(
-        folder / "activations.tsv", _region_table(layout, result.activations, cv.ACTIVATION_KEYS)
+        folder / "activations.tsv", _region_table(layout, result.activations, ACTIVATION_KEYS)
     )
     written.append("activations.tsv")
     if result.permutations:
@@ -587,7 +591,7 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
         layout,
         {
             k: result.relevance[k]
-            for k in cv.RELEVANCE_KEYS
+            for k in RELEVANCE_KEYS
             if k in result.relevance and (k != "similarity" or np.any(result.relevance[k]))
         },
         "relevance",
@@ -634,7 +638,7 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
             standardization=final["standardizer"],
             training={
                 **plan.train_kwargs,
-                "seed": cv.task_seed(plan.seed, cv.KIND_FINAL),
+                "seed": task_seed(plan.seed, KIND_FINAL),
                 "history": final.get("history", []),
                 "cross_validation": cv_settings,
             },

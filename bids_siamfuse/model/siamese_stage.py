@@ -1,0 +1,277 @@
+"""Stage 1 of :func:`.train.fit`: all region siamese networks trained at once, with per-region
+early stopping behind a gate (:class:`_RegionEarlyStop`); on CUDA each full batch replays a
+captured CUDA graph of the whole step (:class:`SiameseStep`). See :mod:`.train`, step 3.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from .losses import hinge, siamese_loss, similarity
+from .numerics import _batch, _embed
+from .options import TrainConfig, _emit
+from .siamese import PARAM_NAMES, SiameseBank
+
+#: One-sided level of the paired gate (see :class:`_RegionEarlyStop`).
+GATE_ALPHA = 0.05
+
+
+def _region_hinges(emb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Hinge per region and subject of embeddings (N, R, 2E) with targets (N,) -> (R, N)."""
+    e = emb.shape[-1] // 2
+    y = similarity(emb[..., :e].transpose(0, 1), emb[..., e:].transpose(0, 1))
+    return hinge(y, t.float().unsqueeze(0))
+
+
+class _RegionEarlyStop:
+    """Per-region early stopping with best-weight snapshots (stacked parameters).
+
+    The untrained network (epoch 0) is the first snapshot. An epoch counts as an improvement
+    for a region only if its validation loss is below the kept snapshot's *and* it passes the
+    region's gate against the untrained network:
+
+    * ``"paired"`` (default): a one-sided paired t-test over the validation subjects of the
+      per-subject hinge of this epoch minus that of the untrained network, at level
+      ``GATE_ALPHA``. Pairing removes the between-subject spread of the hinge, which at
+      initialisation is large (the untrained cosine is similar for every subject, so the
+      hinge is near 0 for one class and near 2-3 for the other) and which made the old gate
+      nearly impossible to pass on a handful of validation subjects.
+    * ``"constant"`` (not evaluated on realistic cohorts yet, docs/benchmarks.md): the paired
+      test above *and* a one-sided t-test that the validation subjects' hinge is below the mean
+      hinge of the best constant similarity (``y = +1`` or ``y = -1`` for every subject,
+      whichever is lower on the validation part; 1 with balanced classes). The untrained
+      network's cosine is about the same for every subject, so merely shrinking it towards 0
+      already beats the untrained network on unseen subjects without carrying class
+      information; a constant cannot be beaten that way. Needs ``targets``.
+    * ``"se"`` (the previous gate): the loss must fall below the untrained loss minus two
+      standard errors of the per-subject untrained hinge.
+    * ``"none"``: any epoch with a lower validation loss is kept.
+
+    A region stops after ``patience`` epochs without an improvement, or once its kept loss is
+    below the threshold (paper: 0.01). A region whose network never does clearly better than
+    at initialisation on unseen subjects keeps its untrained weights instead of a state that
+    has memorised the training subjects, which would hand the attention stage features that
+    separate the training subjects and nobody else.
+    """
+
+    def __init__(
+        self, params, hinge0, threshold, patience, gate="paired", significance=2.0, targets=None
+    ):
+        self.params = params
+        self.hinge_const = None
+        if gate == "constant":
+            t = torch.as_tensor(targets, dtype=hinge0.dtype, device=hinge0.device).reshape(1, -1)
+            best = min(float(hinge(torch.full_like(t, c), t).mean()) for c in (1.0, -1.0))
+            self.hinge_const = torch.full_like(hinge0, best)
+        self.best_params = [p.detach().clone() for p in params]
+        self.hinge0 = hinge0
+        init_val = hinge0.mean(1)
+        n = hinge0.shape[1]
+        se = hinge0.std(1, unbiased=False) / math.sqrt(n)
+        self.gate_mode = gate
+        self.se_gate = torch.clamp(init_val - significance * se, min=threshold)
+        if n >= 2:
+            from scipy.stats import t as student_t
+
+            self.t_crit = float(student_t.ppf(1 - GATE_ALPHA, n - 1))
+        else:
+            self.t_crit = math.inf
+        self.initial = init_val.clone()
+        self.kept = init_val.clone()  # loss of the kept snapshot
+        n_regions, device = init_val.numel(), init_val.device
+        self.stale = torch.zeros(n_regions, dtype=torch.long, device=device)
+        self.done = torch.zeros(n_regions, dtype=torch.bool, device=device)
+        self.stop_epoch = torch.zeros(n_regions, dtype=torch.long, device=device)
+        self.threshold, self.patience = threshold, patience
+
+    def _passes(self, hinges: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        if self.gate_mode == "none":
+            return torch.ones_like(val, dtype=torch.bool)
+        if self.gate_mode == "se":
+            return val <= self.se_gate
+        ok = self._paired(hinges - self.hinge0)  # (R, n) paired differences
+        if self.hinge_const is not None:
+            ok &= self._paired(hinges - self.hinge_const)
+        return ok
+
+    def _paired(self, d: torch.Tensor) -> torch.Tensor:
+        """One-sided paired t-test per region that the differences (R, n) are below 0."""
+        n = d.shape[1]
+        if n < 2:
+            return torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
+        mean = d.mean(1)
+        se = d.std(1, unbiased=True) / math.sqrt(n)
+        # t <= -t_crit, written without dividing by a zero SE (all differences equal)
+        return (mean < 0) & (mean <= -self.t_crit * se)
+
+    @torch.no_grad()
+    def update(self, hinges: torch.Tensor, epoch: int) -> bool:
+        """``hinges``: (R, n) per-subject validation hinge of this epoch."""
+        val = hinges.mean(1)
+        active = ~self.done
+        keep = (val < self.kept) & self._passes(hinges, val) & active
+        self.kept = torch.where(keep, val, self.kept)
+        self.stale = torch.where(keep, 0, self.stale + 1)
+        for p, b in zip(self.params, self.best_params, strict=True):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            b.copy_(torch.where(keep.view(shape), p, b))
+        self.stop_epoch = torch.where(keep, epoch, self.stop_epoch)
+        newly = active & ((self.kept < self.threshold) | (self.stale >= self.patience))
+        self.done |= newly
+        return bool(self.done.all())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, b in zip(self.params, self.best_params, strict=True):
+            p.copy_(b)
+
+
+class SiameseStep:
+    """One optimizer step of all region networks on a batch of subject indices.
+
+    On CUDA with ``graphs=True``, full-size batches replay a captured CUDA graph of the whole
+    step (batch assembly, forward, backward, Adam): the step is hundreds of small kernels, and
+    the graph removes their launch cost. The first ``WARMUP`` full batches run eagerly (real
+    steps, on a side stream, as capture requires), partial batches always run eagerly; both
+    paths run the same kernels on the same tensors.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, bank, xm, xp, t, dtype, lr, batch_size, graphs: bool):
+        self.bank, self.xm, self.xp, self.t, self.dtype = bank, xm, xp, t, dtype
+        self.params = [bank.param(n) for n in PARAM_NAMES]
+        self.device = xm.device
+        self.graphs = bool(graphs) and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            self.opt = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=self.graphs)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=lr, foreach=True)
+        self.batch_size = batch_size
+        self.graph = None
+        self.warm = 0
+        if self.graphs:
+            self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def _eager(self, idx: torch.Tensor) -> torch.Tensor:
+        b = idx.numel()
+        out = self.bank(_batch(self.xm, self.xp, idx), self.dtype)
+        losses = siamese_loss(out[:, :b], out[:, b:], self.t.index_select(0, idx))
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.opt.step()
+        return losses.detach()
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """Train on ``idx`` (device tensor); returns the per-region losses (R,) before the step."""
+        if not self.graphs or idx.numel() != self.batch_size:
+            return self._eager(idx)
+        if self.graph is None and self.warm < self.WARMUP:
+            self.warm += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                losses = self._eager(idx)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return losses
+        if self.graph is None:
+            self.static_idx.copy_(idx)
+            self.opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.static_losses = self._eager(self.static_idx)
+            except RuntimeError as exc:  # capture unsupported here: stay eager
+                warnings.warn(
+                    f"CUDA graph capture failed ({exc}); training without graphs", stacklevel=2
+                )
+                self.graphs = False
+                self.opt.zero_grad(set_to_none=True)
+                return self._eager(idx)
+            self.graph = graph
+        self.static_idx.copy_(idx)
+        self.graph.replay()
+        return self.static_losses.clone()
+
+
+def train_siamese(
+    bank: SiameseBank,
+    xm: torch.Tensor,
+    xp: torch.Tensor,
+    t: torch.Tensor,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    history: list,
+    eval_chunk: int,
+    graphs: bool = True,
+) -> dict[str, np.ndarray]:
+    """Stage 1 (see the module docstring); per region: the kept epoch (``stop_epoch``, 0 =
+    untrained), the mean validation hinge of the untrained (``val_hinge_initial``) and of the
+    kept network (``val_hinge_kept``); NaN without a validation part."""
+    device = xm.device
+    bs = max(1, int(config.batch_size))
+    step = SiameseStep(bank, xm, xp, t, dtype, config.learning_rate, bs, graphs)
+    tr = torch.as_tensor(train_idx, dtype=torch.long)
+    va = torch.as_tensor(val_idx, dtype=torch.long, device=device)
+    xm_va, xp_va, t_va = xm.index_select(0, va), xp.index_select(0, va), t.index_select(0, va)
+    if va.numel():
+        bank.eval()
+        h0 = _region_hinges(_embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)  # (R, n)
+        stopper = _RegionEarlyStop(
+            step.params,
+            h0,
+            config.early_stop_loss,
+            config.patience,
+            gate=config.gate,
+            targets=t_va,
+        )
+    n_tr = tr.numel()
+    last = 0
+    for epoch in range(1, config.epochs + 1):
+        bank.train()
+        perm = tr[torch.randperm(n_tr, generator=generator)].to(device)
+        total = torch.zeros(bank.n_regions, device=device)
+        for start in range(0, n_tr, bs):
+            idx = perm[start : start + bs]
+            total += step(idx) * idx.numel()
+        train_loss = total / n_tr
+        last = epoch
+        if va.numel():
+            bank.eval()
+            hinges = _region_hinges(_embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)
+            finished = stopper.update(hinges, epoch)
+            val_mean = float(hinges.mean())
+        else:
+            finished, val_mean = False, float("nan")
+        _emit(
+            config,
+            history,
+            {
+                "stage": "siamese",
+                "epoch": epoch,
+                "train_loss": float(train_loss.mean()),
+                "val_loss": val_mean,
+            },
+        )
+        if finished:
+            break
+    if va.numel():
+        stopper.restore()
+        return {
+            "stop_epoch": stopper.stop_epoch.cpu().numpy(),
+            "val_hinge_initial": stopper.initial.double().cpu().numpy(),
+            "val_hinge_kept": stopper.kept.double().cpu().numpy(),
+        }
+    nan = np.full(bank.n_regions, np.nan)
+    return {
+        "stop_epoch": np.full(bank.n_regions, last),
+        "val_hinge_initial": nan,
+        "val_hinge_kept": nan.copy(),
+    }
