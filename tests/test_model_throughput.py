@@ -115,3 +115,34 @@ def test_batched_linear_matches_autograd_and_keeps_the_weight_layout():
     for ref, got in zip(*grads, strict=True):
         torch.testing.assert_close(got, ref)
     assert grads[1][2].is_contiguous()  # the weight gradient in the weight's own layout
+
+
+@pytest.mark.parametrize("sloppy", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_fit_and_predict_through_the_device_input_path(monkeypatch, sloppy):
+    """The CUDA input path (rows from the resident cohort, standardizer fit and applied on the
+    device, coarsening by gather) run on the CPU: the same model as the host path up to the
+    order of float additions in the standardizer's sums."""
+    from bids_siamfuse.model import numerics
+    from bids_siamfuse.model.train import TrainConfig, fit
+
+    data = _cohort(n=12)
+    train, test = data.subset(np.arange(8)), data.subset(np.arange(8, 12))
+    cfg = TrainConfig(epochs=2, batch_size=4, seed=3, sloppy=sloppy)
+    host = fit(train, cfg)
+    p_host = host.predict_proba(test)
+    monkeypatch.setattr(numerics, "device_inputs", lambda device: True)
+    seen = []
+    real = numerics._Inputs._device_tensors
+
+    def spy(self, *a, **k):
+        seen.append(a[0] is not None and len(a[0]))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(numerics._Inputs, "_device_tensors", spy)
+    dev = fit(train, cfg)
+    p_dev = dev.predict_proba(test)
+    assert seen  # the device path ran (fit and prediction)
+    for mod in ("gm", "pet"):
+        np.testing.assert_allclose(dev.standardizer.mean[mod], host.standardizer.mean[mod],
+                                   rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(p_dev, p_host, atol=1e-4)
