@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_scores, region_features
-from .data import RegionDataset
+from .data import RegionDataset, release_device_rows
 from .folds import KIND_CV
 from .metrics import (
     METRICS,
@@ -95,9 +95,17 @@ class CVResult:
 
 
 #: Issue 16: compute the baselines of every CV task in a thread of this process while the
-#: model tasks run (on the GPU, or in worker processes) instead of after them (0.7-5 s of a
-#: 250-subject CV). ``False``: after them (the benchmarks' baseline). Same numbers either way.
+#: model tasks run on a GPU or in worker processes (this process then mostly waits) instead of
+#: after them (4-6 s of a 250-subject CV on an H200). Not with one CPU device: there the
+#: thread would compete with torch's threads for the same cores. ``False``: always after them
+#: (the benchmarks' baseline). Same numbers either way.
 PARALLEL_BASELINES = True
+
+
+def _parallel_baselines(devices: list[str]) -> bool:
+    return PARALLEL_BASELINES and (
+        len(devices) > 1 or any(str(d).startswith("cuda") for d in devices)
+    )
 
 
 def _all_baselines(data, tasks) -> dict:
@@ -156,7 +164,7 @@ def cross_validate(
         ablations=ablations,
     )
     pool = pending = None
-    if baselines and PARALLEL_BASELINES:
+    if baselines and _parallel_baselines(devices or ["cpu"]):
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines")
@@ -178,6 +186,7 @@ def cross_validate(
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        release_device_rows()  # this process's GPU copy of the cohort (issue 16)
     res = CVResult(classes=classes)
     _collect(
         res,
