@@ -247,6 +247,7 @@ class Standardizer:
             std = np.sqrt(var)
             std[std < 1e-8] = 1.0
             self.mean[mod], self.std[mod] = mean.astype(np.float32), std.astype(np.float32)
+        self._device_stats = {}  # transform_tensor's copies of the old statistics
         return self
 
     def fit_tensors(self, data: dict, layout: RegionLayout, chunk: int = 32) -> Standardizer:
