@@ -146,3 +146,47 @@ def test_fit_and_predict_through_the_device_input_path(monkeypatch, sloppy):
         np.testing.assert_allclose(dev.standardizer.mean[mod], host.standardizer.mean[mod],
                                    rtol=1e-6)  # fmt: skip
     np.testing.assert_allclose(p_dev, p_host, atol=1e-4)
+
+
+def test_float16_bundle_storage(tmp_path):
+    """``weights_dtype="float16"``: the first linear layers stored in half precision (half the
+    file), everything else float32; a value beyond float16's range keeps float32; the bundle
+    loads and its weights are the rounded values."""
+    from bids_siamfuse.model import bundle as bundles
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "siamese.fc1.weight": rng.uniform(-0.03, 0.03, (3, 64, 32)).astype(np.float32),
+        "siamese.conv1.weight": rng.normal(size=(3, 8, 1, 3, 3, 3)).astype(np.float32),
+        "attention.classifier.weight": rng.normal(size=(2, 10)).astype(np.float32),
+    }
+    out = bundles.storage_tensors(tensors, "float16")
+    assert out["siamese.fc1.weight"].dtype == np.float16
+    assert out["siamese.conv1.weight"].dtype == np.float32
+    assert out["attention.classifier.weight"].dtype == np.float32
+    err = np.abs(out["siamese.fc1.weight"].astype(np.float32) - tensors["siamese.fc1.weight"])
+    assert 0 < err.max() <= 0.03 * 2**-11  # rounded, to half precision
+    huge = {"siamese.fc1.weight": np.array([1e5], dtype=np.float32)}
+    assert bundles.storage_tensors(huge, "float16")["siamese.fc1.weight"].dtype == np.float32
+    assert bundles.storage_tensors(tensors)["siamese.fc1.weight"].dtype == np.float32
+    with pytest.raises(ValueError, match="weights_dtype"):
+        bundles.storage_tensors(tensors, "bfloat16")
+    layout = _cohort().layout
+    sizes = {}
+    for dt in ("float32", "float16"):
+        bundles.save_bundle(
+            tmp_path / dt,
+            tensors=tensors,
+            model_meta={"format": "test"},
+            layout=layout,
+            classes=("CN", "AD"),
+            standardization={},
+            weights_dtype=dt,
+        )
+        sizes[dt] = (tmp_path / dt / bundles.WEIGHTS_NAME).stat().st_size
+        loaded = bundles.load_bundle(tmp_path / dt)
+        np.testing.assert_array_equal(
+            loaded.tensors["siamese.fc1.weight"], out["siamese.fc1.weight"]
+            if dt == "float16" else tensors["siamese.fc1.weight"]
+        )  # fmt: skip
+    assert sizes["float16"] < 0.75 * sizes["float32"]
