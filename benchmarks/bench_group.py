@@ -120,6 +120,8 @@ def cmd_cli(args) -> int:
         print(f"cohort written to {ds} in {time.perf_counter() - t0:.0f} s")
     out = ds / "derivatives" / "bids_siamfuse"
     rows, first = [], None
+    if args.previous_path:
+        set_previous_path(True)
     for workers in args.workers:
         cmd = [
             sys.executable,
@@ -277,6 +279,29 @@ def write_tables(res, folder: Path) -> dict:
     return digests
 
 
+def set_previous_path(previous: bool) -> dict:
+    """Issue 16's switches back to the previous path (host standardization, baselines after
+    the model tasks) or forward; returns what was switched. Processes spawned later (workers)
+    import the modules afresh and take the defaults (the current path)."""
+    import importlib
+
+    done = {}
+    for module, name in (
+        ("bids_siamfuse.model.numerics", "DEVICE_INPUTS"),
+        ("bids_siamfuse.model.train", "DEVICE_INPUTS"),
+        ("bids_siamfuse.model.cv", "PARALLEL_BASELINES"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(mod, name):
+            setattr(mod, name, not previous)
+            done[f"{module}.{name}"] = not previous
+    print(f"switches: {done}", flush=True)
+    return done
+
+
 def cmd_cv(args) -> int:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
@@ -293,7 +318,11 @@ def cmd_cv(args) -> int:
         train_kwargs["deterministic"] = False
     if args.epochs:
         train_kwargs["epochs"] = args.epochs
+    if args.batch_size:
+        train_kwargs["batch_size"] = args.batch_size
     rows, first = [], None
+    if args.previous_path:
+        set_previous_path(True)
     for workers in args.workers:
         if args.device == "cpu":
             devices = ["cpu"] * workers
@@ -317,6 +346,7 @@ def cmd_cv(args) -> int:
         res = cv.cross_validate(
             data,
             folds=args.folds,
+            repeats=args.repeats,
             seed=42,
             permutations=args.permutation_tests,
             train_kwargs=train_kwargs,
@@ -336,6 +366,7 @@ def cmd_cv(args) -> int:
             ]
         )
         row = {
+            "per_task_s": res.timing["model_s"] / max(1, res.timing["tasks"]),
             "workers": workers,
             "devices": devices,
             "wall_s": wall,
@@ -399,6 +430,14 @@ def main(argv=None) -> int:
         help="train with the atomic-add fused kernels (TrainConfig(deterministic=False))",
     )
     p.add_argument("--out-dir", help="write predictions.tsv/metrics.tsv per row here")
+    p.add_argument("--batch-size", type=int, default=0, help="0: TrainConfig's default")
+    p.add_argument(
+        "--previous-path",
+        action="store_true",
+        help="issue 16's baseline: standardize on the host, baselines after the model tasks "
+        "(one process; with --batch-size 16 the path before issue 16)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="repeated CV (new fold draws)")
     p.set_defaults(func=cmd_cv)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -201,12 +201,31 @@ def profile_step(bank, xm, xp, t, batch, dtype, device):
         step(idx)
     sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True, with_stack=True) as prof:
         for _ in range(3):
             step(idx)
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+    # where the elementwise copies/casts come from: the ops with their shapes and the
+    # project's source lines that issued them (issue 16: 29 copy kernels per step)
+    print("copies and casts by input shape:")
+    rows = [
+        e
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key in ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")
+    ]
+    rows.sort(key=lambda e: -getattr(e, "device_time_total", 0.0))
+    for e in rows[:20]:
+        print(f"  {e.key:16s} {getattr(e, 'device_time_total', 0.0) / 3:9.1f} us/step "
+              f"x{e.count // 3:<4d} {str(e.input_shapes)[:110]}")  # fmt: skip
+    print("copies by source line:")
+    rows = [e for e in prof.key_averages(group_by_stack_n=6) if e.key == "aten::copy_"]
+    rows.sort(key=lambda e: -getattr(e, "device_time_total", 0.0))
+    for e in rows[:12]:
+        stack = [f for f in e.stack if "bids_siamfuse" in f or "torch/optim" in f][:3]
+        print(f"  {getattr(e, 'device_time_total', 0.0) / 3:9.1f} us/step x{e.count // 3:<4d} "
+              f"{' <- '.join(stack) or '(no project frame)'}")  # fmt: skip
 
 
 def compare_determinism(grid, arch, xm, xp, t, n_tr, n_va, args, dtype, device) -> dict:
@@ -262,6 +281,72 @@ def compare_determinism(grid, arch, xm, xp, t, n_tr, n_va, args, dtype, device) 
     return out
 
 
+def sweep_batches(grid, arch, xm, xp, t, n_tr, n_va, args, dtype, graphs, device) -> dict:
+    """Engine speed per batch size: fresh weights, interleaved (all sizes, then again), inside
+    the numerics context of ``fit`` (deterministic kernels); ratios against the first size."""
+    rates: dict = {b: [] for b in args.batch_sizes}
+    for _ in range(2):
+        for b in args.batch_sizes:
+            bank = SiameseBank(grid, arch, generator=torch.Generator().manual_seed(0)).to(device)
+            with _tf32(device.type == "cuda", True):
+                rate = time_engine(
+                    bank, xm, xp, t, n_tr, n_va, args.epochs, b, dtype, graphs, device
+                )
+            rates[b].append(rate)
+            del bank
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = float(np.mean(rates[args.batch_sizes[0]]))
+    for b, r in rates.items():
+        print(
+            f"  batch {b}: {np.mean(r):.1f} subject-epochs/s ({', '.join(f'{x:.0f}' for x in r)})"
+            f", {np.mean(r) / base:.2f}x batch {args.batch_sizes[0]}",
+            flush=True,
+        )
+    return {str(b): r for b, r in rates.items()}
+
+
+class PhaseTimer:
+    """Wall time per phase of ``fit``/``predict_proba``: wraps the named functions of
+    :mod:`bids_siamfuse.model.train` (and the standardizer) with timers that synchronize the
+    device, so each phase's GPU work is counted in it (nested phases count in both)."""
+
+    NAMES = ("train_siamese", "train_attention", "_embed")
+
+    def __init__(self, device):
+        from bids_siamfuse.model import data as data_mod
+        from bids_siamfuse.model import train as train_mod
+
+        self.device, self.totals, self.saved = device, {}, []
+        targets = [(train_mod, n) for n in self.NAMES if hasattr(train_mod, n)]
+        targets += [(data_mod.Standardizer, "fit"), (data_mod.Standardizer, "transform")]
+        if hasattr(train_mod, "_Inputs"):
+            targets.append((train_mod._Inputs, "tensors"))
+        for owner, name in targets:
+            self._wrap(owner, name)
+
+    def _wrap(self, owner, name):
+        fn = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}".split(".", 1)[-1]
+        label = label.replace("bids_siamfuse.model.", "")
+
+        def timed(*a, **k):
+            sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(self.device)
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - t0
+
+        self.saved.append((owner, name, fn))
+        setattr(owner, name, timed)
+
+    def restore(self):
+        for owner, name, fn in reversed(self.saved):
+            setattr(owner, name, fn)
+
+
 def time_fit(layout, n, folds, n_folds_run, epochs, sloppy, device, seed=0):
     rng = np.random.default_rng(seed)
     v = layout.n_voxels
@@ -279,6 +364,7 @@ def time_fit(layout, n, folds, n_folds_run, epochs, sloppy, device, seed=0):
     )
     fold_of = np.arange(n) % folds
     times, accs = [], []
+    phases = PhaseTimer(device)
     for k in range(n_folds_run):
         tr, te = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         cfg = TrainConfig(
@@ -296,7 +382,16 @@ def time_fit(layout, n, folds, n_folds_run, epochs, sloppy, device, seed=0):
         sync(device)
         times.append(time.perf_counter() - t0)
         accs.append(float((prob.argmax(1) == labels[te]).mean()))
-        print(f"  fit fold {k}: {times[-1]:.1f} s ({model.info}) acc {accs[-1]:.2f}", flush=True)
+        info = {k: v for k, v in model.info.items() if not k.startswith("siamese_")}
+        info["siamese_seconds"] = model.info.get("siamese_seconds")
+        print(f"  fit fold {k}: {times[-1]:.1f} s ({info}) acc {accs[-1]:.2f}", flush=True)
+        print(
+            "    phases (s, synchronized): "
+            + ", ".join(f"{n} {v:.2f}" for n, v in sorted(phases.totals.items())),
+            flush=True,
+        )
+        phases.totals.clear()
+    phases.restore()
     return times, accs
 
 
@@ -307,6 +402,13 @@ def main(argv=None) -> int:
     ap.add_argument("--save-layout", help="write the atlas layout to this .npz and stop")
     ap.add_argument("--subjects", type=int, default=250, help="subjects of one training fold")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        help="also time the engine at these batch sizes (fresh weights each, interleaved, "
+        "twice, inside fit()'s deterministic numerics context); the first is the baseline",
+    )
     ap.add_argument("--epochs", type=int, default=3, help="timed engine epochs")
     ap.add_argument("--loop-epochs", type=int, default=1, help="timed loop epochs")
     ap.add_argument("--sloppy", action="store_true", help="sloppy geometry (2x coarser, pool 2)")
@@ -406,6 +508,11 @@ def main(argv=None) -> int:
             results["variants"][label] = rate
             del vb
             torch.cuda.empty_cache()
+
+    if args.batch_sizes:
+        results["batch_sizes"] = sweep_batches(
+            grid, arch, xm, xp, t, n_tr, n_va, args, dtype, graphs, device
+        )
 
     if args.compare_determinism and device.type == "cuda":
         results["determinism"] = compare_determinism(

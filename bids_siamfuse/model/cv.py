@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_scores, region_features
-from .data import RegionDataset
+from .data import RegionDataset, release_device_rows
 from .folds import KIND_CV
 from .metrics import (
     METRICS,
@@ -94,6 +94,34 @@ class CVResult:
         return self.summary[method]["balanced_accuracy"]["mean"]
 
 
+#: Issue 16: compute the baselines of every CV task in a thread of this process while the
+#: model tasks run on a GPU or in worker processes (this process then mostly waits) instead of
+#: after them (4-6 s of a 250-subject CV on an H200). Not with one CPU device: there the
+#: thread would compete with torch's threads for the same cores. ``False``: always after them
+#: (the benchmarks' baseline). Same numbers either way.
+PARALLEL_BASELINES = True
+
+
+def _parallel_baselines(devices: list[str]) -> bool:
+    return PARALLEL_BASELINES and (
+        len(devices) > 1 or any(str(d).startswith("cuda") for d in devices)
+    )
+
+
+def _all_baselines(data, tasks) -> dict:
+    """``{task.key: baseline scores}`` of every CV task (see :func:`_baselines`)."""
+    feats = region_features(data)
+    out = {}
+    for task in tasks:
+        if task.kind != KIND_CV:
+            continue
+        labels = data.labels if task.labels is None else task.labels
+        out[task.key] = _baselines(
+            data, feats, labels, task.train_index, task.test_index, task.seed
+        )
+    return out
+
+
 def _baselines(data, feats, labels, train_idx, test_idx, seed) -> dict[str, np.ndarray]:
     out = {}
     groups = np.asarray(data.subjects).astype(str)[train_idx]
@@ -135,20 +163,40 @@ def cross_validate(
         final_model=final_model,
         ablations=ablations,
     )
-    results = run_tasks(
+    pool = pending = None
+    if baselines and _parallel_baselines(devices or ["cpu"]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines")
+        pending = pool.submit(_all_baselines, data, tasks)
+    try:
+        results = run_tasks(
+            data,
+            tasks,
+            devices or ["cpu"],
+            fit=fit,
+            config_cls=config_cls,
+            train_kwargs=train_kwargs,
+            threads=threads,
+            progress=progress,
+            work_dir=work_dir,
+        )
+        t_model = time.perf_counter() - t0
+        precomputed = pending.result() if pending is not None else None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        release_device_rows()  # this process's GPU copy of the cohort (issue 16)
+    res = CVResult(classes=classes)
+    _collect(
+        res,
         data,
         tasks,
-        devices or ["cpu"],
-        fit=fit,
-        config_cls=config_cls,
-        train_kwargs=train_kwargs,
-        threads=threads,
-        progress=progress,
-        work_dir=work_dir,
+        results,
+        baselines=baselines,
+        permutations=permutations,
+        precomputed=precomputed,
     )
-    t_model = time.perf_counter() - t0
-    res = CVResult(classes=classes)
-    _collect(res, data, tasks, results, baselines=baselines, permutations=permutations)
     if final_model:
         res.final = results[tasks[0].key]
     res.folds = {key: fold_of for key, (fold_of, _labels) in assignment.items()}
@@ -165,11 +213,21 @@ def _method_scores(out: dict, baseline_scores_: dict | None) -> dict[str, np.nda
     return scores
 
 
-def _collect(res: CVResult, data, tasks, results, *, baselines: bool, permutations: int):
-    """Turn the task results into the CV tables (metrics, predictions, ROC, statistics)."""
+def _collect(
+    res: CVResult,
+    data,
+    tasks,
+    results,
+    *,
+    baselines: bool,
+    permutations: int,
+    precomputed: dict | None = None,
+):
+    """Turn the task results into the CV tables (metrics, predictions, ROC, statistics);
+    ``precomputed``: the baselines' scores per task key (:func:`_all_baselines`)."""
     classes = res.classes
     n_classes = len(classes)
-    feats = region_features(data) if baselines else None
+    feats = region_features(data) if baselines and precomputed is None else None
     subjects = np.asarray(data.subjects).astype(str)
     sessions = np.asarray(data.sessions).astype(str)
     names = list(data.layout.names)
@@ -188,7 +246,9 @@ def _collect(res: CVResult, data, tasks, results, *, baselines: bool, permutatio
         labels = data.labels if task.labels is None else task.labels
         y_test = labels[task.test_index]
         base = (
-            _baselines(data, feats, labels, task.train_index, task.test_index, task.seed)
+            precomputed[task.key]
+            if baselines and precomputed is not None
+            else _baselines(data, feats, labels, task.train_index, task.test_index, task.seed)
             if baselines
             else None
         )

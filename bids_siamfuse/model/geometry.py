@@ -139,6 +139,49 @@ def coarsen(grid: RegionGrid, factor: int = 2):
     return coarse, matrix
 
 
+def coarsen_table(matrix) -> tuple[np.ndarray, float]:
+    """The averaging ``matrix`` of :func:`coarsen` as a gather table: (Vc, k) fine-voxel
+    indices per coarse voxel (padded with V, an index past the data, i.e. a zero column) and
+    the common weight ``1 / factor^3``."""
+    csc = matrix.tocsc()
+    counts = np.diff(csc.indptr)
+    k = int(counts.max()) if counts.size else 1
+    n_fine, n_c = matrix.shape
+    table = np.full((n_c, k), n_fine, dtype=np.int64)
+    slot = np.arange(csc.indices.size) - np.repeat(csc.indptr[:-1], counts)
+    table[np.repeat(np.arange(n_c), counts), slot] = csc.indices
+    weights = np.unique(csc.data)
+    if weights.size > 1:  # pragma: no cover - coarsen() writes one weight
+        raise ValueError("coarsening matrix with unequal weights")
+    return table, float(weights[0]) if weights.size else 1.0
+
+
+_COARSEN_TABLES: OrderedDict = OrderedDict()
+
+
+def coarsen_tensor(values, matrix):
+    """``(matrix.T @ values.T).T`` for a tensor (N, V) on its own device: a gather of each
+    coarse voxel's fine voxels and a sum in a fixed order (no atomics, so the same bits on
+    every run), e.g. to coarsen standardized crops on the GPU (sloppy mode)."""
+    import torch
+
+    key = (id(matrix), str(values.device))
+    entry = _COARSEN_TABLES.get(key)
+    if entry is None or entry[0] is not matrix:
+        table, weight = coarsen_table(matrix)
+        entry = (matrix, torch.as_tensor(table, device=values.device), weight)
+        _COARSEN_TABLES[key] = entry
+        while len(_COARSEN_TABLES) > 4:
+            _COARSEN_TABLES.popitem(last=False)
+    _, table, weight = entry
+    padded = torch.cat([values, values.new_zeros(values.shape[0], 1)], dim=1)
+    gathered = padded[:, table]  # (N, Vc, k)
+    out = gathered[:, :, 0].clone()
+    for j in range(1, table.shape[1]):
+        out += gathered[:, :, j]
+    return out * weight
+
+
 def make_buckets(sizes, max_buckets: int = 12, bucket_cost: float = 0.02) -> list[np.ndarray]:
     """Cut regions, sorted by ``sizes`` (descending), into contiguous buckets.
 

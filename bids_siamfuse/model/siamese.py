@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .geometry import Geometry, RegionGrid, cached_geometry
+from .ops import batched_linear
 
 __all__ = ["SiameseArch", "RegionNet", "LoopSiamese", "SiameseBank", "extend", "PARAM_NAMES"]
 
@@ -404,8 +405,7 @@ class SiameseBank(nn.Module):
         """
         dtype = dtype or x.dtype
         h = self.pooled(x, dtype).float().transpose(0, 1)  # (R, S, F)
-        b1 = self.param("fc1.bias").unsqueeze(1)
-        h = F.relu(torch.baddbmm(b1, h, self.param("fc1.weight").transpose(1, 2)))
-        b2 = self.param("fc2.bias").unsqueeze(1)
-        out = torch.baddbmm(b2, h, self.param("fc2.weight").transpose(1, 2))
+        # issue 16: weight gradients computed in the weights' layout (no 0.83 ms copy per step)
+        h = F.relu(batched_linear(h, self.param("fc1.weight"), self.param("fc1.bias")))
+        out = batched_linear(h, self.param("fc2.weight"), self.param("fc2.bias"))
         return out.index_select(0, self.inverse)
