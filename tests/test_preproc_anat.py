@@ -124,6 +124,25 @@ def test_pv_fractions_ignore_intensity_outliers():
     assert np.allclose((gm + wm + csf)[:5], 1.0, atol=1e-3)
 
 
+def test_pv_fractions_csf_wm_pair_gives_no_gm():
+    """A half-CSF, half-WM voxel (a ventricle wall) has the intensity of GM: the CSF/GM and
+    GM/WM pairs call it GM (the thin GM rim of issue 17), the CSF/WM pair must not."""
+    from bids_siamfuse.preproc import pvmodel
+
+    model = anat.PVModel(
+        means=np.array([250.0, 600.0, 1000.0]),
+        sigma=25.0,
+        weights=np.array([0.1, 0.3, 0.3, 0.1, 0.2]),
+    )
+    image = np.full(3, 625.0, dtype=np.float32)  # 0.5 x 250 + 0.5 x 1000
+    pair = np.array([pvmodel.CSF_GM, pvmodel.GM_WM, pvmodel.CSF_WM])
+    gm, wm, csf = anat.pv_fractions(image, model, pair)
+    assert gm[0] > 0.9 and gm[1] > 0.9  # the two GM pairs: (wrongly, here) GM
+    assert gm[2] == 0.0 and abs(wm[2] - 0.5) < 0.02 and abs(csf[2] - 0.5) < 0.02
+    pure = anat.pv_fractions(np.array([250.0, 1000.0], np.float32), model, np.full(2, 2))
+    assert pure[2][0] > 0.9 and pure[1][1] > 0.9  # pure CSF, pure WM stay pure
+
+
 def _head_phantom(angle_deg: float, res: float = 3.0, seed: int = 0):
     """A head: the ICBM152 brain at ``res`` mm with CSF, dark skull and bright scalp shells,
     another contrast (gamma 1.4) and heavy noise, turned ``angle_deg`` about the L-R axis.

@@ -110,10 +110,17 @@ def _truncated_mean(m, s):
     return np.clip(np.where(z > 1e-12, out, np.clip(m, 0, 1)), 0.0, 1.0)
 
 
+#: ``pair`` codes of :func:`pv_fractions`: which two tissues a boundary voxel can mix
+CSF_GM, GM_WM, CSF_WM = 0, 1, 2
+
+
 def pv_fractions(image: np.ndarray, model: PVModel, wm_side: np.ndarray):
     """Expected GM, WM, CSF fractions of each voxel under ``model`` (noise accounted for).
 
-    ``wm_side``: where the voxel can be a GM/WM mixture (else CSF/GM), from the posteriors.
+    ``wm_side``: which pair of tissues the voxel can mix, from the posteriors: False/0 CSF/GM,
+    True/1 GM/WM, 2 CSF/WM (:data:`CSF_WM`: the walls of the ventricles, where no GM lies
+    between CSF and WM; a half-CSF half-WM voxel has the intensity of GM, and a CSF/GM or
+    GM/WM model counts it as GM: the thin GM rim that lined the ventricles, issue 17).
     Computed on a 2048-level table of intensities spanning the model's range (CSF mean - 8
     sigma to WM mean + 8 sigma), then interpolated.
     """
@@ -126,18 +133,24 @@ def pv_fractions(image: np.ndarray, model: PVModel, wm_side: np.ndarray):
     x = np.linspace(lo, hi, 2048)
     dens = model.densities(x)  # C, G, W, CG, GW
     tables = {}
-    for side, classes in ((False, (0, 1, 3)), (True, (1, 2, 4))):
+    for side, classes in ((CSF_GM, (0, 1, 3)), (GM_WM, (1, 2, 4))):
         d = dens[list(classes)]
         r = d / np.maximum(d.sum(axis=0), 1e-300)
-        if side:  # GM, WM, GM/WM: f = WM share
+        if side == GM_WM:  # GM, WM, GM/WM: f = WM share
             f = _truncated_mean((x - g) / (w - g), s / (w - g))
             tables[side] = (r[0] + r[2] * (1 - f), r[1] + r[2] * f, np.zeros_like(x))
         else:  # CSF, GM, CSF/GM: f = GM share
             f = _truncated_mean((x - c) / (g - c), s / (g - c))
             tables[side] = (r[1] + r[2] * f, np.zeros_like(x), r[0] + r[2] * (1 - f))
+    # CSF/WM: no GM; the WM share unmixed between the two pure means (noise-aware)
+    f = _truncated_mean((x - c) / (w - c), s / (w - c))
+    tables[CSF_WM] = (np.zeros_like(x), f, 1.0 - f)
+    pair = np.asarray(wm_side).astype(np.int8)
     out = [np.zeros(image.shape, np.float32) for _ in range(3)]
-    for side in (False, True):
-        sel = wm_side == side
+    for side in (CSF_GM, GM_WM, CSF_WM):
+        sel = pair == side
+        if not sel.any():
+            continue
         for arr, table in zip(out, tables[side]):
             arr[sel] = np.interp(image[sel], x, table)
     return tuple(out)

@@ -193,6 +193,7 @@ def segment(
             image=image,
             brain=brain,
             wm_side=wm_side,
+            prior_gm=up(priors[1].numpy()),
             box=np.array([[s_.start, s_.stop] for s_ in box]),
             raw=corrected.numpy(),
             pc=up(post_csf),
