@@ -112,8 +112,12 @@ def make_phantom(
     class_offsets=(0.2, 0.0, 0.1),
     bias: float = 0.2,
     noise: float = 0.025,
+    fine_mm: float = FINE_MM,
 ) -> Phantom:
-    """The phantom scanned at ``voxel`` mm (each a multiple of 0.5 dividing the box)."""
+    """The phantom scanned at ``voxel`` mm (each a multiple of ``fine_mm`` dividing the box).
+
+    ``fine_mm``: the tissue model's resolution (0.5 mm; coarser only for quick tests).
+    """
     import nibabel as nb
 
     from .data.atlas import load_atlas
@@ -121,7 +125,7 @@ def make_phantom(
 
     rng = np.random.default_rng(seed)
     voxel = tuple(float(v) for v in voxel)
-    factor = np.array([int(round(v / FINE_MM)) for v in voxel])
+    factor = np.array([int(round(v / fine_mm)) for v in voxel])
     shape = np.round(BOX_SIZE / np.array(voxel)).astype(int)
     fine_shape = tuple(shape * factor)
     # 1. subject -> template map, evaluated on a 2 mm lattice and interpolated
@@ -139,13 +143,13 @@ def make_phantom(
     # slabs along z (memory): every slab a whole number of scan slices
     slab_vox = int(factor[2]) * max(1, 24 // int(factor[2]))
     noise_sd = roughness
-    rough = [_smooth_noise(fine_shape, 1.5 / FINE_MM, rng, noise_sd) for _ in range(3)]
-    sulcal = _smooth_noise(fine_shape, 1.0 / FINE_MM, rng, sulci)
+    rough = [_smooth_noise(fine_shape, 1.5 / fine_mm, rng, noise_sd) for _ in range(3)]
+    sulcal = _smooth_noise(fine_shape, 1.0 / fine_mm, rng, sulci)
     for z0 in range(0, fine_shape[2], slab_vox):
         z1 = min(fine_shape[2], z0 + slab_vox)
         idx = np.indices((fine_shape[0], fine_shape[1], z1 - z0), dtype=np.float32)
         idx[2] += z0
-        p = BOX_MIN.reshape(3, 1, 1, 1) + (idx + 0.5) * FINE_MM
+        p = BOX_MIN.reshape(3, 1, 1, 1) + (idx + 0.5) * fine_mm
         didx = (p - BOX_MIN.reshape(3, 1, 1, 1)) / 2.0
         u = np.stack([ndimage.map_coordinates(d, didx, order=1, mode="nearest") for d in disp])
         q = np.einsum("ij,j...->i...", lin, p).astype(np.float32) + u
@@ -167,7 +171,7 @@ def make_phantom(
     del rough, sulcal
     # skull and scalp shells around the brain
     inside = labels > 0
-    dist = ndimage.distance_transform_edt(~inside, sampling=FINE_MM)
+    dist = ndimage.distance_transform_edt(~inside, sampling=fine_mm)
     labels[(~inside) & (dist <= 5.0)] = 4
     labels[(~inside) & (dist > 5.0) & (dist <= 10.0)] = 5
     del dist
@@ -208,6 +212,7 @@ def make_phantom(
         bias=bias,
         noise=noise,
         voxel=list(voxel),
+        fine_mm=fine_mm,
     )
     return Phantom(
         image=img,
