@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -61,25 +62,35 @@ def run(ph, work: Path, sloppy: bool) -> tuple[dict, dict]:
 
     settings = reg.registration_settings(sloppy)
     times = {}
+    cpu = {}
+
+    def cpu_now():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     path = work / "t1w.nii.gz"
     nb.save(ph.image, path)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_now()
     t1 = reg.to_ants(anat.load_t1w(path))
     head = anat.head_mask(t1)
     mask = ants.resample_image_to_target(head.mask, t1, interp_type="nearestNeighbor")
     n4, _ = anat.bias_correct(t1, mask, iterations=settings.n4_iterations[:2])
     times["bias"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    cpu["bias"] = cpu_now() - c0
+    t0, c0 = time.perf_counter(), cpu_now()
     regd = anat.register_to_template(n4, head, settings, work, seed=42)
     times["register"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    cpu["register"] = cpu_now() - c0
+    t0, c0 = time.perf_counter(), cpu_now()
     seg = anat.segment(t1, n4, regd.inverse_composite, regd.brain_mask_affine, settings, work)
     times["segment"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    cpu["segment"] = cpu_now() - c0
+    t0, c0 = time.perf_counter(), cpu_now()
     positions = anat.grid_positions(regd.composite, work)
     gm_img = seg.gm
     wc1, mwc1 = anat.normalize_to_grid(gm_img, positions)
     times["grid"] = time.perf_counter() - t0
+    cpu["grid"] = cpu_now() - c0
     gm = np.asanyarray(seg.gm.dataobj, np.float32)
     wm = np.asanyarray(seg.wm.dataobj, np.float32)
     csf = np.asanyarray(seg.csf.dataobj, np.float32)
@@ -112,6 +123,7 @@ def run(ph, work: Path, sloppy: bool) -> tuple[dict, dict]:
         "aal_p90_abs_pct": float(np.percentile(np.abs(err), 90)),
         "aal_mean_pct": float(err.mean()),
     }
+    out["cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
     return out, times
 
 
