@@ -124,6 +124,58 @@ def test_pv_fractions_ignore_intensity_outliers():
     assert np.allclose((gm + wm + csf)[:5], 1.0, atol=1e-3)
 
 
+def test_pv_fractions_csf_wm_pair_gives_no_gm():
+    """A half-CSF, half-WM voxel (a ventricle wall) has the intensity of GM: the CSF/GM and
+    GM/WM pairs call it GM (the thin GM rim of issue 17), the CSF/WM pair must not."""
+    from bids_siamfuse.preproc import pvmodel
+
+    model = anat.PVModel(
+        means=np.array([250.0, 600.0, 1000.0]),
+        sigma=25.0,
+        weights=np.array([0.1, 0.3, 0.3, 0.1, 0.2]),
+    )
+    image = np.full(3, 625.0, dtype=np.float32)  # 0.5 x 250 + 0.5 x 1000
+    pair = np.array([pvmodel.CSF_GM, pvmodel.GM_WM, pvmodel.CSF_WM])
+    gm, wm, csf = anat.pv_fractions(image, model, pair)
+    assert gm[0] > 0.9 and gm[1] > 0.9  # the two GM pairs: (wrongly, here) GM
+    assert gm[2] == 0.0 and abs(wm[2] - 0.5) < 0.02 and abs(csf[2] - 0.5) < 0.02
+    pure = anat.pv_fractions(np.array([250.0, 1000.0], np.float32), model, np.full(2, 2))
+    assert pure[2][0] > 0.9 and pure[1][1] > 0.9  # pure CSF, pure WM stay pure
+
+
+def test_tissue_pairs_find_ventricle_walls_not_sulci():
+    """CSF/WM mixing is allowed only deep in the brain (a ventricle), not at a sulcus near the
+    surface, and not where the template says GM (the caudate)."""
+    from bids_siamfuse.preproc import pvmodel, segmentation
+
+    shape = (60, 60, 60)
+    x, y, z = np.indices(shape) - 30.0
+    r = np.sqrt(x**2 + y**2 + z**2)
+    brain = r < 28  # a 56 mm 'brain'
+    p_csf = ((r < 6) | (brain & (r > 25))).astype(np.float32)  # ventricle; surface CSF
+    p_wm = (brain & (r >= 6) & (r < 22)).astype(np.float32)
+    prior_gm = np.where(x > 3, 0.8, 0.1).astype(np.float32)  # 'caudate' on one side
+    wm_side = p_wm >= p_csf
+    pair = segmentation.tissue_pairs(wm_side, brain, p_csf, p_wm, prior_gm, (1.0, 1.0, 1.0))
+    wall = (np.abs(r - 6) < 1) & (x < -3)
+    assert (pair[wall] == pvmodel.CSF_WM).mean() > 0.9
+    assert not (pair[(np.abs(r - 6) < 1) & (x > 5)] == pvmodel.CSF_WM).any()  # the 'caudate'
+    assert not (pair[r > 15] == pvmodel.CSF_WM).any()  # near the surface: no CSF/WM pair
+
+
+def test_anchor_csf_mean_uses_confident_csf():
+    from bids_siamfuse.preproc import segmentation
+
+    model = anat.PVModel(np.array([300.0, 800.0, 1300.0]), 35.0, np.full(5, 0.2))
+    rng = np.random.default_rng(0)
+    image = (333.0 + 35.0 * rng.standard_normal(5000)).astype(np.float32)
+    sure = np.ones(5000, dtype=bool)
+    out = segmentation.anchor_csf_mean(model, image, sure)
+    assert abs(out.means[0] - 333.0) < 3 and np.array_equal(out.means[1:], model.means[1:])
+    assert segmentation.anchor_csf_mean(model, image, sure & (np.arange(5000) < 100)) is model
+    assert segmentation.anchor_csf_mean(model, image + 600.0, sure) is model  # above GM: kept
+
+
 def _head_phantom(angle_deg: float, res: float = 3.0, seed: int = 0):
     """A head: the ICBM152 brain at ``res`` mm with CSF, dark skull and bright scalp shells,
     another contrast (gamma 1.4) and heavy noise, turned ``angle_deg`` about the L-R axis.
@@ -140,9 +192,12 @@ def _head_phantom(angle_deg: float, res: float = 3.0, seed: int = 0):
     from bids_siamfuse.preproc import registration as reg
 
     brain = ants.resample_image(reg.to_ants(load_template("T1w")), (res,) * 3)
-    mask = ants.resample_image_to_target(
-        reg.to_ants(load_template("mask")), brain, interp_type="linear"
-    ).numpy() > 0.5
+    mask = (
+        ants.resample_image_to_target(
+            reg.to_ants(load_template("mask")), brain, interp_type="linear"
+        ).numpy()
+        > 0.5
+    )
     data = brain.numpy()
     top = float(np.percentile(data[mask], 99))
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,364 +366,6 @@ def _rotation_search(t1_n4, tpl, settings, work_dir, seed, initial, lin, corr):
 
 
 # ----------------------------------------------------------------------------------------------
-# Segmentation
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Segmentation:
-    t1_corrected: object  # nibabel, full T1w grid
-    brain_mask: object
-    gm: object
-    wm: object
-    csf: object
-    dseg: object
-    means: dict  # global tissue means (for the log)
-
-
-def _crop_slices(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = np.nonzero(mask)
-    return tuple(
-        slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + margin + 1))
-        for i, n in zip(idx, mask.shape)
-    )
-
-
-def _write_atropos_inputs(work_dir: Path, image, mask, priors) -> tuple[str, str, str]:
-    import ants
-
-    img_path = str(work_dir / "atropos_input.nii.gz")
-    mask_path = str(work_dir / "atropos_mask.nii.gz")
-    ants.image_write(image, img_path)
-    ants.image_write(mask, mask_path)
-    pattern = str(work_dir / "atropos_prior%02d.nii.gz")
-    for i, prior in enumerate(priors, start=1):
-        ants.image_write(prior, pattern % i)
-    return img_path, mask_path, pattern
-
-
-def atropos(image, mask, priors, work_dir: Path, *, iterations=5, prior_weight=0.5, mrf=0.1):
-    """Atropos with prior probability images; returns the posteriors (list of arrays)."""
-    import ants
-
-    work_dir = Path(work_dir)
-    img_path, mask_path, pattern = _write_atropos_inputs(work_dir, image, mask, priors)
-    out_seg = str(work_dir / "atropos_seg.nii.gz")
-    out_post = str(work_dir / "atropos_post%02d.nii.gz")
-    args = [
-        "-d",
-        "3",
-        "-a",
-        img_path,
-        "-x",
-        mask_path,
-        "-i",
-        f"PriorProbabilityImages[{len(priors)},{pattern},{prior_weight}]",
-        "-m",
-        f"[{mrf},1x1x1]",
-        "-c",
-        f"[{iterations},0.0]",
-        "-k",
-        "Gaussian",
-        "-o",
-        f"[{out_seg},{out_post}]",
-        "-v",
-        "0",
-        "-r",  # a fixed seed: Atropos seeds itself from the clock by default
-        "0",
-    ]
-    code = ants.internal.get_lib_fn("Atropos")(args)
-    if code != 0:
-        raise reg.RegistrationError(f"Atropos failed (exit {code})")
-    return [ants.image_read(out_post % i).numpy() for i in range(1, len(priors) + 1)]
-
-
-def _local_means(image, posteriors, mask, voxel_mm: float, sigma_mm: float = 20.0):
-    """Tissue means as smooth maps: Gaussian-weighted means of confidently classified voxels."""
-    sigma = sigma_mm / voxel_mm
-    means, global_means = [], []
-    for post in posteriors:
-        sure = (post > 0.95) & mask
-        if sure.sum() < 20:
-            sure = (post > 0.5) & mask
-        if sure.sum() < 20:
-            raise DataError("segmentation failed: a tissue class is (nearly) empty")
-        g = float(np.median(image[sure]))
-        num = ndimage.gaussian_filter(np.where(sure, image, 0.0).astype(np.float32), sigma)
-        den = ndimage.gaussian_filter(sure.astype(np.float32), sigma)
-        weight = np.clip(den / 0.05, 0.0, 1.0)  # little support: fall back to the global mean
-        local = np.where(den > 1e-6, num / np.maximum(den, 1e-6), g)
-        means.append((weight * local + (1 - weight) * g).astype(np.float32))
-        global_means.append(g)
-    return means, global_means
-
-
-def partial_volume(image, mu_csf, mu_gm, mu_wm, wm_side):
-    """GM, WM, CSF fractions from intensity, unmixing between adjacent tissue means.
-
-    ``wm_side``: True where the voxel is a GM/WM mixture (else CSF/GM), from the posteriors.
-    Intensities beyond a pure-tissue mean count as that tissue.
-    """
-    gm = np.zeros_like(image, dtype=np.float32)
-    wm = np.zeros_like(gm)
-    csf = np.zeros_like(gm)
-    span_low = np.maximum(mu_gm - mu_csf, 1e-6)
-    span_high = np.maximum(mu_wm - mu_gm, 1e-6)
-    f_low = np.clip((image - mu_csf) / span_low, 0.0, 1.0)  # GM share of a CSF/GM mix
-    f_high = np.clip((mu_wm - image) / span_high, 0.0, 1.0)  # GM share of a GM/WM mix
-    low = ~wm_side
-    gm[low] = f_low[low]
-    csf[low] = 1.0 - f_low[low]
-    gm[wm_side] = f_high[wm_side]
-    wm[wm_side] = 1.0 - f_high[wm_side]
-    return gm, wm, csf
-
-
-@dataclass
-class PVModel:
-    """Intensity model of the brain: pure CSF, GM, WM and their CSF/GM and GM/WM mixtures.
-
-    A voxel of a pure class has intensity ``N(mu_k, sigma^2)``; a mixed voxel holds a share
-    ``f ~ U(0, 1)`` of the brighter class, ``f mu_a + (1 - f) mu_b`` plus the same noise
-    (Santago & Gage 1993; the partial-volume model of FSL FAST and CAT12). Fitted to the
-    brain's intensity histogram by maximum likelihood.
-    """
-
-    means: np.ndarray  # CSF, GM, WM
-    sigma: float
-    weights: np.ndarray  # CSF, GM, WM, CSF/GM, GM/WM
-
-    def densities(self, x: np.ndarray) -> np.ndarray:
-        from scipy.stats import norm
-
-        c, g, w = self.means
-        s = self.sigma
-        pure = [norm.pdf(x, m, s) for m in (c, g, w)]
-        mix = [
-            (norm.cdf((x - lo) / s) - norm.cdf((x - hi) / s)) / (hi - lo)
-            for lo, hi in ((c, g), (g, w))
-        ]
-        return np.stack(pure + mix) * self.weights[:, None]
-
-
-def _pv_negloglik(params, centres, counts):
-    c, g, w, log_s = params[:4]
-    weights = np.exp(params[4:] - params[4:].max())
-    weights /= weights.sum()
-    if not c < g < w:
-        return 1e30
-    model = PVModel(np.array([c, g, w]), float(np.exp(log_s)), weights)
-    dens = model.densities(centres).sum(axis=0)
-    return -float(np.sum(counts * np.log(dens + 1e-300)))
-
-
-def fit_pv_model(values: np.ndarray, init_means, bins: int = 256) -> PVModel:
-    """Maximum-likelihood fit of :class:`PVModel` to ``values`` (histogram, Nelder-Mead)."""
-    from scipy.optimize import minimize
-
-    values = np.asarray(values, dtype=np.float64)
-    lo, hi = np.percentile(values, [0.5, 99.9])
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    c, g, w = (float(v) for v in init_means)
-    start = np.concatenate([[c, g, w, np.log(0.1 * (w - g))], np.zeros(5)])
-    scale = w - c
-    res = minimize(
-        lambda p: _pv_negloglik(np.concatenate([p[:3] * scale, p[3:]]), centres, counts),
-        np.concatenate([start[:3] / scale, start[3:]]),
-        method="Nelder-Mead",
-        options={"maxiter": 4000, "maxfev": 8000, "xatol": 1e-5, "fatol": 1e-3},
-    )
-    p = np.concatenate([res.x[:3] * scale, res.x[3:]])
-    weights = np.exp(p[4:] - p[4:].max())
-    model = PVModel(np.sort(p[:3]), float(np.exp(p[3])), weights / weights.sum())
-    if not (lo <= model.means[0] < model.means[1] < model.means[2] <= hi):
-        raise DataError(
-            "segmentation failed: the tissue intensity model does not fit this T1w "
-            f"(means {np.round(model.means, 1).tolist()})"
-        )
-    return model
-
-
-def _truncated_mean(m, s):
-    """Mean of N(m, s^2) truncated to [0, 1]."""
-    from scipy.stats import norm
-
-    a, b = (0.0 - m) / s, (1.0 - m) / s
-    z = norm.cdf(b) - norm.cdf(a)
-    out = m + s * (norm.pdf(a) - norm.pdf(b)) / np.maximum(z, 1e-12)
-    return np.clip(np.where(z > 1e-12, out, np.clip(m, 0, 1)), 0.0, 1.0)
-
-
-def pv_fractions(image: np.ndarray, model: PVModel, wm_side: np.ndarray):
-    """Expected GM, WM, CSF fractions of each voxel under ``model`` (noise accounted for).
-
-    ``wm_side``: where the voxel can be a GM/WM mixture (else CSF/GM), from the posteriors.
-    Computed on a 2048-level table of intensities spanning the model's range (CSF mean - 8
-    sigma to WM mean + 8 sigma), then interpolated.
-    """
-    c, g, w = model.means
-    s = model.sigma
-    # the table spans the model's intensities (np.interp holds the end values beyond it), not
-    # the image's range: one outlier (a vessel, an edge artefact) would otherwise squeeze the
-    # whole brain into a few table levels
-    lo, hi = c - 8.0 * s, w + 8.0 * s
-    x = np.linspace(lo, hi, 2048)
-    dens = model.densities(x)  # C, G, W, CG, GW
-    tables = {}
-    for side, classes in ((False, (0, 1, 3)), (True, (1, 2, 4))):
-        d = dens[list(classes)]
-        r = d / np.maximum(d.sum(axis=0), 1e-300)
-        if side:  # GM, WM, GM/WM: f = WM share
-            f = _truncated_mean((x - g) / (w - g), s / (w - g))
-            tables[side] = (r[0] + r[2] * (1 - f), r[1] + r[2] * f, np.zeros_like(x))
-        else:  # CSF, GM, CSF/GM: f = GM share
-            f = _truncated_mean((x - c) / (g - c), s / (g - c))
-            tables[side] = (r[1] + r[2] * f, np.zeros_like(x), r[0] + r[2] * (1 - f))
-    out = [np.zeros(image.shape, np.float32) for _ in range(3)]
-    for side in (False, True):
-        sel = wm_side == side
-        for arr, table in zip(out, tables[side]):
-            arr[sel] = np.interp(image[sel], x, table)
-    return tuple(out)
-
-
-def segment(
-    t1,
-    t1_n4,
-    inverse_composite: str,
-    rough_mask,
-    settings: reg.RegistrationSettings,
-    work_dir,
-) -> Segmentation:
-    """Brain mask, bias correction in the brain, Atropos, partial-volume tissue maps.
-
-    ``t1``/``t1_n4``: the T1w as read and after the first N4 (ANTsImages); ``rough_mask``: the
-    generous brain mask of the affine stage (ANTsImage), which bounds the work.
-    """
-    import ants
-
-    work_dir = Path(work_dir)
-    inverse = [inverse_composite]
-    # work on the box around the (generous) affine brain mask
-    rough = rough_mask.numpy() > 0
-    spacing = float(np.mean(t1.spacing))
-    box = _crop_slices(rough, int(round(6.0 / spacing)))
-    full_shape = t1.shape
-    crop_raw = ants.crop_indices(t1, [s.start for s in box], [s.stop for s in box])
-    crop_n4 = ants.crop_indices(t1_n4, [s.start for s in box], [s.stop for s in box])
-    crop_n4 = reg.image_like(crop_raw, crop_n4.numpy())
-    prob = ants.apply_transforms(crop_raw, template_at("mask"), inverse)
-    brain = prob.numpy() >= 0.5
-    brain = ndimage.binary_fill_holes(brain)
-    if brain.sum() * np.prod(t1.spacing) < 5e5:
-        raise DataError("brain extraction failed: the brain mask is implausibly small")
-    # second N4 inside the brain (dilated 3 mm: keeps the outer CSF)
-    n4_mask = ndimage.binary_dilation(brain, iterations=max(1, round(3.0 / spacing)))
-    corrected, _ = bias_correct(
-        crop_raw,
-        reg.image_like(crop_raw, n4_mask.astype(np.float32)),
-        iterations=settings.n4_iterations,
-        spline_distance=100.0,
-    )
-    # Atropos at the segmentation resolution
-    res = settings.segmentation_resolution
-    low = ants.resample_image(ants.smooth_image(corrected, res / 2.0 * 0.85), (res,) * 3)
-    ants.image_write(low, str(work_dir / "seg_grid.nii.gz"))
-    low = ants.image_read(str(work_dir / "seg_grid.nii.gz"))  # geometry as files store it
-    low_brain = ants.apply_transforms(low, template_at("mask"), inverse).numpy() >= 0.5
-    priors = [
-        reg.image_like(low, ants.apply_transforms(low, template_at(k), inverse).numpy())
-        for k in ("CSF", "GM", "WM")
-    ]
-    post_csf, post_gm, post_wm = atropos(
-        low,
-        reg.image_like(low, low_brain.astype(np.float32)),
-        priors,
-        work_dir,
-        iterations=settings.atropos_iterations,
-        prior_weight=settings.atropos_prior_weight,
-        mrf=settings.atropos_mrf,
-    )
-    low_img = low.numpy()
-    (mu_csf, mu_gm, mu_wm), globals_ = _local_means(
-        low_img, [post_csf, post_gm, post_wm], low_brain, res
-    )
-    if not globals_[0] < globals_[1] < globals_[2]:
-        raise DataError(
-            "segmentation failed: tissue means are not ordered CSF < GM < WM "
-            f"({globals_[0]:.3g}, {globals_[1]:.3g}, {globals_[2]:.3g}); is this a T1w?"
-        )
-
-    def up(arr):
-        return ants.resample_image_to_target(
-            reg.image_like(low, arr), crop_raw, interp_type="linear"
-        ).numpy()
-
-    # residual bias: divide by the local WM mean (relative to the global one), then fit the
-    # partial-volume model to the brain's histogram and take expected fractions
-    # (the 2 mm grid does not reach the corners of the crop, where the upsampled mean is 0:
-    # leave those voxels as they are instead of dividing by ~0)
-    local_wm = up(mu_wm)
-    gain = np.where(local_wm > 0.1 * globals_[2], globals_[2] / np.maximum(local_wm, 1e-6), 1.0)
-    image = corrected.numpy() * gain.astype(np.float32)
-    wm_side = up(post_wm) >= up(post_csf)
-    if os.environ.get("BIDS_SIAMFUSE_DUMP_PV"):
-        np.savez(
-            os.environ["BIDS_SIAMFUSE_DUMP_PV"],
-            image=image,
-            brain=brain,
-            wm_side=wm_side,
-            box=np.array([[s_.start, s_.stop] for s_ in box]),
-            raw=corrected.numpy(),
-            pc=up(post_csf),
-            pg=up(post_gm),
-            pw=up(post_wm),
-            mc=up(mu_csf),
-            mg=up(mu_gm),
-            mw=up(mu_wm),
-            globals_=np.array(globals_),
-        )
-    model = fit_pv_model(image[brain], globals_)
-    gm, wm, csf = pv_fractions(image, model, wm_side)
-    for arr in (gm, wm, csf):
-        arr[~brain] = 0.0
-
-    def pad(arr, dtype=np.float32):
-        out = np.zeros(full_shape, dtype=dtype)
-        out[box] = arr
-        return out
-
-    aff = reg.ants_affine(t1)
-    import nibabel as nb
-
-    def nii(arr, dtype=np.float32):
-        img = nb.Nifti1Image(pad(arr, dtype), aff)
-        img.header.set_xyzt_units("mm")
-        return img
-
-    tissues = np.stack([gm, wm, csf])
-    dseg = np.where(brain, np.argmax(tissues, axis=0) + 1, 0).astype(np.uint8)
-    return Segmentation(
-        t1_corrected=reg.to_nibabel(t1_n4),
-        brain_mask=nii(brain.astype(np.uint8), np.uint8),
-        gm=nii(gm),
-        wm=nii(wm),
-        csf=nii(csf),
-        dseg=nii(dseg, np.uint8),
-        means={
-            **{f"atropos_{k}": v for k, v in zip(("CSF", "GM", "WM"), globals_)},
-            **{f"model_{k}": float(v) for k, v in zip(("CSF", "GM", "WM"), model.means)},
-            "model_sigma": model.sigma,
-            **{
-                f"weight_{k}": float(v)
-                for k, v in zip(("CSF", "GM", "WM", "CSF_GM", "GM_WM"), model.weights)
-            },
-        },
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # To the output grid
 # ----------------------------------------------------------------------------------------------
 
@@ -745,3 +386,34 @@ def normalize_to_grid(gm_native, positions: np.ndarray) -> tuple[np.ndarray, np.
     jac = reg.jacobian_determinant(positions, GRID_AFFINE)
     mwc1 = (wc1 * jac).astype(np.float32)
     return np.clip(wc1, 0.0, 1.0), mwc1
+
+
+# segmentation and the partial-volume model moved to their own modules (issue 17, split by job);
+# these names stay reachable as ``anat.<name>`` (lazily: segmentation imports anat)
+_MOVED = {
+    "pvmodel": (
+        "PVModel",
+        "fit_pv_model",
+        "partial_volume",
+        "pv_fractions",
+        "_truncated_mean",
+        "_pv_negloglik",
+    ),
+    "segmentation": (
+        "Segmentation",
+        "atropos",
+        "segment",
+        "_local_means",
+        "_crop_slices",
+        "_write_atropos_inputs",
+    ),
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
