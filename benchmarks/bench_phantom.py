@@ -57,7 +57,7 @@ def run(ph, work: Path, sloppy: bool) -> tuple[dict, dict]:
     import numpy as np
 
     from bids_siamfuse.data.atlas import load_atlas
-    from bids_siamfuse.preproc import anat
+    from bids_siamfuse.preproc import anat, segmentation
     from bids_siamfuse.preproc import registration as reg
 
     settings = reg.registration_settings(sloppy)
@@ -82,7 +82,9 @@ def run(ph, work: Path, sloppy: bool) -> tuple[dict, dict]:
     times["register"] = time.perf_counter() - t0
     cpu["register"] = cpu_now() - c0
     t0, c0 = time.perf_counter(), cpu_now()
-    seg = anat.segment(t1, n4, regd.inverse_composite, regd.brain_mask_affine, settings, work)
+    seg = segmentation.segment(
+        t1, n4, regd.inverse_composite, regd.brain_mask_affine, settings, work
+    )
     times["segment"] = time.perf_counter() - t0
     cpu["segment"] = cpu_now() - c0
     t0, c0 = time.perf_counter(), cpu_now()

@@ -8,7 +8,7 @@ import pytest
 from phantoms import affine, world
 
 from bids_siamfuse.errors import DataError
-from bids_siamfuse.preproc import anat
+from bids_siamfuse.preproc import anat, pvmodel
 from bids_siamfuse.preproc import registration as reg
 
 
@@ -52,7 +52,7 @@ def test_partial_volume_unmixes_known_mixtures():
     gm_wm = mu[1] * (1 - fractions) + mu[2] * fractions  # WM share = fractions
     image = np.concatenate([csf_gm, gm_wm, [100.0, 1000.0]]).astype(np.float32)
     wm_side = np.concatenate([np.zeros(11, bool), np.ones(11, bool), [False, True]])
-    gm, wm, csf = anat.partial_volume(image, *mu, wm_side)
+    gm, wm, csf = pvmodel.partial_volume(image, *mu, wm_side)
     assert np.allclose(gm[:11], fractions, atol=1e-5)
     assert np.allclose(csf[:11], 1 - fractions, atol=1e-5)
     assert np.allclose(wm[11:22], fractions, atol=1e-5)
@@ -109,14 +109,14 @@ def test_normalize_to_grid_preserves_volume():
 def test_pv_fractions_ignore_intensity_outliers():
     """One huge value in the image (e.g. an edge voxel divided by a ~0 bias estimate) must
     not flatten the intensity table: regression test of the GM Dice 0.49 / WM = 0 failure."""
-    model = anat.PVModel(
+    model = pvmodel.PVModel(
         means=np.array([400.0, 1060.0, 1730.0]),
         sigma=60.0,
         weights=np.array([0.02, 0.18, 0.12, 0.23, 0.45]),
     )
     image = np.array([400.0, 1060.0, 1730.0, 1060.0, 1395.0, 2.0e12], dtype=np.float32)
     wm_side = np.array([False, False, True, True, True, True])
-    gm, wm, csf = anat.pv_fractions(image, model, wm_side)
+    gm, wm, csf = pvmodel.pv_fractions(image, model, wm_side)
     assert csf[0] > 0.95 and gm[1] > 0.95 and gm[3] > 0.95  # pure CSF, GM
     assert wm[2] > 0.95  # pure WM: was 0 when the outlier set the table's range
     assert 0.3 < wm[4] < 0.7 and abs(gm[4] + wm[4] - 1) < 1e-3  # a GM/WM mixture
@@ -129,17 +129,17 @@ def test_pv_fractions_csf_wm_pair_gives_no_gm():
     GM/WM pairs call it GM (the thin GM rim of issue 17), the CSF/WM pair must not."""
     from bids_siamfuse.preproc import pvmodel
 
-    model = anat.PVModel(
+    model = pvmodel.PVModel(
         means=np.array([250.0, 600.0, 1000.0]),
         sigma=25.0,
         weights=np.array([0.1, 0.3, 0.3, 0.1, 0.2]),
     )
     image = np.full(3, 625.0, dtype=np.float32)  # 0.5 x 250 + 0.5 x 1000
     pair = np.array([pvmodel.CSF_GM, pvmodel.GM_WM, pvmodel.CSF_WM])
-    gm, wm, csf = anat.pv_fractions(image, model, pair)
+    gm, wm, csf = pvmodel.pv_fractions(image, model, pair)
     assert gm[0] > 0.9 and gm[1] > 0.9  # the two GM pairs: (wrongly, here) GM
     assert gm[2] == 0.0 and abs(wm[2] - 0.5) < 0.02 and abs(csf[2] - 0.5) < 0.02
-    pure = anat.pv_fractions(np.array([250.0, 1000.0], np.float32), model, np.full(2, 2))
+    pure = pvmodel.pv_fractions(np.array([250.0, 1000.0], np.float32), model, np.full(2, 2))
     assert pure[2][0] > 0.9 and pure[1][1] > 0.9  # pure CSF, pure WM stay pure
 
 
@@ -166,7 +166,7 @@ def test_tissue_pairs_find_ventricle_walls_not_sulci():
 def test_anchor_csf_mean_uses_confident_csf():
     from bids_siamfuse.preproc import segmentation
 
-    model = anat.PVModel(np.array([300.0, 800.0, 1300.0]), 35.0, np.full(5, 0.2))
+    model = pvmodel.PVModel(np.array([300.0, 800.0, 1300.0]), 35.0, np.full(5, 0.2))
     rng = np.random.default_rng(0)
     image = (333.0 + 35.0 * rng.standard_normal(5000)).astype(np.float32)
     sure = np.ones(5000, dtype=bool)

@@ -16,8 +16,8 @@ import phantoms
 import pytest
 
 from bids_siamfuse import bids
-from bids_siamfuse.preproc import anat, qc
 from bids_siamfuse.preproc import pet as petlib
+from bids_siamfuse.preproc import qc, segmentation
 
 
 def _flagged(metrics: dict) -> dict:
@@ -64,8 +64,10 @@ def _atropos_means(t1, fractions, mask, zooms, tmp_path) -> dict:
     img = ants.from_numpy(t1, spacing=zooms)
     msk = img.new_image_like(mask.astype(np.float32))
     priors = [img.new_image_like(np.clip(f, 0, 1).astype(np.float32)) for f in fractions]
-    posts = anat.atropos(img, msk, priors, tmp_path, iterations=3, prior_weight=0.5, mrf=0.1)
-    _, means = anat._local_means(t1, posts, mask, float(np.mean(zooms)))
+    posts = segmentation.atropos(
+        img, msk, priors, tmp_path, iterations=3, prior_weight=0.5, mrf=0.1
+    )
+    _, means = segmentation._local_means(t1, posts, mask, float(np.mean(zooms)))
     return dict(zip(("atropos_CSF", "atropos_GM", "atropos_WM"), means))
 
 

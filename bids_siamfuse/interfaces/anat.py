@@ -193,7 +193,7 @@ class TissueSegmentation(SimpleInterface):
 
         import nibabel as nb
 
-        from ..preproc import anat
+        from ..preproc import anat, segmentation
         from ..preproc import registration as reg
 
         settings = _prepare(self.inputs)
@@ -201,7 +201,7 @@ class TissueSegmentation(SimpleInterface):
         n4 = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.n4_file)).numpy())
         rough = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.rough_mask)).numpy())
         with _Collector() as messages:
-            seg = anat.segment(
+            seg = segmentation.segment(
                 t1, n4, self.inputs.inverse_composite, rough, settings, Path(runtime.cwd)
             )
         self._results["warnings"] = list(messages)

@@ -386,34 +386,3 @@ def normalize_to_grid(gm_native, positions: np.ndarray) -> tuple[np.ndarray, np.
     jac = reg.jacobian_determinant(positions, GRID_AFFINE)
     mwc1 = (wc1 * jac).astype(np.float32)
     return np.clip(wc1, 0.0, 1.0), mwc1
-
-
-# segmentation and the partial-volume model moved to their own modules (issue 17, split by job);
-# these names stay reachable as ``anat.<name>`` (lazily: segmentation imports anat)
-_MOVED = {
-    "pvmodel": (
-        "PVModel",
-        "fit_pv_model",
-        "partial_volume",
-        "pv_fractions",
-        "_truncated_mean",
-        "_pv_negloglik",
-    ),
-    "segmentation": (
-        "Segmentation",
-        "atropos",
-        "segment",
-        "_local_means",
-        "_crop_slices",
-        "_write_atropos_inputs",
-    ),
-}
-
-
-def __getattr__(name: str):
-    import importlib
-
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Partial-volume intensity model of the brain (moved from anat.py; issue 17 split by job).
+"""Partial-volume intensity model of the brain (used by :mod:`.segmentation`).
 
 Pure numpy/scipy: tissue fractions of each voxel from its intensity, under a model of pure
 CSF, GM, WM and their CSF/GM and GM/WM mixtures (Santago & Gage 1993, as FSL FAST / CAT12).

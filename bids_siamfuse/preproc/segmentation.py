@@ -1,7 +1,7 @@
 """T1w segmentation: Atropos with template priors, then partial-volume fractions.
 
-Moved from anat.py (issue 17: split by job); ``anat`` still exposes every name. See
-:func:`segment` and the module doc of :mod:`bids_siamfuse.preproc.anat` (step 5).
+See :func:`segment` and the module doc of :mod:`bids_siamfuse.preproc.anat` (step 5), which
+holds the steps before and after it.
 """
 
 from __future__ import annotations
@@ -238,23 +238,6 @@ def segment(
     gain = np.where(local_wm > 0.1 * globals_[2], globals_[2] / np.maximum(local_wm, 1e-6), 1.0)
     image = corrected.numpy() * gain.astype(np.float32)
     wm_side = up(post_wm) >= up(post_csf)
-    if os.environ.get("BIDS_SIAMFUSE_DUMP_PV"):
-        np.savez(
-            os.environ["BIDS_SIAMFUSE_DUMP_PV"],
-            image=image,
-            brain=brain,
-            wm_side=wm_side,
-            prior_gm=up(priors[1].numpy()),
-            box=np.array([[s_.start, s_.stop] for s_ in box]),
-            raw=corrected.numpy(),
-            pc=up(post_csf),
-            pg=up(post_gm),
-            pw=up(post_wm),
-            mc=up(mu_csf),
-            mg=up(mu_gm),
-            mw=up(mu_wm),
-            globals_=np.array(globals_),
-        )
     model = fit_pv_model(image[brain], globals_)
     if os.environ.get(LEGACY_PV_VARIABLE):
         pair = wm_side
