@@ -16,6 +16,7 @@ import pytest
 
 from bids_siamfuse.bids import read_participants
 from bids_siamfuse.errors import DataError, UsageError
+from bids_siamfuse.group.cohort import load_cohort
 from bids_siamfuse.model import cv
 from bids_siamfuse.model.baselines import (
     BASELINE_C_GRID,
@@ -41,6 +42,7 @@ from bids_siamfuse.model.metrics import (
     subject_scores,
     summarize,
 )
+from bids_siamfuse.model.options import TrainConfig
 from bids_siamfuse.model.tasks import RELEVANCE_KEYS, plan_tasks, run_task
 from bids_siamfuse.model.workers import (
     WorkerError,
@@ -50,7 +52,6 @@ from bids_siamfuse.model.workers import (
     resolve_devices,
     run_tasks,
 )
-from bids_siamfuse.preproc import regions
 
 
 def toy_cohort(seed=0, sizes=(12, 10, 8)):
@@ -70,9 +71,7 @@ def toy_cohort(seed=0, sizes=(12, 10, 8)):
 @pytest.fixture(scope="module")
 def cohort(synth_derivs):
     parts = read_participants(synth_derivs)
-    return regions.load_cohort(
-        synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD")
-    )
+    return load_cohort(synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,15 +205,12 @@ def test_fold_model_never_sees_test_fold_double(cohort):
         fitted.append(model)
         return model
 
-    clean = run_task(
-        cohort, task, fit=fit, config_cls=md.TrainConfig, train_kwargs={}, device="cpu"
-    )
+    clean = run_task(cohort, task, fit=fit, config=TrainConfig(), device="cpu")
     poisoned = run_task(
         _poison(cohort, task.test_index),
         task,
         fit=fit,
-        config_cls=md.TrainConfig,
-        train_kwargs={},
+        config=TrainConfig(),
         device="cpu",
     )
     test_subjects = set(cohort.subjects[task.test_index])
@@ -239,15 +235,14 @@ def test_fold_model_never_sees_test_fold_real(cohort):
         fitted.append(model)
         return model
 
-    kwargs = {"epochs": 2, "sloppy": True}
+    config = TrainConfig(epochs=2, sloppy=True)
     for data in (cohort, _poison(cohort, task.test_index)):
         run_tasks(
             data,
             [task],
             ["cpu"],
             fit=fit,
-            config_cls=train.TrainConfig,
-            train_kwargs=kwargs,
+            config=config,
             threads=1,
         )
     (ta, ma), (tb, mb) = fitted[0].state(), fitted[1].state()
@@ -280,7 +275,7 @@ def test_baselines_fit_on_training_rows_only(cohort):
 def _cv(data, **kw):
     kw.setdefault("folds", 3)
     kw.setdefault("seed", 11)
-    return cv.cross_validate(data, fit=md.fit, config_cls=md.TrainConfig, **kw)
+    return cv.cross_validate(data, fit=md.fit, **kw)
 
 
 def test_cv_separates_strong_effect_and_shuffles_score_chance(cohort):
@@ -349,7 +344,7 @@ def test_two_worker_processes_real_network(cohort):
     kw = {
         "folds": 2,
         "seed": 3,
-        "train_kwargs": {"epochs": 1, "sloppy": True},
+        "config": TrainConfig(epochs=1, sloppy=True),
         "threads": 1,
         "baselines": False,
         "final_model": False,
@@ -368,12 +363,22 @@ def test_worker_failure_is_reported(cohort):
             cohort,
             folds=2,
             fit=md.fit_boom,
-            config_cls=md.TrainConfig,
             devices=["cpu", "cpu"],
             threads=1,
             baselines=False,
         )
     assert "worker traceback" in str(info.value) and "model_double.py" in str(info.value)
+
+
+def test_the_double_implements_the_engine_protocols(cohort):
+    """The group-level tests' double is a typed stand-in (tasks.Fit / tasks.Fitted), so the
+    cross-validation runs it through the same contract as the real network."""
+    from bids_siamfuse.model.tasks import Fit, Fitted
+
+    assert isinstance(md.fit, Fit)
+    model = md.fit(cohort, TrainConfig(epochs=1))
+    assert isinstance(model, Fitted)
+    assert not isinstance(object(), Fitted)
 
 
 def test_worker_errors_keep_their_exit_code():
@@ -493,7 +498,6 @@ def test_cv_tables_with_ablations_levels_and_statistics():
         seed=5,
         permutations=2,
         fit=md.fit,
-        config_cls=md.TrainConfig,
         final_model=False,
     )
     ablations = [cv.ABLATION_PREFIX + "mri_only", cv.ABLATION_PREFIX + "pet_only"]

@@ -21,11 +21,13 @@ import pytest
 from bids_siamfuse.bids import read_participants
 from bids_siamfuse.cli.run import main
 from bids_siamfuse.errors import DataError
+from bids_siamfuse.group.cohort import load_cohort
 from bids_siamfuse.model import bundle as bundles
 from bids_siamfuse.model import cv, workers
 from bids_siamfuse.model.baselines import BASELINES
 from bids_siamfuse.model.folds import shuffle_subject_labels
 from bids_siamfuse.model.metrics import METRICS
+from bids_siamfuse.model.options import TrainConfig
 from bids_siamfuse.preproc import regions
 
 GROUP_FILES = {
@@ -75,7 +77,6 @@ def ds(synth_derivs, tmp_path_factory) -> Path:
 @pytest.fixture
 def double(monkeypatch):
     monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(workers, "default_config_cls", lambda: md.TrainConfig)
     monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
 
 
@@ -113,7 +114,7 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     assert GROUP_FILES | {"permutation.tsv"} <= names
     assert not [n for n in (out / "group").iterdir() if n.name.startswith(".")]  # no staging
 
-    cohort = regions.load_cohort(out, read_participants(ds))
+    cohort = load_cohort(out, read_participants(ds))
     metrics = pd.read_csv(task / "metrics.tsv", sep="\t")
     assert list(metrics.columns[:5]) == ["method", "repeat", "fold", "n_test", "level"]
     assert set(METRICS) <= set(metrics.columns)
@@ -281,7 +282,7 @@ def test_group_without_region_files(bad_bids, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def cohort(synth_derivs):
-    return regions.load_cohort(
+    return load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse", read_participants(synth_derivs)
     )
 
@@ -314,7 +315,7 @@ def test_bundle_round_trip_real(cohort, tmp_path):
 
 @pytest.fixture
 def double_bundle(cohort, tmp_path):
-    model = md.fit(cohort, md.TrainConfig())
+    model = md.fit(cohort, TrainConfig())
     folder = tmp_path / "bundle"
     md.save_fitted(model, cohort, folder, cohort={"subjects": 24})
     return folder
@@ -461,15 +462,13 @@ def strong32(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def strong32_cv(strong32):
-    data = regions.load_cohort(
-        strong32 / "derivatives" / "bids_siamfuse", read_participants(strong32)
-    )
+    data = load_cohort(strong32 / "derivatives" / "bids_siamfuse", read_participants(strong32))
     return data, cv.cross_validate(
         data,
         folds=4,
         seed=42,
         permutations=1,
-        train_kwargs={"sloppy": True},
+        config=TrainConfig(sloppy=True),
         final_model=False,
     )
 
@@ -511,9 +510,9 @@ def test_real_model_effect_size_zero_scores_chance(tmp_path_factory):
         raw=False,
         jobs=2,
     )
-    data = regions.load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
+    data = load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
     res = cv.cross_validate(
-        data, folds=3, seed=42, train_kwargs={"sloppy": True}, final_model=False
+        data, folds=3, seed=42, config=TrainConfig(sloppy=True), final_model=False
     )
     assert res.mean_balanced_accuracy() <= 0.75, res.summary[cv.MODEL_METHOD]
 
@@ -655,13 +654,13 @@ def _effect_cohort(tmp_path_factory, effect: str, seed: int, n: int = 60):
         regions_only=True,
         jobs=2,
     )
-    data = regions.load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
+    data = load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
     return root, data
 
 
 def _acceptance_cv(data, **kw):
     return cv.cross_validate(
-        data, folds=5, seed=42, train_kwargs={"sloppy": True}, final_model=False, **kw
+        data, folds=5, seed=42, config=TrainConfig(sloppy=True), final_model=False, **kw
     )
 
 
@@ -746,7 +745,7 @@ def test_acceptance_no_effect_and_shuffled_labels_score_chance(tmp_path_factory,
         folds=4,
         seed=42,
         permutations=19,
-        train_kwargs={"sloppy": True},
+        config=TrainConfig(sloppy=True),
         final_model=False,
     )
     for method in res.methods:
