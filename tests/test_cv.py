@@ -395,6 +395,7 @@ def test_resolve_devices_on_cpu():
     assert default_threads(["cpu"], 0, nprocs=32) == 8
     assert default_threads(["cpu"] * 3, 0, nprocs=6) == 2
     assert default_threads(["cpu"], 3, nprocs=6) == 3
+    assert default_threads(["cpu"], 9, nprocs=4) == 4  # never more threads than --nprocs
     assert default_threads(["cuda:0", "cuda:1"], 0, nprocs=6) is None
     import torch
 
@@ -402,6 +403,41 @@ def test_resolve_devices_on_cpu():
         assert resolve_devices("auto") == ["cpu"]
         with pytest.raises(UsageError, match="no CUDA"):
             resolve_devices("cuda")
+
+
+def test_resolve_decides_device_threads_and_training_once():
+    """config.resolve: the group level gets its worker devices, threads and one TrainConfig
+    (recorded fields = the run's settings); a participant run without a model resolves no
+    device (``--device cuda`` is not refused there); ``cuda`` without a GPU is exit 64."""
+    import torch
+
+    from bids_siamfuse.config import Settings, resolve
+
+    def settings(level, **cli):
+        base = {"bids_dir": "/nonexistent", "output_dir": "/nonexistent/out"}
+        return Settings.from_sources({}, {**base, "analysis_level": level, **cli})
+
+    group = resolve(settings("group", device="cpu", nprocs=6, epochs=7, sloppy=True))
+    assert group.devices == ("cpu",) and group.device == "cpu"
+    assert (group.nprocs, group.omp_nthreads) == (6, 6)
+    assert group.train.epochs == 7 and group.train.sloppy is True
+    assert list(group.train.run_settings()) == [
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "early_stop_loss",
+        "patience",
+        "val_fraction",
+        "sloppy",
+        "deterministic",
+        "fusion",
+        "gate",
+    ]
+    part = resolve(settings("participant", device="cuda", nprocs=2, omp_nthreads=1))
+    assert (part.device, part.nprocs, part.omp_nthreads, part.train) == ("cpu", 2, 1, None)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA"):
+            resolve(settings("group", device="cuda"))
 
 
 def test_gpu_workers_see_only_their_gpu(monkeypatch):

@@ -391,6 +391,20 @@ def test_model_only_writes_outputs(ds, double, double_bundle, cohort, capsys):
     assert np.allclose(table[["prob_CN", "prob_AD"]].values[0], direct, atol=1e-6)
 
 
+def test_application_module_and_group_package_import_no_nipype_nor_torch():
+    """--model-only applies bundles without nipype; importing the application module or the
+    group package loads neither nipype nor torch (torch comes when a model is built)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bids_siamfuse.apply, bids_siamfuse.group.plan, bids_siamfuse.group.run;"
+        "print(sorted(m for m in ('nipype', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_apply_model_workflow(double, double_bundle, cohort, synth_derivs, tmp_path):
     from bids_siamfuse.workflows.model import init_apply_model_wf
 
