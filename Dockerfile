@@ -13,7 +13,7 @@
 #   TORCH_SPEC             pip requirement for torch; default the CUDA build from PyPI
 #                          (torch==2.13.0+cpu with PIP_FIND_LINKS for a CPU-only image)
 #   PIP_FIND_LINKS         a folder of local wheels mounted into the build (pip --find-links)
-#   EXTRAS                 package extras to install, e.g. "gpu" (FireANTs registration)
+#   EXTRAS                 package extras to install, e.g. "test"
 #   WITH_SPM               1: add SPM12 standalone + MATLAB Runtime for --backend spm
 #   MCR_SHA256, SPM_SHA256 sha256 of the MATLAB Runtime and SPM12 zips (required with
 #                          WITH_SPM=1; every download is checked with sha256sum -c)

@@ -74,7 +74,7 @@ def truth_regions(dataset: Path) -> dict:
 
 def cmd_make(args) -> None:
     from bids_siamfuse.bids import read_participants
-    from bids_siamfuse.preproc import regions
+    from bids_siamfuse.group.cohort import load_cohort
 
     out = Path(args.out)
     ds = out.with_suffix(".ds")
@@ -94,7 +94,7 @@ def cmd_make(args) -> None:
             jobs=args.jobs,
         )
         print(f"generated {ds} in {time.perf_counter() - t0:.1f} s", flush=True)
-    data = regions.load_cohort(
+    data = load_cohort(
         ds / "derivatives" / "bids_siamfuse", read_participants(ds), classes=tuple(args.groups)
     )
     data.save(out.with_suffix(".npz"))
@@ -126,7 +126,7 @@ def cmd_cv(args) -> None:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
     from bids_siamfuse.model.folds import shuffle_subject_labels
-    from bids_siamfuse.model.train import TrainConfig
+    from bids_siamfuse.model.options import TrainConfig
     from bids_siamfuse.model.workers import resolve_devices
 
     path = Path(args.cohort)
@@ -157,7 +157,7 @@ def cmd_cv(args) -> None:
         repeats=args.repeats,
         seed=args.cv_seed,
         permutations=args.permutations,
-        train_kwargs=train_kwargs,
+        config=TrainConfig(**train_kwargs),
         devices=devices,
         threads=args.threads or None,
         final_model=False,

@@ -305,6 +305,7 @@ def set_previous_path(previous: bool) -> dict:
 def cmd_cv(args) -> int:
     from bids_siamfuse.model import cv
     from bids_siamfuse.model.data import RegionDataset
+    from bids_siamfuse.model.options import TrainConfig
     from bids_siamfuse.model.workers import default_threads, resolve_devices
 
     t0 = time.perf_counter()
@@ -349,7 +350,7 @@ def cmd_cv(args) -> int:
             repeats=args.repeats,
             seed=42,
             permutations=args.permutation_tests,
-            train_kwargs=train_kwargs,
+            config=TrainConfig(**train_kwargs),
             devices=devices,
             threads=default_threads(devices, args.threads or 0),
             progress=progress,

@@ -100,7 +100,7 @@ class ModelSettings:
     gpus: int = 0
     cpu_workers: int = 1
     nondeterministic_gpu: bool = False  # opt-in atomic-add GPU training (not reproducible)
-    # issue 12: what reaches the attention stage, which siamese epochs count, ablations
+    # what reaches the attention stage, which siamese epochs count, ablations
     fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
     gate: str = "paired"  # "paired", "constant", "se" (previous), "none"; model/siamese_stage.py
     ablations: bool = True  # train the ablation heads in every CV fold
@@ -208,9 +208,6 @@ class Settings:
             raise UsageError(f"{exc} (from {source})") from None
         setattr(getattr(self, section), name, coerced)
 
-    def get(self, name: str) -> Any:
-        return getattr(getattr(self, FIELDS[name][0]), name)
-
     def as_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
         for section in SECTIONS:
@@ -261,3 +258,83 @@ def load_toml(path: Path) -> dict:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config-file {path}: not valid TOML ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolved run-wide choices
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Run-wide choices, fixed once by :func:`resolve` at the top (:mod:`bids_siamfuse.cli.run`)
+    and passed down; nothing below decides them again."""
+
+    #: torch device of this process for the model (participant ``--model``, ``--model-only``):
+    #: ``cpu``, ``cuda``, ``cuda:1`` (never ``auto``); ``cpu`` when no model runs
+    device: str = "cpu"
+    #: group level: one entry per cross-validation worker (one: everything in this process)
+    devices: tuple = ("cpu",)
+    #: processes: nipype's MultiProc at the participant level, the CPUs the group workers share
+    nprocs: int = 1
+    #: threads per process (participant nodes) or per group worker; None: torch's default
+    #: (GPU workers)
+    omp_nthreads: int | None = None
+    #: group level: the training configuration (seed, device, progress set per task)
+    train: Any = None
+
+
+def train_config(settings):
+    """The one :class:`~bids_siamfuse.model.options.TrainConfig` built from the settings (the
+    model section and ``--sloppy``); the cross-validation sets seed, device, progress and
+    ablations per task. Unknown ``--fusion``/``--gate`` values (a config file can hold any):
+    exit 64."""
+    from .model.options import FUSIONS, GATES, TrainConfig
+
+    mo = settings.model
+    for flag, value, allowed in (("--fusion", mo.fusion, FUSIONS), ("--gate", mo.gate, GATES)):
+        if value not in allowed:
+            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    return TrainConfig(
+        epochs=mo.epochs,
+        batch_size=mo.batch_size,
+        learning_rate=mo.learning_rate,
+        early_stop_loss=mo.early_stop_loss,
+        patience=mo.patience,
+        val_fraction=mo.val_fraction,
+        sloppy=bool(settings.workflow.sloppy),
+        deterministic=not mo.nondeterministic_gpu,
+        fusion=mo.fusion,
+        gate=mo.gate,
+    )
+
+
+def resolve(settings) -> Resolved:
+    """Fix device(s), processes, threads and (group level) the training configuration once.
+
+    Device: ``auto`` -> ``cuda`` when visible, else ``cpu``; ``cuda`` without a visible GPU:
+    exit 64 (:func:`bids_siamfuse.model.workers.resolve_devices`). Only resolved where a model
+    runs (group level, ``--model``), so a participant run without a model never imports torch
+    here. Processes: ``--nprocs`` or every CPU. Threads:
+    :func:`bids_siamfuse.model.workers.default_threads` (``--omp-nthreads``, else the CPUs
+    shared out between the workers, at most 8 each; torch's default on GPUs).
+    """
+    ex, mo, wf = settings.execution, settings.model, settings.workflow
+    group = ex.analysis_level == "group"
+    nprocs = int(ex.nprocs or os.cpu_count() or 1)
+    device, devices, train = "cpu", ("cpu",), None
+    if group or wf.model is not None:
+        from .model.workers import resolve_device, resolve_devices
+
+        if group:
+            train = train_config(settings)
+            devices = tuple(resolve_devices(ex.device, mo.gpus, mo.cpu_workers))
+            device = devices[0]
+        else:
+            device = resolve_device(ex.device)
+    from .model.workers import default_threads
+
+    threads = default_threads(list(devices), ex.omp_nthreads, nprocs)
+    return Resolved(
+        device=device, devices=devices, nprocs=nprocs, omp_nthreads=threads, train=train
+    )

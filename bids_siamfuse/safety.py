@@ -141,19 +141,30 @@ RULES = {
 }
 
 
+_ABSENT = object()
+
+
+def _setting(settings, name: str):
+    """The value of setting ``name`` in whichever section holds it (``_ABSENT`` if none)."""
+    for section in ("execution", "workflow", "model"):
+        values = getattr(settings, section)
+        if hasattr(values, name):
+            return getattr(values, name)
+    return _ABSENT
+
+
 def validate_settings(settings, sources: dict | None = None) -> None:
     """Check every setting with a rule; UsageError (64) naming the key and its source."""
     sources = sources or {}
     for name, rule in RULES.items():
-        try:
-            value = settings.get(name)
-        except KeyError:  # pragma: no cover - a rule for a field another branch removed
+        value = _setting(settings, name)
+        if value is _ABSENT:  # pragma: no cover - a rule for a field another branch removed
             continue
         problem = rule(value)
         if problem:
             where = sources.get(name, "default")
             raise UsageError(f"setting '{name}' = {value!r} (from {where}): must be {problem}")
-    filters = settings.get("bids_filters")
+    filters = _setting(settings, "bids_filters")
     if filters:
         check_bids_filters(
             filters, f"bids_filters (from {sources.get('bids_filters', 'default')})"

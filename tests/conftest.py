@@ -106,9 +106,9 @@ def group_ds(synth_derivs, tmp_path_factory) -> Path:
 def cohort(synth_derivs):
     """The synth_derivs cohort's CN and AD region files as a ``RegionDataset``."""
     from bids_siamfuse.bids import read_participants
-    from bids_siamfuse.preproc import regions
+    from bids_siamfuse.group.cohort import load_cohort
 
-    return regions.load_cohort(
+    return load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse",
         read_participants(synth_derivs),
         classes=("CN", "AD"),

@@ -1,4 +1,9 @@
-"""A fast stand-in for ``bids_siamfuse.model.train`` (same API), for the group-level tests.
+"""A fast stand-in for ``bids_siamfuse.model.train`` for the group-level tests: :func:`fit` is a
+:class:`bids_siamfuse.model.tasks.Fit` and :class:`FittedModel` a
+:class:`~bids_siamfuse.model.tasks.Fitted` (the typed protocols the cross-validation runs), with
+``from_state`` for bundles. Tests hand it to ``cross_validate(fit=...)``, or install it for a
+whole command-line run with the ``double`` fixtures (``workers.default_fit``,
+``bundle.default_model_cls``).
 
 Region means of the standardized crops -> logistic regression. It fits its Standardizer, its
 validation split and its classifier on the training data it is given, like the real model, and
@@ -8,30 +13,10 @@ bundles, workers) in seconds. Importable by name so spawned worker processes can
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from bids_siamfuse.model.data import RegionDataset, Standardizer
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    early_stop_loss: float = 0.01
-    patience: int = 20
-    val_fraction: float = 0.2
-    sloppy: bool = False
-    seed: int = 42
-    device: str = "cpu"
-    amp: object = None
-    deterministic: bool = True
-    fusion: str = "paper"
-    gate: str = "paired"
-    ablations: bool = False
-    progress: object = None
+from bids_siamfuse.model.options import TrainConfig
 
 
 def _features(std: Standardizer, data: RegionDataset) -> np.ndarray:

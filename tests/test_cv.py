@@ -40,6 +40,7 @@ from bids_siamfuse.model.metrics import (
     subject_scores,
     summarize,
 )
+from bids_siamfuse.model.options import TrainConfig
 from bids_siamfuse.model.tasks import RELEVANCE_KEYS, plan_tasks, run_task
 from bids_siamfuse.model.workers import (
     WorkerError,
@@ -196,15 +197,12 @@ def test_fold_model_never_sees_test_fold_double(cohort):
         fitted.append(model)
         return model
 
-    clean = run_task(
-        cohort, task, fit=fit, config_cls=md.TrainConfig, train_kwargs={}, device="cpu"
-    )
+    clean = run_task(cohort, task, fit=fit, config=TrainConfig(), device="cpu")
     poisoned = run_task(
         _poison(cohort, task.test_index),
         task,
         fit=fit,
-        config_cls=md.TrainConfig,
-        train_kwargs={},
+        config=TrainConfig(),
         device="cpu",
     )
     test_subjects = set(cohort.subjects[task.test_index])
@@ -229,15 +227,14 @@ def test_fold_model_never_sees_test_fold_real(cohort):
         fitted.append(model)
         return model
 
-    kwargs = {"epochs": 2, "sloppy": True}
+    config = TrainConfig(epochs=2, sloppy=True)
     for data in (cohort, _poison(cohort, task.test_index)):
         run_tasks(
             data,
             [task],
             ["cpu"],
             fit=fit,
-            config_cls=train.TrainConfig,
-            train_kwargs=kwargs,
+            config=config,
             threads=1,
         )
     (ta, ma), (tb, mb) = fitted[0].state(), fitted[1].state()
@@ -270,7 +267,7 @@ def test_baselines_fit_on_training_rows_only(cohort):
 def _cv(data, **kw):
     kw.setdefault("folds", 3)
     kw.setdefault("seed", 11)
-    return cv.cross_validate(data, fit=md.fit, config_cls=md.TrainConfig, **kw)
+    return cv.cross_validate(data, fit=md.fit, **kw)
 
 
 def test_cv_separates_strong_effect_and_shuffles_score_chance(cohort):
@@ -339,7 +336,7 @@ def test_two_worker_processes_real_network(cohort):
     kw = {
         "folds": 2,
         "seed": 3,
-        "train_kwargs": {"epochs": 1, "sloppy": True},
+        "config": TrainConfig(epochs=1, sloppy=True),
         "threads": 1,
         "baselines": False,
         "final_model": False,
@@ -358,12 +355,22 @@ def test_worker_failure_is_reported(cohort):
             cohort,
             folds=2,
             fit=md.fit_boom,
-            config_cls=md.TrainConfig,
             devices=["cpu", "cpu"],
             threads=1,
             baselines=False,
         )
     assert "worker traceback" in str(info.value) and "model_double.py" in str(info.value)
+
+
+def test_the_double_implements_the_engine_protocols(cohort):
+    """The group-level tests' double is a typed stand-in (tasks.Fit / tasks.Fitted), so the
+    cross-validation runs it through the same contract as the real network."""
+    from bids_siamfuse.model.tasks import Fit, Fitted
+
+    assert isinstance(md.fit, Fit)
+    model = md.fit(cohort, TrainConfig(epochs=1))
+    assert isinstance(model, Fitted)
+    assert not isinstance(object(), Fitted)
 
 
 def test_worker_errors_keep_their_exit_code():
@@ -380,6 +387,7 @@ def test_resolve_devices_on_cpu():
     assert default_threads(["cpu"], 0, nprocs=32) == 8
     assert default_threads(["cpu"] * 3, 0, nprocs=6) == 2
     assert default_threads(["cpu"], 3, nprocs=6) == 3
+    assert default_threads(["cpu"], 9, nprocs=4) == 4  # never more threads than --nprocs
     assert default_threads(["cuda:0", "cuda:1"], 0, nprocs=6) is None
     import torch
 
@@ -387,6 +395,41 @@ def test_resolve_devices_on_cpu():
         assert resolve_devices("auto") == ["cpu"]
         with pytest.raises(UsageError, match="no CUDA"):
             resolve_devices("cuda")
+
+
+def test_resolve_decides_device_threads_and_training_once():
+    """config.resolve: the group level gets its worker devices, threads and one TrainConfig
+    (recorded fields = the run's settings); a participant run without a model resolves no
+    device (``--device cuda`` is not refused there); ``cuda`` without a GPU is exit 64."""
+    import torch
+
+    from bids_siamfuse.config import Settings, resolve
+
+    def settings(level, **cli):
+        base = {"bids_dir": "/nonexistent", "output_dir": "/nonexistent/out"}
+        return Settings.from_sources({}, {**base, "analysis_level": level, **cli})
+
+    group = resolve(settings("group", device="cpu", nprocs=6, epochs=7, sloppy=True))
+    assert group.devices == ("cpu",) and group.device == "cpu"
+    assert (group.nprocs, group.omp_nthreads) == (6, 6)
+    assert group.train.epochs == 7 and group.train.sloppy is True
+    assert list(group.train.run_settings()) == [
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "early_stop_loss",
+        "patience",
+        "val_fraction",
+        "sloppy",
+        "deterministic",
+        "fusion",
+        "gate",
+    ]
+    part = resolve(settings("participant", device="cuda", nprocs=2, omp_nthreads=1))
+    assert (part.device, part.nprocs, part.omp_nthreads, part.train) == ("cpu", 2, 1, None)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA"):
+            resolve(settings("group", device="cuda"))
 
 
 def test_gpu_workers_see_only_their_gpu(monkeypatch):
@@ -483,7 +526,6 @@ def test_cv_tables_with_ablations_levels_and_statistics():
         seed=5,
         permutations=2,
         fit=md.fit,
-        config_cls=md.TrainConfig,
         final_model=False,
     )
     ablations = [cv.ABLATION_PREFIX + "mri_only", cv.ABLATION_PREFIX + "pet_only"]

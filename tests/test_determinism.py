@@ -70,9 +70,9 @@ def test_cuda_numerics_are_restored_and_cpu_untouched():
 
 
 def test_deterministic_flag_reaches_the_fit():
-    assert "deterministic" in cv.TRAIN_FIELDS
     from bids_siamfuse.model.train import TrainConfig
 
+    assert "deterministic" in TrainConfig().run_settings()  # a run setting, not per task
     assert TrainConfig().deterministic is True
     assert SiameseBank(_grid()).deterministic is True
 
@@ -191,11 +191,14 @@ def _cv(devices, **kw):
     from test_model_train import toy_cohort
 
     data = toy_cohort(16)
+    from bids_siamfuse.model.train import TrainConfig
+
+    config = TrainConfig(epochs=12, patience=6, batch_size=4, sloppy=False, **kw)
     return cv.cross_validate(
         data,
         folds=2,
         seed=5,
-        train_kwargs={"epochs": 12, "patience": 6, "batch_size": 4, "sloppy": False, **kw},
+        config=config,
         devices=devices,
         baselines=False,
     )

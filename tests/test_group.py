@@ -20,11 +20,13 @@ import pytest
 from bids_siamfuse.bids import read_participants
 from bids_siamfuse.cli.run import main
 from bids_siamfuse.errors import DataError
+from bids_siamfuse.group.cohort import load_cohort
 from bids_siamfuse.model import bundle as bundles
 from bids_siamfuse.model import cv, workers
 from bids_siamfuse.model.baselines import BASELINES
 from bids_siamfuse.model.folds import shuffle_subject_labels
 from bids_siamfuse.model.metrics import METRICS
+from bids_siamfuse.model.options import TrainConfig
 from bids_siamfuse.preproc import regions
 
 GROUP_FILES = {
@@ -60,7 +62,6 @@ def ds(group_ds) -> Path:
 @pytest.fixture
 def double(monkeypatch):
     monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(workers, "default_config_cls", lambda: md.TrainConfig)
     monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
 
 
@@ -98,7 +99,7 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     assert GROUP_FILES | {"permutation.tsv"} <= names
     assert not [n for n in (out / "group").iterdir() if n.name.startswith(".")]  # no staging
 
-    cohort = regions.load_cohort(out, read_participants(ds))
+    cohort = load_cohort(out, read_participants(ds))
     metrics = pd.read_csv(task / "metrics.tsv", sep="\t")
     assert list(metrics.columns[:5]) == ["method", "repeat", "fold", "n_test", "level"]
     assert set(METRICS) <= set(metrics.columns)
@@ -292,7 +293,7 @@ def test_bundle_round_trip_real(cohort, tmp_path):
 
 @pytest.fixture
 def double_bundle(cohort, tmp_path):
-    model = md.fit(cohort, md.TrainConfig())
+    model = md.fit(cohort, TrainConfig())
     folder = tmp_path / "bundle"
     md.save_fitted(model, cohort, folder, cohort={"subjects": 24})
     return folder
@@ -368,6 +369,20 @@ def test_model_only_writes_outputs(ds, double, double_bundle, cohort, capsys):
     assert np.allclose(table[["prob_CN", "prob_AD"]].values[0], direct, atol=1e-6)
 
 
+def test_application_module_and_group_package_import_no_nipype_nor_torch():
+    """--model-only applies bundles without nipype; importing the application module or the
+    group package loads neither nipype nor torch (torch comes when a model is built)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bids_siamfuse.apply, bids_siamfuse.group.plan, bids_siamfuse.group.run;"
+        "print(sorted(m for m in ('nipype', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_apply_model_workflow(double, double_bundle, cohort, synth_derivs, tmp_path):
     from bids_siamfuse.workflows.model import init_apply_model_wf
 
@@ -439,15 +454,13 @@ def strong32(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def strong32_cv(strong32):
-    data = regions.load_cohort(
-        strong32 / "derivatives" / "bids_siamfuse", read_participants(strong32)
-    )
+    data = load_cohort(strong32 / "derivatives" / "bids_siamfuse", read_participants(strong32))
     return data, cv.cross_validate(
         data,
         folds=4,
         seed=42,
         permutations=1,
-        train_kwargs={"sloppy": True},
+        config=TrainConfig(sloppy=True),
         final_model=False,
     )
 
@@ -489,9 +502,9 @@ def test_real_model_effect_size_zero_scores_chance(tmp_path_factory):
         raw=False,
         jobs=2,
     )
-    data = regions.load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
+    data = load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
     res = cv.cross_validate(
-        data, folds=3, seed=42, train_kwargs={"sloppy": True}, final_model=False
+        data, folds=3, seed=42, config=TrainConfig(sloppy=True), final_model=False
     )
     assert res.mean_balanced_accuracy() <= 0.75, res.summary[cv.MODEL_METHOD]
 
@@ -633,13 +646,13 @@ def _effect_cohort(tmp_path_factory, effect: str, seed: int, n: int = 60):
         regions_only=True,
         jobs=2,
     )
-    data = regions.load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
+    data = load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
     return root, data
 
 
 def _acceptance_cv(data, **kw):
     return cv.cross_validate(
-        data, folds=5, seed=42, train_kwargs={"sloppy": True}, final_model=False, **kw
+        data, folds=5, seed=42, config=TrainConfig(sloppy=True), final_model=False, **kw
     )
 
 
@@ -728,7 +741,7 @@ def test_acceptance_no_effect_and_shuffled_labels_score_chance(tmp_path_factory,
         folds=5,
         seed=42,
         permutations=19,
-        train_kwargs={"sloppy": True},
+        config=TrainConfig(sloppy=True),
         final_model=False,
     )
     for method in res.methods:

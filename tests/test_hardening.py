@@ -314,12 +314,13 @@ def test_bad_region_file_at_group_level(group_ds, tmp_path, monkeypatch, capsys,
 def bundle_dir(synth_derivs, tmp_path) -> Path:
     import model_double as md
 
-    from bids_siamfuse.preproc import regions
+    from bids_siamfuse.group.cohort import load_cohort
+    from bids_siamfuse.model.options import TrainConfig
 
-    cohort = regions.load_cohort(
+    cohort = load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse", bids.read_participants(synth_derivs)
     )
-    model = md.fit(cohort, md.TrainConfig())
+    model = md.fit(cohort, TrainConfig())
     folder = tmp_path / "bundle"
     md.save_fitted(model, cohort, folder)
     return folder
@@ -370,11 +371,11 @@ def test_bundle_tensor_shape_edit_is_a_data_error(synth_derivs, tmp_path):
     import model_double as md
     from safetensors.numpy import load_file, save_file
 
+    from bids_siamfuse.group.cohort import load_cohort
     from bids_siamfuse.model import bundle as bundles
     from bids_siamfuse.model import train
-    from bids_siamfuse.preproc import regions
 
-    cohort = regions.load_cohort(
+    cohort = load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse", bids.read_participants(synth_derivs)
     )
     small = cohort.subset(np.arange(10))

@@ -251,7 +251,7 @@ def test_synthetic_bids_cohort_cv(synth_derivs):
     from sklearn.model_selection import StratifiedGroupKFold
 
     from bids_siamfuse.bids import read_participants
-    from bids_siamfuse.preproc.regions import load_cohort
+    from bids_siamfuse.group.cohort import load_cohort
 
     data = load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse",

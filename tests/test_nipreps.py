@@ -59,7 +59,6 @@ def test_group_output_is_valid_bids(synth_derivs, tmp_path, bids_validator, monk
     from bids_siamfuse.model import workers
 
     monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(workers, "default_config_cls", lambda: md.TrainConfig)
     monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
     ds = tmp_path / "ds"
     ds.mkdir()

@@ -237,7 +237,8 @@ def test_flag_reaches_the_status_table(tmp_path):
 def test_group_level_leaves_flagged_sessions_out(synth_derivs, tmp_path, capsys):
     """plan_group and load_cohort skip flagged sessions; --include-flagged keeps them."""
     from bids_siamfuse.cli.run import main
-    from bids_siamfuse.preproc.regions import find_region_files, load_cohort
+    from bids_siamfuse.group.cohort import load_cohort
+    from bids_siamfuse.preproc.regions import find_region_files
 
     ds = tmp_path / "ds"
     ds.mkdir()

@@ -9,6 +9,7 @@ import pytest
 
 from bids_siamfuse.bids import read_participants
 from bids_siamfuse.errors import DataError, NothingSelectedError
+from bids_siamfuse.group.cohort import load_cohort
 from bids_siamfuse.model.data import RegionDataset, Standardizer, extract, layout_from_labels
 from bids_siamfuse.preproc import regions
 
@@ -130,7 +131,7 @@ def test_region_outputs_against_known_volumes(tmp_path):
 
 def test_load_cohort(synth_derivs):
     parts = read_participants(synth_derivs)
-    ds = regions.load_cohort(
+    ds = load_cohort(
         synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD")
     )
     assert isinstance(ds, RegionDataset)
@@ -141,11 +142,11 @@ def test_load_cohort(synth_derivs):
     cn = parts.index[parts.diagnosis == "CN"]
     assert all((ds.labels[ds.subjects == s] == 0).all() for s in cn)
     with pytest.raises(NothingSelectedError):
-        regions.load_cohort(
+        load_cohort(
             synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("MCIs", "MCIc")
         )
     with pytest.raises(DataError, match="at least two"):
-        regions.load_cohort(synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN",))
+        load_cohort(synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN",))
 
 
 def test_signature_mismatch_is_refused(synth_derivs, tmp_path):
@@ -161,12 +162,12 @@ def test_signature_mismatch_is_refused(synth_derivs, tmp_path):
     payload["signature"] = np.array(json.dumps(sig, sort_keys=True))
     regions.save_region_file(victim, payload)
     with pytest.raises(DataError, match="another atlas or grid"):
-        regions.load_cohort(deriv, read_participants(synth_derivs), classes=("CN", "AD"))
+        load_cohort(deriv, read_participants(synth_derivs), classes=("CN", "AD"))
 
 
 def test_dataset_save_load(synth_derivs, tmp_path):
     parts = read_participants(synth_derivs)
-    ds = regions.load_cohort(synth_derivs / "derivatives" / "bids_siamfuse", parts)
+    ds = load_cohort(synth_derivs / "derivatives" / "bids_siamfuse", parts)
     ds.save(tmp_path / "cohort.npz")
     back = RegionDataset.load(tmp_path / "cohort.npz")
     assert np.array_equal(back.gm, ds.gm) and back.classes == ds.classes

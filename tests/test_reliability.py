@@ -95,7 +95,6 @@ import model_double as md
 from bids_siamfuse import bids
 from bids_siamfuse.model import bundle, workers
 workers.default_fit = lambda: md.fit
-workers.default_config_cls = lambda: md.TrainConfig
 bundle.default_model_cls = lambda: md.FittedModel
 delay = float(os.environ.get("SIAMFUSE_SLOW_WRITES", "0"))
 if delay:  # the group writer imports bids.save_table when it runs: patched here
@@ -270,7 +269,6 @@ def double(monkeypatch):
     from bids_siamfuse.model import workers
 
     monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(workers, "default_config_cls", lambda: md.TrainConfig)
     monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
 
 

@@ -358,7 +358,7 @@ def test_group_report_content(built, parse_html):
 
 
 def test_cohort_table_counts():
-    from bids_siamfuse.reports.group import cohort_table
+    from bids_siamfuse.group.readback import cohort_table
 
     parts = pd.DataFrame(
         {"Sex": ["M", "F", "female", "M"], "age": ["70", "80", "n/a", "60"], "mmse": [1, 2, 3, 4]},

@@ -16,6 +16,7 @@ import pytest
 
 from bids_siamfuse import synth
 from bids_siamfuse.bids import read_participants
+from bids_siamfuse.group.cohort import load_cohort
 from bids_siamfuse.preproc import regions
 from bids_siamfuse.synth import effect_cohort, effect_maps
 from bids_siamfuse.synth import effects as synth_effects
@@ -199,7 +200,7 @@ def ad_cohort(tmp_path_factory):
 
 
 def _region_means(root):
-    data = regions.load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
+    data = load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
     first = ~pd.Series(data.subjects).duplicated().to_numpy()
     gm = np.stack([data.layout.region_means(x) for x in data.gm[first]])
     pet = np.stack([data.layout.region_means(x) for x in data.pet[first]])

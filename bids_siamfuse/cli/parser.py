@@ -219,7 +219,8 @@ def _add_performance_args(parser):
     g.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
-        help="where the model (and GPU registration) runs; auto picks cuda when available",
+        help="where the model trains and predicts (registration always runs on the CPU); auto "
+        "picks cuda when available",
     )
     g.add_argument(
         "--gpus",

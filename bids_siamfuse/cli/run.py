@@ -267,11 +267,17 @@ def rebuild_reports(settings) -> int:
         prepare_output(settings)
         written = write_participant_reports(out, subjects, bids_dir=bids_dir)
         return 0 if len(written) == len(subjects) else EXIT_FAILURE
-    from ..workflows.model import write_group_reports
+    from ..group.run import write_group_reports
 
     prepare_output(settings)
     written = write_group_reports(out, bids_dir=bids_dir, strict=True)
     return 0 if written is not None else EXIT_FAILURE
+
+
+def _record_threads(ex, resolved) -> None:
+    """The TOML (and summary.json) record the process and thread counts used, not 0 ("all")."""
+    ex.nprocs = resolved.nprocs
+    ex.omp_nthreads = resolved.omp_nthreads or 0
 
 
 def run(settings) -> int:
@@ -289,11 +295,15 @@ def run(settings) -> int:
         check_output_writable(Path(ex.output_dir))
     if ex.reports_only:
         return rebuild_reports(settings)
+    from ..config import resolve
+
+    # device(s), processes, threads, training configuration: decided here, once
+    resolved = resolve(settings)
     if ex.analysis_level == "participant" and settings.workflow.model_only:
         # --model-only: apply --model to the region files already in OUTPUT_DIR, no nipype
-        from ..workflows.model import plan_apply, run_apply
+        from ..apply import plan_apply, run_apply
 
-        apply_plan = plan_apply(settings)
+        apply_plan = plan_apply(settings, resolved)
         if ex.dry_run:
             print(apply_plan.describe())
             return 0
@@ -330,9 +340,9 @@ def run(settings) -> int:
         if plan.invalid and ex.stop_on_first_crash:
             raise DataError(f"{plan.invalid[0][1]} (--stop-on-first-crash)")
         logs = prepare_output(settings)
-        from ..workflows.base import resolve_threads, run_participant
+        from ..workflows.base import run_participant
 
-        resolve_threads(ex)  # the TOML records the thread counts used, not 0 ("all")
+        _record_threads(ex, resolved)
         if ex.boilerplate_only:
             from ..workflows.base import write_boilerplate
 
@@ -359,15 +369,15 @@ def run(settings) -> int:
             code = code or EXIT_DATAERR
         return code
     # group level
-    from ..workflows.model import plan_group, run_group
+    from ..group.plan import plan_group
+    from ..group.run import run_group
 
-    group_plan = plan_group(settings)
+    group_plan = plan_group(settings, resolved)
     if ex.dry_run:
         print(group_plan.describe())
         return 0
     logs = prepare_output(settings)
-    ex.nprocs = ex.nprocs or os.cpu_count() or 1  # the TOML records what was used, not 0
-    ex.omp_nthreads = ex.omp_nthreads or getattr(group_plan, "threads", None) or 0
+    _record_threads(ex, resolved)
     settings.write(logs)
     bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
     return run_group(settings, group_plan)

@@ -1,7 +1,7 @@
 """Stage 2 of :func:`.train.fit`: the attention stage's input per fusion variant and ablation
 (:func:`region_feature_set`) and its training (:func:`train_attention`). See :mod:`.train`.
 
-Fusion variants, gate, ablations (issue 12)
+Fusion variants, gate, ablations
     ``fusion="paper"`` (default) feeds the attention stage the region embeddings (R x 40), as
     the paper does; ``fusion="similarity"`` adds per region the MRI-PET similarity, the scaled
     cosine the hinge loss trained (R x 41). ``gate`` picks which siamese epochs may replace a

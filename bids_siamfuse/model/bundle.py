@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CannotWriteError, DataError, NoInputError
-from .data import RegionLayout
+from .data import RegionLayout, check_signature
 
 BUNDLE_FORMAT = "bids_siamfuse-model-bundle"
 #: 2: ``content_sha256`` covers model.json's semantic content (classes, signature, settings)
@@ -368,19 +368,11 @@ def check_content(meta: dict, meta_path: Path) -> None:
         )
 
 
-def _canonical(signature: dict) -> str:
-    return json.dumps(_jsonable(signature), sort_keys=True)
-
-
 def check_compatible(meta: dict, layout: RegionLayout, where: str = "model bundle") -> None:
     """Refuse (DataError, exit 65) a bundle made with another atlas, grid or crop boxes."""
-    if _canonical(meta["signature"]) != _canonical(layout.signature):
-        ours, theirs = layout.signature, meta["signature"]
-        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise DataError(
-            f"{where}: made with another atlas or grid than this installation "
-            f"(signature differs in {', '.join(differ) or 'format'}); retrain it here"
-        )
+    check_signature(
+        meta["signature"], layout, where=where, than="this installation", remedy="retrain it here"
+    )
     if np.asarray(meta["crop_boxes"]).tolist() != np.asarray(layout.boxes).tolist():
         raise DataError(f"{where}: its region crop boxes differ from this installation's")
 

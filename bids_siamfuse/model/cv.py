@@ -22,11 +22,11 @@ Permutation test
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,29 +42,16 @@ from .metrics import (
     subject_scores,
     summarize,
 )
-from .tasks import plan_tasks
+from .tasks import Fit, plan_tasks
 from .workers import run_tasks
 
-LOGGER = logging.getLogger("bids_siamfuse.cv")
+if TYPE_CHECKING:
+    from .options import TrainConfig
 
 MODEL_METHOD = "siamese_attention"
 #: Ablations trained in every CV fold beside the model (``attention_stage.ablation_specs``), named
 #: ``siamese_attention_<ablation>`` in the outputs.
 ABLATION_PREFIX = MODEL_METHOD + "_"
-#: Fields of ``train.TrainConfig`` that the caller may set (seed, device, progress are per task).
-TRAIN_FIELDS = (
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "early_stop_loss",
-    "patience",
-    "val_fraction",
-    "sloppy",
-    "amp",
-    "deterministic",
-    "fusion",
-    "gate",
-)
 
 
 @dataclass
@@ -140,18 +127,22 @@ def cross_validate(
     repeats: int = 1,
     seed: int = 42,
     permutations: int = 0,
-    train_kwargs: dict | None = None,
+    config: TrainConfig | None = None,
     devices: list[str] | None = None,
     threads: int | None = None,
-    fit: Callable | None = None,
-    config_cls: type | None = None,
+    fit: Fit | None = None,
     progress: Callable | None = None,
     baselines: bool = True,
     final_model: bool = True,
     work_dir: Path | None = None,
     ablations: bool = True,
 ) -> CVResult:
-    """Cross-validate the model (and the baselines) on ``data``; see the module docstring."""
+    """Cross-validate the model (and the baselines) on ``data``; see the module docstring.
+
+    ``config``: the training configuration (:func:`bids_siamfuse.config.train_config` at the
+    group level; default: every default); ``fit``: the training engine (default
+    :func:`bids_siamfuse.model.train.fit`).
+    """
     t0 = time.perf_counter()
     classes = tuple(data.classes)
     tasks, assignment = plan_tasks(
@@ -175,8 +166,7 @@ def cross_validate(
             tasks,
             devices or ["cpu"],
             fit=fit,
-            config_cls=config_cls,
-            train_kwargs=train_kwargs,
+            config=config,
             threads=threads,
             progress=progress,
             work_dir=work_dir,

@@ -27,6 +27,41 @@ import numpy as np
 MODALITIES = ("gm", "pet")
 
 
+def _json_default(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def signature_text(signature: dict) -> str:
+    """The one serialization of an atlas/grid signature (region files, cohort files, bundles,
+    model states): JSON with sorted keys, so equal signatures give equal text."""
+    return json.dumps(signature, sort_keys=True, default=_json_default)
+
+
+def check_signature(found, layout: RegionLayout, *, where: str, than: str, remedy: str) -> None:
+    """Refuse (``DataError``, exit 65) data made with another atlas or grid than ``layout``.
+
+    ``found``: the data's signature (a dict, or its JSON text). The message names the data
+    (``where``), what it was compared with (``than``), the signature keys that differ, and what
+    to do (``remedy``).
+    """
+    from ..errors import DataError
+
+    if isinstance(found, str):
+        try:
+            found = json.loads(found)
+        except ValueError as exc:
+            raise DataError(f"{where}: unreadable signature ({exc})") from None
+    ours = layout.signature
+    if isinstance(found, dict) and signature_text(found) == signature_text(ours):
+        return
+    found = found if isinstance(found, dict) else {}
+    differ = sorted(k for k in set(ours) | set(found) if ours.get(k) != found.get(k))
+    raise DataError(
+        f"{where}: made with another atlas or grid than {than} "
+        f"(signature differs in {', '.join(differ) or 'format'}); {remedy}"
+    )
+
+
 @dataclass(frozen=True)
 class RegionLayout:
     """Where each region's voxels live: boxes on the grid and indices inside them."""
@@ -94,7 +129,7 @@ class RegionLayout:
             "layout_local_index": self.local_index,
             "layout_names": np.array(self.names),
             "layout_grid_shape": np.array(self.grid_shape),
-            "layout_signature": np.array(json.dumps(self.signature, sort_keys=True)),
+            "layout_signature": np.array(signature_text(self.signature)),
         }
 
     @classmethod

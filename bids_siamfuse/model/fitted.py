@@ -5,8 +5,6 @@ relevance and activation counts, and its persistence (:meth:`FittedModel.state` 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
@@ -17,7 +15,7 @@ from .attention import (
     weight_relevance,
 )
 from .attention_stage import region_feature_set
-from .data import RegionDataset, RegionLayout, Standardizer
+from .data import RegionDataset, RegionLayout, Standardizer, signature_text
 from .geometry import RegionGrid, coarsen
 from .losses import SIMILARITY_SCALE
 from .numerics import _compute_dtype, _embed, _Inputs, _layout_key, _tf32
@@ -178,7 +176,7 @@ class FittedModel:
             raise ValueError(f"not a {FORMAT} model (format {meta.get('format')!r})")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"model format version {meta['format_version']} is too new")
-        if json.dumps(meta.get("layout_signature", {}), sort_keys=True) != _layout_key(layout):
+        if signature_text(meta.get("layout_signature", {})) != _layout_key(layout):
             raise ValueError(
                 "the model was trained on another atlas or grid (layout signature mismatch)"
             )

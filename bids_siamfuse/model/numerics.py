@@ -18,14 +18,13 @@ Precision, devices, speed
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 
 import numpy as np
 import torch
 
-from .data import RegionDataset, RegionLayout, Standardizer, device_rows
+from .data import RegionDataset, RegionLayout, Standardizer, device_rows, signature_text
 from .geometry import RegionGrid, coarsen, coarsen_tensor
 from .siamese import SiameseArch, extend
 
@@ -102,7 +101,7 @@ def _compute_dtype(device: torch.device, amp: bool | None) -> torch.dtype:
 
 
 def _layout_key(layout: RegionLayout) -> str:
-    return json.dumps(layout.signature, sort_keys=True)
+    return signature_text(layout.signature)
 
 
 #: Issue 16: standardize (and coarsen) on the GPU from the cohort kept there

@@ -70,6 +70,16 @@ class TrainConfig:
         d.pop("progress")
         return d
 
+    def run_settings(self) -> dict:
+        """The training settings a run records (``summary.json``, the bundle): every field but
+        those the cross-validation sets per task (``PER_TASK``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in PER_TASK}
+
+
+#: Fields of :class:`TrainConfig` set per task (seed, device, progress, ablations) or by the
+#: device (amp), not by the run's settings.
+PER_TASK = ("seed", "device", "amp", "ablations", "progress")
+
 
 def architecture(sloppy: bool) -> SiameseArch:
     """The per-region network of :mod:`.siamese`; sloppy: 2x coarser crops, 2^3 pooling."""

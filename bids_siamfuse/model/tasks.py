@@ -1,6 +1,11 @@
 """Tasks of the cross-validation: one fit each (a CV fold of a repeat of a permutation, or the
 final model), planned from the folds (:func:`plan_tasks`) and run on one device
 (:func:`run_task`, which returns plain arrays).
+
+The training engine is any :class:`Fit`: :func:`bids_siamfuse.model.train.fit` by default
+(:func:`default_fit`), or a stand-in with the same contract (the group-level tests' double,
+``tests/model_double.py``). It receives the run's :class:`~.options.TrainConfig` with the
+task's seed, device, progress callback and ablations filled in.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,6 +27,9 @@ from .folds import (
     subject_folds,
     task_seed,
 )
+
+if TYPE_CHECKING:  # torch only where a model trains
+    from .options import TrainConfig
 
 RELEVANCE_KEYS = ("mri", "pet", "similarity", "combined")
 #: The paper's literal Figure 7 reading (|W| of the attention MLP's first layer), kept beside
@@ -54,25 +63,50 @@ class Task:
         return where if self.perm == 0 else f"permutation {self.perm} {where}"
 
 
-def default_fit():
+@runtime_checkable
+class Fitted(Protocol):
+    """What the cross-validation reads of a fitted model."""
+
+    classes: tuple
+    history: list
+
+    def predict_proba(self, data: RegionDataset) -> np.ndarray: ...
+
+    def relevance(self, source: str = "effective") -> dict: ...
+
+    def activation_counts(self, data: RegionDataset) -> dict: ...
+
+    def state(self) -> tuple[dict, dict]: ...
+
+
+@runtime_checkable
+class Fit(Protocol):
+    """A training engine: fits on ``train`` only (in worker processes it must be importable by
+    name, as a module-level function)."""
+
+    def __call__(self, train: RegionDataset, config: TrainConfig) -> Fitted: ...
+
+
+def default_fit() -> Fit:
+    """The training engine used unless the caller passes one (``model.train.fit``)."""
     from .train import fit
 
     return fit
 
 
-def default_config_cls():
-    from .train import TrainConfig
+def default_config() -> TrainConfig:
+    """The training configuration used unless the caller passes one (every default)."""
+    from .options import TrainConfig
 
-    return TrainConfig
+    return TrainConfig()
 
 
 def run_task(
     data: RegionDataset,
     task: Task,
     *,
-    fit: Callable,
-    config_cls: type,
-    train_kwargs: dict,
+    fit: Fit,
+    config: TrainConfig,
     device: str,
     progress: Callable | None = None,
     state_dir: Path | None = None,
@@ -81,10 +115,9 @@ def run_task(
     labels = data.labels if task.labels is None else task.labels
     full = dataclasses.replace(data, labels=labels) if task.labels is not None else data
     train = full.subset(task.train_index)
-    kwargs = dict(train_kwargs)
-    if task.ablations and "ablations" in getattr(config_cls, "__dataclass_fields__", {}):
-        kwargs["ablations"] = True
-    config = config_cls(**kwargs, seed=task.seed, device=device, progress=progress)
+    config = dataclasses.replace(
+        config, seed=task.seed, device=device, progress=progress, ablations=task.ablations
+    )
     model = fit(train, config)
     out: dict = {"key": task.key}
     if task.kind == KIND_FINAL:

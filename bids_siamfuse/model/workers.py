@@ -12,18 +12,25 @@ Devices
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import SiamFuseError, UsageError
 from .data import RegionDataset, RegionLayout
-from .tasks import Task, default_config_cls, default_fit, run_task
+from .tasks import Fit, Task, default_config, default_fit, run_task
+
+if TYPE_CHECKING:
+    from .options import TrainConfig
+
+LOGGER = logging.getLogger("bids_siamfuse.cv")
 
 
 def _set_threads(threads: int | None) -> int | None:
@@ -36,11 +43,9 @@ def _set_threads(threads: int | None) -> int | None:
     return before
 
 
-def resolve_devices(device: str = "auto", gpus: int = 0, cpu_workers: int = 1) -> list[str]:
-    """Worker devices: every visible GPU (at most ``gpus`` when > 0), else CPU.
-
-    On CPU one worker runs in this process, or ``cpu_workers`` worker processes when > 1.
-    """
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a visible
+    GPU or an unknown name: UsageError (exit 64)."""
     import torch
 
     if device == "auto":
@@ -48,14 +53,27 @@ def resolve_devices(device: str = "auto", gpus: int = 0, cpu_workers: int = 1) -
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is visible (use --device cpu)")
+        return device
+    if device != "cpu":
+        raise UsageError(f"unknown device {device!r}")
+    return device
+
+
+def resolve_devices(device: str = "auto", gpus: int = 0, cpu_workers: int = 1) -> list[str]:
+    """Worker devices: every visible GPU (at most ``gpus`` when > 0), else CPU.
+
+    On CPU one worker runs in this process, or ``cpu_workers`` worker processes when > 1.
+    """
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        import torch
+
         if ":" in device:
             return [device]
         n = torch.cuda.device_count()
         if gpus:
             n = min(n, gpus)
         return [f"cuda:{i}" for i in range(n)]
-    if device != "cpu":
-        raise UsageError(f"unknown device {device!r}")
     return ["cpu"] * max(1, int(cpu_workers or 1))
 
 
@@ -105,7 +123,7 @@ def _physical_gpu(device: str) -> str | None:
     return str(index)
 
 
-def _worker_main(rank, device, threads, spec, fit, config_cls, train_kwargs, tasks, results):
+def _worker_main(rank, device, threads, spec, fit, config, tasks, results):
     """One worker process: pull tasks until the sentinel, push results (or the error).
 
     A GPU worker sees only its own GPU (``CUDA_VISIBLE_DEVICES`` set before CUDA starts), so
@@ -142,8 +160,7 @@ def _worker_main(rank, device, threads, spec, fit, config_cls, train_kwargs, tas
                 data,
                 task,
                 fit=fit,
-                config_cls=config_cls,
-                train_kwargs=train_kwargs,
+                config=config,
                 device=local,
                 progress=progress,
                 state_dir=spec,
@@ -170,9 +187,7 @@ def _raise_remote(device: str, task_name: str, payload) -> None:
     )
 
 
-def _run_workers(
-    data, tasks, devices, *, fit, config_cls, train_kwargs, threads, progress, work_dir
-):
+def _run_workers(data, tasks, devices, *, fit, config, threads, progress, work_dir):
     import torch.multiprocessing as tmp
 
     ctx = tmp.get_context("spawn")
@@ -188,7 +203,7 @@ def _run_workers(
         procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, dev, threads, spec, fit, config_cls, train_kwargs, task_q, result_q),
+                args=(rank, dev, threads, spec, fit, config, task_q, result_q),
                 name=f"siamfuse-worker-{rank}",
             )
             for rank, dev in enumerate(devices)
@@ -242,23 +257,22 @@ def run_tasks(
     tasks: list[Task],
     devices: list[str],
     *,
-    fit: Callable | None = None,
-    config_cls: type | None = None,
-    train_kwargs: dict | None = None,
+    fit: Fit | None = None,
+    config: TrainConfig | None = None,
     threads: int | None = None,
     progress: Callable | None = None,
     work_dir: Path | None = None,
 ) -> dict:
     """Run every task on the devices; ``{task.key: result}``.
 
-    ``fit``/``config_cls`` default to :func:`bids_siamfuse.model.train.fit` and its
-    ``TrainConfig`` (tests pass doubles; in worker processes both must be importable by name).
+    ``fit`` defaults to :func:`bids_siamfuse.model.train.fit` (any :class:`~.tasks.Fit`; in
+    worker processes it must be importable by name), ``config`` to a default ``TrainConfig``
+    (the task's seed, device, progress and ablations are filled in per task).
     ``progress(task, info)`` is called (in this process) with each training progress dict,
     and with ``info=None`` when the task is done.
     """
     fit = fit or default_fit()
-    config_cls = config_cls or default_config_cls()
-    train_kwargs = dict(train_kwargs or {})
+    config = config or default_config()
     if len(devices) <= 1:
         device = devices[0] if devices else "cpu"
         before = _set_threads(threads)
@@ -270,8 +284,7 @@ def run_tasks(
                     data,
                     task,
                     fit=fit,
-                    config_cls=config_cls,
-                    train_kwargs=train_kwargs,
+                    config=config,
                     device=device,
                     progress=cb,
                 )
@@ -286,8 +299,7 @@ def run_tasks(
         tasks,
         devices,
         fit=fit,
-        config_cls=config_cls,
-        train_kwargs=train_kwargs,
+        config=config,
         threads=threads,
         progress=progress,
         work_dir=work_dir,
@@ -295,7 +307,8 @@ def run_tasks(
 
 
 def default_threads(devices: list[str], omp_nthreads: int = 0, nprocs: int = 0) -> int | None:
-    """Torch threads per worker: ``--omp-nthreads`` when given; else on CPU the CPUs
+    """Threads per worker (the one decision, for both levels; the participant level is one CPU
+    worker): ``--omp-nthreads`` when given (at most ``--nprocs``); else on CPU the CPUs
     (``--nprocs``, default all) shared out between the workers, at most 8 each (the
     ``--omp-nthreads`` default); on GPUs torch's default.
 
@@ -303,6 +316,11 @@ def default_threads(devices: list[str], omp_nthreads: int = 0, nprocs: int = 0) 
     which would otherwise leave a single-process CPU training on one core.
     """
     if omp_nthreads:
+        if nprocs and omp_nthreads > nprocs:
+            LOGGER.warning(
+                "--omp-nthreads %d exceeds --nprocs %d; using %d", omp_nthreads, nprocs, nprocs
+            )
+            return int(nprocs)
         return int(omp_nthreads)
     if devices and devices[0] == "cpu":
         cpus = int(nprocs or os.cpu_count() or 1)

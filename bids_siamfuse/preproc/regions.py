@@ -1,4 +1,4 @@
-"""AAL116 region extraction (paper section 3.2) and the group-level cohort loader.
+"""AAL116 region extraction (paper section 3.2): writing and reading region files.
 
 Participant level
     :func:`compute_region_outputs` turns a subject's MNI-space modulated GM map and normalized
@@ -13,16 +13,15 @@ Participant level
       map;
     * ``..._seg-AAL116_desc-pet_stats.tsv``: per region the mean normalized uptake.
 
-Group level
-    :func:`load_cohort` finds every region file under a derivatives folder, checks that all share
-    the current atlas/grid signature, joins the diagnosis from ``participants.tsv`` and reads the
-    data into contiguous (subjects x voxels) arrays without touching the MNI maps again.
+Reading
+    :func:`find_region_files` lists the region files of a derivatives folder and
+    :func:`read_region_arrays` reads one, fully checked (the group level's cohort,
+    :mod:`bids_siamfuse.group.cohort`, and the model application, :mod:`bids_siamfuse.apply`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from pathlib import Path
@@ -31,8 +30,14 @@ import numpy as np
 
 from ..data.atlas import load_atlas
 from ..data.templates import GRID_SHAPE, RES_LABEL, SPACE
-from ..errors import DataError, NoInputError, NothingSelectedError
-from ..model.data import RegionDataset, RegionLayout, extract, layout_from_labels
+from ..errors import DataError
+from ..model.data import (
+    RegionLayout,
+    check_signature,
+    extract,
+    layout_from_labels,
+    signature_text,
+)
 
 LOGGER = logging.getLogger("bids_siamfuse.regions")
 VOXEL_VOLUME_MM3 = 1.5**3
@@ -65,7 +70,7 @@ def compute_region_outputs(gm_modulated: np.ndarray, pet: np.ndarray, layout=Non
     payload = {
         "gm": gm.astype(np.float32),
         "pet": pt.astype(np.float32),
-        "signature": np.array(json.dumps(layout.signature, sort_keys=True)),
+        "signature": np.array(signature_text(layout.signature)),
         "version": np.array(REGION_FILE_VERSION),
     }
     index = np.arange(1, layout.n_regions + 1)
@@ -152,7 +157,7 @@ def write_region_outputs(
 
 
 # ----------------------------------------------------------------------------------------------
-# Group level
+# Reading
 # ----------------------------------------------------------------------------------------------
 
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)")
@@ -162,12 +167,21 @@ _ENTITY = re.compile(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)")
 REGION_KEYS = ("gm", "pet", "signature")
 
 
-def read_region_arrays(path: Path, n_voxels: int | None, expected_signature: str | None = None):
-    """(gm, pet, signature) of one region file, fully checked; DataError (65) naming it.
+def read_region_arrays(
+    path: Path,
+    layout: RegionLayout,
+    *,
+    than: str = "this run",
+    remedy: str = "rerun the participant level",
+):
+    """(gm, pet) float32 vectors of one region file, fully checked; DataError (65) naming it.
 
-    Checks: a readable zip (a truncated file failed as ``BadZipFile``, exit 1), the arrays
-    present, 1-D float vectors of the layout's voxel count, finite values (a NaN trained the
-    model on NaN loss before), and the atlas/grid signature.
+    The one reader of region files (the group level's cohort and the model application both
+    use it). Checks: a readable zip (a truncated file failed as ``BadZipFile``, exit 1), the
+    arrays present, the atlas/grid signature against ``layout``'s
+    (:func:`~bids_siamfuse.model.data.check_signature`; ``than``/``remedy`` word the message),
+    1-D numeric vectors of the layout's voxel count, finite values (a NaN trained the model on
+    NaN loss before).
     """
     import zipfile
 
@@ -183,20 +197,17 @@ def read_region_arrays(path: Path, n_voxels: int | None, expected_signature: str
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib_error()) as exc:
         raise DataError(f"{path}: unreadable region file ({type(exc).__name__}: {exc})") from None
-    if expected_signature is not None and signature != expected_signature:
-        raise DataError(
-            f"{path}: made with another atlas or grid than this run "
-            "(signature mismatch); rerun the participant level"
-        )
+    check_signature(signature, layout, where=str(path), than=than, remedy=remedy)
+    n_voxels = layout.n_voxels
     for name, arr in (("gm", gm), ("pet", pet)):
         if arr.dtype.kind not in "fiu":
             raise DataError(f"{path}: '{name}' holds {arr.dtype} values, expected numbers")
-        if arr.ndim != 1 or (n_voxels is not None and arr.shape != (n_voxels,)):
+        if arr.ndim != 1 or arr.shape != (n_voxels,):
             raise DataError(f"{path}: '{name}' has shape {arr.shape}, expected ({n_voxels},)")
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         if bad:
             raise DataError(f"{path}: '{name}' holds {bad} NaN/infinite value(s)")
-    return gm.astype(np.float32), pet.astype(np.float32), signature
+    return gm.astype(np.float32), pet.astype(np.float32)
 
 
 def zlib_error():
@@ -215,99 +226,3 @@ def find_region_files(deriv_dir: Path, tracer: str = "FDG") -> list[Path]:
     files = sorted(deriv_dir.glob(f"sub-*/pet/{pattern}"))
     files += sorted(deriv_dir.glob(f"sub-*/ses-*/pet/{pattern}"))
     return sorted(files)
-
-
-def load_cohort(
-    deriv_dir: Path,
-    participants,
-    *,
-    label_column: str = "diagnosis",
-    classes=("CN", "AD"),
-    tracer: str = "FDG",
-    participant_label=None,
-    session_label=None,
-    layout: RegionLayout | None = None,
-    include_flagged: bool = False,
-) -> RegionDataset:
-    """Read every selected region file into a :class:`RegionDataset`.
-
-    ``participants`` is the table from :func:`bids_siamfuse.bids.read_participants`. Sessions
-    of subjects whose diagnosis is not in ``classes`` are left out (with a log line), as are
-    sessions flagged by participant QC unless ``include_flagged``; a subject
-    missing from ``participants.tsv`` is an error, as is a file whose signature differs.
-    """
-    deriv_dir = Path(deriv_dir)
-    if not deriv_dir.is_dir():
-        raise NoInputError(f"{deriv_dir}: no such derivatives folder")
-    files = find_region_files(deriv_dir, tracer)
-    if not files:
-        raise NoInputError(
-            f"{deriv_dir}: no region files (*_trc-{tracer}_*_seg-AAL116_*_regions.npz); "
-            "run the participant level first"
-        )
-    layout = layout or atlas_layout()
-    expected = json.dumps(layout.signature, sort_keys=True)
-    classes = tuple(classes)
-    if len(set(classes)) < 2:
-        raise DataError(f"--classes needs at least two different labels, got {list(classes)}")
-    from .qc import session_flag
-
-    selected = []
-    unknown_subjects = []
-    other = {}
-    n_flagged = 0
-    for path in files:
-        ent = parse_entities(path.name)
-        sub, ses = ent.get("sub"), ent.get("ses", "")
-        if participant_label and sub not in participant_label:
-            continue
-        if session_label and ses not in session_label:
-            continue
-        if sub not in participants.index:
-            unknown_subjects.append(sub)
-            continue
-        if not include_flagged and session_flag(deriv_dir, path)[0]:
-            n_flagged += 1  # participant QC flagged it (preproc/qc.py)
-            continue
-        label = participants.loc[sub, label_column]
-        if label not in classes:
-            other[label] = other.get(label, 0) + 1
-            continue
-        selected.append((path, sub, ses, classes.index(label)))
-    if unknown_subjects:
-        raise DataError(
-            "participants.tsv lacks subject(s) with derivatives: "
-            + ", ".join(f"sub-{s}" for s in sorted(set(unknown_subjects)))
-        )
-    if other:
-        LOGGER.info("left out (label not in --classes): %s", other)
-    if n_flagged:
-        LOGGER.info("left out (flagged by participant QC): %d session(s)", n_flagged)
-    if not selected:
-        present = sorted(set(participants[label_column]))
-        raise NothingSelectedError(
-            f"no region file belongs to the classes {list(classes)} "
-            f"(labels in participants.tsv: {present})"
-        )
-    found = {c: sum(1 for s in selected if s[3] == i) for i, c in enumerate(classes)}
-    missing = [c for c, n in found.items() if n == 0]
-    if missing:
-        raise DataError(
-            f"no subject of class(es) {missing} among the derivatives (found {found}); "
-            "check --classes and participants.tsv"
-        )
-    n, v = len(selected), layout.n_voxels
-    gm = np.empty((n, v), dtype=np.float32)
-    pet = np.empty((n, v), dtype=np.float32)
-    for i, (path, *_rest) in enumerate(selected):
-        gm[i], pet[i], _ = read_region_arrays(path, v, expected)
-    return RegionDataset(
-        gm=gm,
-        pet=pet,
-        labels=np.array([s[3] for s in selected], dtype=np.int64),
-        classes=classes,
-        subjects=np.array([s[1] for s in selected]),
-        sessions=np.array([s[2] for s in selected]),
-        layout=layout,
-        sources=tuple(str(s[0]) for s in selected),
-    )

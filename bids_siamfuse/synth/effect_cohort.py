@@ -231,9 +231,9 @@ def region_summary(root, classes=("CN", "AD")) -> tuple:
     import pandas as pd
 
     from ..bids import read_participants
-    from ..preproc import regions
+    from ..group.cohort import load_cohort
 
-    data = regions.load_cohort(
+    data = load_cohort(
         Path(root) / "derivatives" / "bids_siamfuse", read_participants(root), classes=classes
     )
     first = ~pd.Series(data.subjects).duplicated().to_numpy()
