@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
+from .atomic import atomic_path, publish_once
 from .errors import (
     CannotWriteError,
     DataError,
@@ -547,40 +548,6 @@ def build_path(entities: dict, *, datatype: str, suffix: str, extension: str) ->
     return folder / datatype / build_name(ent, suffix, extension)
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
-
-    The temporary name starts with a dot (ignored by pybids and the validator) and keeps the
-    extension so writers that look at it (nibabel's ``.nii.gz``) behave.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CannotWriteError(f"cannot create {path.parent}: {exc.strerror}") from None
-    ext = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_json(path: Path, data: dict) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -891,26 +858,8 @@ def ensure_dataset_description(out_dir: Path, bids_dir: Path | None) -> Path:
             return path
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             LOGGER.warning("%s is not valid JSON; replacing it", path)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".dataset_description.", suffix=".json", dir=out_dir)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dataset_description(bids_dir, out_dir), handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644 & ~_umask())
-        if path.exists():  # corrupt one found above: replace it
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another job won the race; its file is complete
-            except OSError:  # file systems without hard links: last writer wins, atomically
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-    except OSError as exc:
-        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    text = json.dumps(dataset_description(bids_dir, out_dir), indent=2) + "\n"
+    publish_once(path, lambda tmp: tmp.write_text(text), replace=path.exists())
     return path
 
 
