@@ -71,7 +71,7 @@ def test_group_output_is_valid_bids(synth_derivs, tmp_path, bids_validator, monk
         target = out / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, target)
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "no-dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     monkeypatch.delenv(bids.HOST_BIDS_DIR_ENV, raising=False)
     code = run(ds, out, "group", "--classes", "CN", "AD", "--folds", "3", "--sloppy", "-q")
     assert code == 0
@@ -97,7 +97,7 @@ def test_dataset_description_source_and_container(tmp_path, monkeypatch):
     monkeypatch.delenv(bids.HOST_BIDS_DIR_ENV, raising=False)
     for var in ("APPTAINER_NAME", "SINGULARITY_NAME"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "no-dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     # outside a container: relative when the raw dataset is a parent, else the path given
     desc = bids.dataset_description(raw, nested)
     assert desc["DatasetLinks"] == {"raw": "../.."}
@@ -106,7 +106,7 @@ def test_dataset_description_source_and_container(tmp_path, monkeypatch):
     assert "Container" not in desc["GeneratedBy"][0]
     # Docker: the mount point means nothing outside, so no link unless the host path is given
     (tmp_path / "dockerenv").write_text("")
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "dockerenv")
     desc = bids.dataset_description(Path("/data"), Path("/out"))
     assert desc["GeneratedBy"][0]["Container"]["Type"] == "docker"
     assert "DatasetLinks" not in desc and "SourceDatasets" not in desc
@@ -115,7 +115,7 @@ def test_dataset_description_source_and_container(tmp_path, monkeypatch):
     desc = bids.dataset_description(Path("/data"), Path("/out"))
     assert desc["DatasetLinks"] == {"raw": "/home/me/study"}
     # Apptainer: its own variables
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "no-dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     monkeypatch.setenv("APPTAINER_NAME", "bids_siamfuse.sif")
     container = bids.dataset_description(raw, nested)["GeneratedBy"][0]["Container"]
     assert container == {"Type": "apptainer", "Tag": "bids_siamfuse.sif"}

@@ -89,7 +89,7 @@ def _up_to_date(target: Path, sidecar: Path, in_file: str, meta: dict | None) ->
         if meta is None:
             return True
         return json.loads(sidecar.read_text()) == json.loads(
-            json.dumps(meta, sort_keys=True, default=bids._json_default)
+            json.dumps(meta, sort_keys=True, default=bids.json_default)
         )
     except (OSError, ValueError):
         return False
