@@ -249,24 +249,22 @@ def workflow_and_plan(raw_ds, tmp_path_factory):
     from bids_siamfuse.cli.run import plan_participants
     from bids_siamfuse.config import Settings
     from bids_siamfuse.workflows.base import init_bids_siamfuse_wf
+    from bids_siamfuse.workflows.common import ParticipantOptions
 
     root = tmp_path_factory.mktemp("graph")
     settings = Settings.from_sources(
         {}, {"bids_dir": raw_ds, "output_dir": root / "out", "skip_bids_validation": True}
     )
     plan = plan_participants(settings)
+    options = ParticipantOptions(output_dir=root / "out", bids_dir=raw_ds)
     wf = init_bids_siamfuse_wf(
-        plan=plan,
-        output_dir=root / "out",
-        work_dir=root / "work",
-        bids_dir=raw_ds,
-        run_uuid="test",
+        plan=plan, options=options, work_dir=root / "work", run_uuid="test"
     )
     return wf, plan, root
 
 
 def test_write_graph(workflow_and_plan):
-    from bids_siamfuse.workflows.base import write_workflow_graph
+    from bids_siamfuse.participant import write_workflow_graph
 
     wf, plan, root = workflow_and_plan
     written = write_workflow_graph(wf, root / "out" / "logs", "test")
@@ -279,7 +277,7 @@ def test_write_graph(workflow_and_plan):
 
 def test_low_mem_budget(workflow_and_plan):
     from bids_siamfuse.config import ExecutionSettings
-    from bids_siamfuse.workflows.base import LOW_MEM_MARGIN_GB, low_mem_args
+    from bids_siamfuse.participant import LOW_MEM_MARGIN_GB, low_mem_args
 
     wf = workflow_and_plan[0]
     heaviest = max(n.mem_gb for n in wf._get_all_nodes())
@@ -307,7 +305,7 @@ def test_resource_monitor_and_progress(workflow_and_plan, tmp_path):
     counts pairs and steps, and gives an ETA."""
     from bids_siamfuse import progress
     from bids_siamfuse.config import ExecutionSettings
-    from bids_siamfuse.workflows.base import run_callbacks
+    from bids_siamfuse.participant import run_callbacks
 
     wf, plan, _ = workflow_and_plan
     ex = ExecutionSettings(resource_monitor=True, run_uuid="t")
@@ -338,7 +336,7 @@ def test_resource_monitor_and_progress(workflow_and_plan, tmp_path):
 
 
 def test_clean_workdir_removes_only_this_runs_folders(tmp_path):
-    from bids_siamfuse.workflows.base import clean_work_dir
+    from bids_siamfuse.participant import clean_work_dir
 
     work = tmp_path / "work"
     top = work / "bids_siamfuse_wf"

@@ -255,7 +255,7 @@ def rebuild_reports(settings) -> int:
     bids_dir = Path(ex.bids_dir).absolute()
     if ex.analysis_level == "participant":
         from ..reports.participant import find_subjects
-        from ..workflows.base import write_participant_reports
+        from ..participant import write_participant_reports
 
         subjects = find_subjects(out, ex.participant_label)
         if not subjects:
@@ -330,11 +330,11 @@ def run(settings) -> int:
         if plan.invalid and ex.stop_on_first_crash:
             raise DataError(f"{plan.invalid[0][1]} (--stop-on-first-crash)")
         logs = prepare_output(settings)
-        from ..workflows.base import resolve_threads, run_participant
+        from ..participant import resolve_device, resolve_threads, run_participant
 
         resolve_threads(ex)  # the TOML records the thread counts used, not 0 ("all")
         if ex.boilerplate_only:
-            from ..workflows.base import write_boilerplate
+            from ..participant import write_boilerplate
 
             settings.write(logs)
             return write_boilerplate(settings, plan)
@@ -345,9 +345,15 @@ def run(settings) -> int:
             from ..external import link_derivatives
 
             link_derivatives(ex.output_dir, folders)
-        code = run_participant(settings, plan)
+        code = run_participant(
+            settings,
+            plan,
+            nprocs=ex.nprocs,
+            omp_nthreads=ex.omp_nthreads,
+            device=resolve_device(ex.device),  # config.resolve() takes this over
+        )
         if code == 0 and ex.clean_workdir:
-            from ..workflows.base import clean_work_dir
+            from ..participant import clean_work_dir
 
             clean_work_dir(ex.work_dir, plan)
         if plan.invalid:
