@@ -4,18 +4,15 @@ Every name the pipeline writes or reads comes from here: :func:`build_path` and
 :func:`build_name` render the project's path patterns (:data:`PATH_PATTERNS`) with pybids'
 :func:`bids.layout.writing.build_path`, and :func:`parse_entities` reads a name back with
 pybids' :func:`bids.layout.parse_file_entities` over the same entity table (:data:`CONFIG`, a
-pybids :class:`~bids.layout.models.Config`). Entities are in the BIDS schema's filename order,
+pybids configuration). Entities are in the BIDS schema's filename order,
 with NiPreps' ``from``/``to``/``mode`` before ``space``
 (``sub-01_ses-01_trc-FDG_space-MNI152NLin2009aSym_res-1p5_desc-preproc_pet.nii.gz``).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-
-from bids.layout import parse_file_entities
-from bids.layout.models import Config
-from bids.layout.writing import build_path as _pybids_build_path
 
 #: Entity keys in filename order (BIDS schema order, NiPreps' from/to/mode before space).
 ENTITY_ORDER = (
@@ -42,10 +39,11 @@ SHORT_TO_NAME = {short: name for name, short in ENTITY_ORDER}
 PET_SOURCE_ENTITIES = ("subject", "session", "tracer", "acquisition", "reconstruction", "run")
 
 _SEP = r"[_/\\]"
-#: The project's entities for pybids (each pattern finds its entity in a file name or path).
-CONFIG = Config(
-    "bids_siamfuse",
-    entities=[
+#: The project's entities in pybids' configuration format (each pattern finds its entity in a
+#: file name or a path); :func:`config` makes the pybids ``Config`` of them.
+CONFIG = {
+    "name": "bids_siamfuse",
+    "entities": [
         *(
             {"name": name, "pattern": rf"(?:^|{_SEP}){short}-([a-zA-Z0-9+]+)(?=[_.]|$)"}
             for name, short in ENTITY_ORDER
@@ -54,7 +52,16 @@ CONFIG = Config(
         {"name": "suffix", "pattern": rf"(?:^|{_SEP})([a-zA-Z0-9]+)\.[^/\\]+$"},
         {"name": "extension", "pattern": r"[^./\\](\.[^/\\]+)$"},
     ],
-)
+}
+
+
+@functools.cache
+def config():
+    """:data:`CONFIG` as a pybids ``Config`` (pybids imported on first use: ~1.8 s here, which
+    commands that never name a file, such as ``--version``, do not pay)."""
+    from bids.layout.models import Config
+
+    return Config(**CONFIG)
 
 #: A file name (pybids pattern); every part optional, so names without a subject (group-level
 #: maps) or without suffix (pair keys) render too.
@@ -86,8 +93,10 @@ def normalize_entities(entities: dict) -> dict:
 
 
 def _render(entities: dict, patterns) -> str:
+    from bids.layout.writing import build_path as pybids_build_path
+
     # the name part starts with "_" (every entity is optional in NAME_PATTERN): drop it
-    path = _pybids_build_path(entities, list(patterns))
+    path = pybids_build_path(entities, list(patterns))
     if path is None:
         raise ValueError(f"no derivative name pattern fits {entities}")
     folder, _, name = path.rpartition("/")
@@ -116,7 +125,9 @@ def build_path(entities: dict, *, datatype: str, suffix: str, extension: str) ->
 def parse_entities(name: str | Path) -> dict:
     """Entities (full names, text values), ``suffix`` and ``extension`` of a derivative's
     name or path, read with pybids over :data:`CONFIG` (the inverse of :func:`build_path`)."""
-    return parse_file_entities(str(name), entities=CONFIG.entities.values())
+    from bids.layout import parse_file_entities
+
+    return parse_file_entities(str(name), entities=config().entities.values())
 
 
 def sidecar_path(path: Path, extension: str) -> Path:
@@ -305,6 +316,14 @@ def _outputs() -> dict[str, dict]:
             "segmentation": "AAL116",
             "desc": "relevance",
         },
+        # the participant report's relevance figure (reports/participant.py)
+        "fig_relevance": {
+            "datatype": "figures",
+            "suffix": "stat",
+            "extension": ".png",
+            "segmentation": "AAL116",
+            "desc": "relevance",
+        },
     }
 
 
@@ -334,3 +353,27 @@ def output_path(out_dir: Path, key: str, source: dict) -> Path:
     datatype, suffix, extension = spec.pop("datatype"), spec.pop("suffix"), spec.pop("extension")
     rel = build_path({**source, **spec}, datatype=datatype, suffix=suffix, extension=extension)
     return Path(out_dir) / rel
+
+
+def _own_entities(key: str) -> dict:
+    spec = output_spec(key)
+    return {k: v for k, v in spec.items() if k not in ("datatype", "suffix", "extension")}
+
+
+def output_glob(key: str) -> str:
+    """A glob pattern matching output ``key`` of any source (``*_desc-diagnosis_probs.tsv``):
+    the source entities come first in every name, the key's own ones after them."""
+    spec = output_spec(key)
+    return "*_" + build_name(_own_entities(key), spec["suffix"], spec["extension"])
+
+
+def is_output(name: str | Path, key: str) -> bool:
+    """Whether the file ``name`` is output ``key`` (its suffix, extension and own entities)."""
+    ent = parse_entities(Path(name).name)
+    spec = output_spec(key)
+    want = normalize_entities(_own_entities(key))
+    return (
+        ent.get("suffix") == spec["suffix"]
+        and ent.get("extension") == spec["extension"]
+        and all(ent.get(k) == v for k, v in want.items())
+    )
