@@ -162,16 +162,14 @@ class GridConform(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nb
 
-        from ..data.templates import GRID_AFFINE, GRID_SHAPE, grid_image, on_grid
-        from ..preproc.registration import apply_matrix, sample_at
+        from ..data.templates import grid_image, on_grid
+        from ..preproc.registration import resample_to_grid
 
         img = nb.load(self.inputs.in_file)
         data = np.asanyarray(img.dataobj, dtype=np.float32)
         data = np.where(np.isfinite(data), data, 0.0)
         if not on_grid(img):
-            idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-            pts = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
-            data = sample_at(data, img.affine, pts)
+            data = resample_to_grid(data, img.affine)
         self._results["out_file"] = os.path.join(runtime.cwd, self.inputs.out_name)
         grid_image(data).to_filename(self._results["out_file"])
         return runtime

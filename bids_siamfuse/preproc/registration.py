@@ -21,6 +21,7 @@ Threads
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -444,6 +445,29 @@ def jacobian_determinant(positions: np.ndarray, affine: np.ndarray) -> np.ndarra
     jac = np.einsum("ij...,jk->ik...", grads, inv)
     jac = np.moveaxis(jac, (0, 1), (-2, -1))
     return np.abs(np.linalg.det(jac)).astype(np.float32)
+
+
+@functools.cache
+def grid_points() -> np.ndarray:
+    """World (RAS mm) position of every voxel of the output grid, (3, *GRID_SHAPE), read-only."""
+    from ..data.templates import GRID_AFFINE, GRID_SHAPE
+
+    idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
+    points = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
+    points.setflags(write=False)
+    return points
+
+
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, *, order: int = 1, cval=0.0):
+    """``data`` (voxel->world ``affine``) on the output grid: float32, trilinear by default
+    (``order`` 0: nearest), ``cval`` outside its field of view; the one "to grid" step.
+
+    Not nilearn's ``resample_to_img``: that composes one voxel-to-voxel matrix and casts the
+    result back to the input's type, so its values differ from these (two float64 matrix
+    products, float32 samples) in the last bits; the derivatives written so far came from
+    this arithmetic, and staying byte-identical to them matters more.
+    """
+    return sample_at(data, affine, grid_points(), order=order, cval=cval)
 
 
 def sample_at(data: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int = 1, cval=0.0):
