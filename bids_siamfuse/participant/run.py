@@ -37,7 +37,7 @@ LOGGER = logging.getLogger("bids_siamfuse.participant")
 def resolve_threads(ex) -> tuple[int, int]:
     """Fill ``--nprocs``/``--omp-nthreads`` with the values the run will use (0 = default).
 
-    Interim: ``config.resolve()`` (issue 15, group level's helper) takes this over; the
+    Interim: ``config.resolve()`` (the group level's resolve step) takes this over; the
     runner itself only reads the resolved values.
     """
     import os

@@ -55,7 +55,7 @@ ITK_THREADS_VARIABLE = "BIDS_SIAMFUSE_ITK_THREADS"
 def itk_threads(n: int) -> int:
     """ITK/ANTs threads for ``--omp-nthreads n``: 1 unless ``BIDS_SIAMFUSE_ITK_THREADS`` is set.
 
-    Reproducible by default (issue 17): ITK's multi-threaded metrics, N4 and Atropos sum in
+    Reproducible by default: ITK's multi-threaded metrics, N4 and Atropos sum in
     per-thread pieces, so another thread count gives other float sums and the registration
     drifts (brain masks 25 782 voxels and GM 0.6-2.3 % apart between runs). Single-threaded
     ITK makes every derivative independent of ``--omp-nthreads`` (bitwise; measured in
