@@ -551,11 +551,4 @@ def describe(plan) -> str:
             )
             lines.append(f"      resampling: {item.resampling}")
         lines.extend(f"    note: {note}" for note in pair.notes)
-    if plan.invalid:
-        lines.append(f"{len(plan.invalid)} refused (unusable input, exit code 65):")
-        lines.extend(f"  {pair.key}: {why}" for pair, why in plan.invalid)
-    if plan.skipped:
-        lines.append(f"{len(plan.skipped)} skipped:")
-        for sub, ses, why in plan.skipped:
-            lines.append(f"  sub-{sub}" + (f" ses-{ses}" if ses else "") + f": {why}")
-    return "\n".join(lines)
+    return "\n".join(lines + plan.left_out_lines())

@@ -279,6 +279,11 @@ class Plan:
             lines.append(f"    PET: {pair.pet}")
             lines.append(f"    T1w: {pair.t1w}")
             lines.extend(f"    note: {note}" for note in pair.notes)
+        return "\n".join(lines + self.left_out_lines())
+
+    def left_out_lines(self) -> list[str]:
+        """The refused pairs and the skipped subjects/sessions, with why (for the plans)."""
+        lines = []
         if self.invalid:
             lines.append(f"{len(self.invalid)} refused (unusable input, exit code 65):")
             lines.extend(f"  {pair.key}: {why}" for pair, why in self.invalid)
@@ -287,7 +292,7 @@ class Plan:
             for sub, ses, why in self.skipped:
                 where = f"sub-{sub}" + (f" ses-{ses}" if ses else "")
                 lines.append(f"  {where}: {why}")
-        return "\n".join(lines)
+        return lines
 
 
 #: the PET entities its derivatives inherit (besides subject and session)

@@ -72,27 +72,22 @@ def registration_svg(
     cuts = cuts_from_bbox(_float(bbox) if bbox is not None else fixed, cuts=7)
     cuts = {k: sorted(v) for k, v in cuts.items()}  # same slice order in every figure
     contour = _float(contour) if contour is not None else None
-    compose_view(
+    views = [
         plot_registration(
-            fixed,
-            "fixed-image",
+            image,
+            role,
             estimate_brightness=True,
             cuts=cuts,
-            label=fixed_label,
+            label=label,
             contour=contour,
             compress=False,
-        ),
-        plot_registration(
-            moved,
-            "moving-image",
-            estimate_brightness=True,
-            cuts=cuts,
-            label=moved_label,
-            contour=contour,
-            compress=False,
-        ),
-        out_file=str(out_file),
-    )
+        )
+        for image, role, label in (
+            (fixed, "fixed-image", fixed_label),
+            (moved, "moving-image", moved_label),
+        )
+    ]
+    compose_view(*views, out_file=str(out_file))
     return str(out_file)
 
 
