@@ -76,7 +76,7 @@ def set_threads(n: int | None) -> None:
 
     ITK sizes its thread pool from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time a
     filter runs in a process, and torch/OpenMP read ``OMP_NUM_THREADS`` at import: call this
-    before either is used (``workflows/base.py`` does so before nipype starts its workers,
+    before either is used (``participant/run.py`` does so before nipype starts its workers,
     which inherit the environment). torch, when already imported, is set directly. ITK gets
     :func:`itk_threads` (1 by default: reproducible), the others ``n``.
     """
