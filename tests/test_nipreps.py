@@ -257,9 +257,7 @@ def workflow_and_plan(raw_ds, tmp_path_factory):
     )
     plan = plan_participants(settings)
     options = ParticipantOptions(output_dir=root / "out", bids_dir=raw_ds)
-    wf = init_bids_siamfuse_wf(
-        plan=plan, options=options, work_dir=root / "work", run_uuid="test"
-    )
+    wf = init_bids_siamfuse_wf(plan=plan, options=options, work_dir=root / "work", run_uuid="test")
     return wf, plan, root
 
 

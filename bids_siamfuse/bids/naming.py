@@ -63,6 +63,7 @@ def config():
 
     return Config(**CONFIG)
 
+
 #: A file name (pybids pattern); every part optional, so names without a subject (group-level
 #: maps) or without suffix (pair keys) render too.
 NAME_PATTERN = (

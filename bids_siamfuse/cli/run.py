@@ -254,8 +254,8 @@ def rebuild_reports(settings) -> int:
     out = Path(ex.output_dir)
     bids_dir = Path(ex.bids_dir).absolute()
     if ex.analysis_level == "participant":
-        from ..reports.participant import find_subjects
         from ..participant import write_participant_reports
+        from ..reports.participant import find_subjects
 
         subjects = find_subjects(out, ex.participant_label)
         if not subjects:
