@@ -22,7 +22,7 @@ the terminal when something goes wrong inside one. :class:`GuardedMultiProc` (an
   the run prints one line per failed pair.
 
 The plugin takes the pairs' branches from :func:`branches` (built from the plan in
-:mod:`bids_siamfuse.workflows.base`).
+:mod:`bids_siamfuse.participant.run`).
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ pipelines in one cohort.
 Everything found is recorded per map (:meth:`MapFile.provenance`: the folder's NAME and layout,
 the file, its SHA-256, the space, shape, voxel size, and how it is brought onto the grid); the
 workflow writes it into the region file and every sidecar.
+
+Why one module of ~550 lines: both layouts' finders feed one ranking and refusal rule
+(:func:`_pick`) and one plan (:func:`attach_external`); a third layout would be the moment
+to split the finders into a package.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bids.naming import normalize_entities, parse_entities
 from .errors import DataError, NoInputError, UsageError
 
 LOGGER = logging.getLogger("bids_siamfuse.external")
@@ -64,7 +69,6 @@ SPACES = {
 MIN_BRAIN_COVERAGE = 0.95
 INTERPOLATION = "trilinear"
 CAPS_SUVR_REGIONS = ("pons", "cerebellumPons", "pons2", "cerebellumPons2")
-_ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -270,18 +274,6 @@ def _stem(path: Path) -> str:
     return name
 
 
-def _entities(name: str) -> tuple[dict, str]:
-    """(entities, suffix) of a BIDS-like name (``sub-01_..._desc-x_probseg.nii.gz``)."""
-    parts = _stem(Path(name)).split("_")
-    ents = {}
-    for part in parts[:-1]:
-        m = _ENTITY.fullmatch(part)
-        if m is None:
-            return {}, ""
-        ents[m.group(1)] = m.group(2)
-    return ents, parts[-1]
-
-
 def _nifti(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -310,27 +302,25 @@ def _bids_candidates(folder: DerivativesFolder, pair, kind: str) -> Candidates:
     out = Candidates()
     if kind == "GM":
         session, datatype = pair.t1w_session, "anat"
-        wanted = {"sub": pair.subject, "label": "GM", "desc": "modulated"}
+        wanted = {"subject": pair.subject, "label": "GM", "desc": "modulated"}
         suffix = "probseg"
     else:
         session, datatype = pair.session, "pet"
-        wanted = {"sub": pair.subject, "desc": "preproc"}
-        short = {"tracer": "trc", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
-        for key, value in pair.pet_entities.items():
-            wanted[short.get(key, key)] = str(value)
+        wanted = {"subject": pair.subject, "desc": "preproc"}
+        wanted.update(normalize_entities(pair.pet_entities))
         suffix = "pet"
     base = folder.root / f"sub-{pair.subject}"
     where = (base / f"ses-{session}" if session else base) / datatype
     for path in _nifti(where):
-        ents, suf = _entities(path.name)
-        if suf != suffix or ents.get("ses") != (session or None):
+        ents = parse_entities(path.name)
+        if ents.get("suffix") != suffix or ents.get("session") != (session or None):
             continue
-        if "run" in wanted and "run" in ents:
-            ents["run"] = str(int(ents["run"])) if ents["run"].isdigit() else ents["run"]
-            wanted["run"] = str(int(wanted["run"])) if wanted["run"].isdigit() else wanted["run"]
+        if "run" in ents:
+            ents["run"] = normalize_entities({"run": ents["run"]})["run"]
         if any(ents.get(k) != v for k, v in wanted.items()):
             continue
-        if kind == "PET" and any(k in ents for k in ("acq", "rec", "run") if k not in wanted):
+        other = ("acquisition", "reconstruction", "run")
+        if kind == "PET" and any(k in ents for k in other if k not in wanted):
             continue  # another acquisition/reconstruction/run of this session
         space = ents.get("space")
         if space is None or space.lower() not in SPACES:
@@ -404,11 +394,14 @@ def _caps_candidates(folder: DerivativesFolder, pair, kind: str) -> Candidates:
         m = _CAPS_PET.match(path.name)
         if m is None or not path.name.startswith(prefix):
             continue
-        source_ents, _ = _entities(m["source"] + ".nii")
+        source_ents = parse_entities(m["source"] + ".nii")
         if m["source"] != own:
             # same session and tracer, named from another copy of the raw data (trc- since
             # Clinica 0.9, acq-<tracer> before): accepted only when nothing matches exactly
-            named = {source_ents.get("trc", "").lower(), source_ents.get("acq", "").lower()}
+            named = {
+                source_ents.get("tracer", "").lower(),
+                source_ents.get("acquisition", "").lower(),
+            }
             if tracer not in named and tracer.removeprefix("18f") not in named:
                 continue
         if m["ref"] not in CAPS_SUVR_REGIONS:
@@ -562,11 +555,4 @@ def describe(plan) -> str:
             )
             lines.append(f"      resampling: {item.resampling}")
         lines.extend(f"    note: {note}" for note in pair.notes)
-    if plan.invalid:
-        lines.append(f"{len(plan.invalid)} refused (unusable input, exit code 65):")
-        lines.extend(f"  {pair.key}: {why}" for pair, why in plan.invalid)
-    if plan.skipped:
-        lines.append(f"{len(plan.skipped)} skipped:")
-        for sub, ses, why in plan.skipped:
-            lines.append(f"  sub-{sub}" + (f" ses-{ses}" if ses else "") + f": {why}")
-    return "\n".join(lines)
+    return "\n".join(lines + plan.left_out_lines())

@@ -497,6 +497,7 @@ def test_model_is_applied_to_the_external_region_file(fixture, tmp_path, monkeyp
     import bids_siamfuse.workflows.model as model_mod
     from bids_siamfuse.external import attach_external
     from bids_siamfuse.workflows.base import init_bids_siamfuse_wf
+    from bids_siamfuse.workflows.common import ParticipantOptions
 
     def fake_apply_model_wf(*, bundle, output_dir, name="apply_model_wf", **kwargs):
         wf = LiterateWorkflow(name=name)
@@ -510,14 +511,11 @@ def test_model_is_applied_to_the_external_region_file(fixture, tmp_path, monkeyp
     plan = bids.Plan(pairs=[_pair(root / "raw", "01"), _pair(root / "raw", "04")], skipped=[])
     attach_external(plan, _folders(("caps", root / "caps")))
     assert [p.subject for p in plan.pairs] == ["01"] and plan.skipped[0][0] == "04"
+    options = ParticipantOptions(
+        output_dir=tmp_path / "out", bids_dir=root / "raw", model=tmp_path / "bundle"
+    )
     wf = init_bids_siamfuse_wf(
-        plan=plan,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "work",
-        bids_dir=root / "raw",
-        run_uuid="test",
-        model=tmp_path / "bundle",
-        external=plan.external,
+        plan=plan, options=options, work_dir=tmp_path / "work", run_uuid="test"
     )
     names = {n.fullname for n in wf._get_all_nodes()}
     assert not [n for n in names if n.endswith((".bias", ".register", ".coreg"))]

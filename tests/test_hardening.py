@@ -627,7 +627,7 @@ def test_no_traceback_on_the_terminal(tmp_path, capfd):
     """A failing node: its traceback goes to the crash file, not to stderr (workers too)."""
     from bids_siamfuse.cli.run import _setup_logging
     from bids_siamfuse.engine import GuardedMultiProc, quiet_node_crashes
-    from bids_siamfuse.workflows.base import _route_nipype_logs
+    from bids_siamfuse.participant.run import _route_nipype_logs
 
     _setup_logging(0)
     _route_nipype_logs()
@@ -644,7 +644,7 @@ def test_no_traceback_on_the_terminal(tmp_path, capfd):
 def test_disk_full_through_run_participant_exits_73(tmp_path, monkeypatch, capsys):
     """run_participant lets the disk-full stop through: the CLI's 73, one line, status table."""
     from bids_siamfuse.config import Settings
-    from bids_siamfuse.workflows import base
+    from bids_siamfuse.participant import run as base
 
     ds = make_pair_ds(tmp_path / "ds")
     out = tmp_path / "out"
@@ -685,7 +685,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import test_hardening as th
-from bids_siamfuse.workflows import base
+from bids_siamfuse.participant import run as base
 work = Path(sys.argv[2])
 base.init_bids_siamfuse_wf = lambda **kw: th.toy_workflow(
     work, pet=th._identity, anat_sleep=120, anat_nodes=2, pet_sleep=120)

@@ -70,7 +70,7 @@ def test_group_output_is_valid_bids(synth_derivs, tmp_path, bids_validator, monk
         target = out / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, target)
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "no-dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     monkeypatch.delenv(bids.HOST_BIDS_DIR_ENV, raising=False)
     code = run(ds, out, "group", "--classes", "CN", "AD", "--folds", "3", "--sloppy", "-q")
     assert code == 0
@@ -96,7 +96,7 @@ def test_dataset_description_source_and_container(tmp_path, monkeypatch):
     monkeypatch.delenv(bids.HOST_BIDS_DIR_ENV, raising=False)
     for var in ("APPTAINER_NAME", "SINGULARITY_NAME"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "no-dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     # outside a container: relative when the raw dataset is a parent, else the path given
     desc = bids.dataset_description(raw, nested)
     assert desc["DatasetLinks"] == {"raw": "../.."}
@@ -105,7 +105,7 @@ def test_dataset_description_source_and_container(tmp_path, monkeypatch):
     assert "Container" not in desc["GeneratedBy"][0]
     # Docker: the mount point means nothing outside, so no link unless the host path is given
     (tmp_path / "dockerenv").write_text("")
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "dockerenv")
     desc = bids.dataset_description(Path("/data"), Path("/out"))
     assert desc["GeneratedBy"][0]["Container"]["Type"] == "docker"
     assert "DatasetLinks" not in desc and "SourceDatasets" not in desc
@@ -114,7 +114,7 @@ def test_dataset_description_source_and_container(tmp_path, monkeypatch):
     desc = bids.dataset_description(Path("/data"), Path("/out"))
     assert desc["DatasetLinks"] == {"raw": "/home/me/study"}
     # Apptainer: its own variables
-    monkeypatch.setattr(bids, "_DOCKERENV", tmp_path / "no-dockerenv")
+    monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     monkeypatch.setenv("APPTAINER_NAME", "bids_siamfuse.sif")
     container = bids.dataset_description(raw, nested)["GeneratedBy"][0]["Container"]
     assert container == {"Type": "apptainer", "Tag": "bids_siamfuse.sif"}
@@ -248,24 +248,20 @@ def workflow_and_plan(raw_ds, tmp_path_factory):
     from bids_siamfuse.cli.run import plan_participants
     from bids_siamfuse.config import Settings
     from bids_siamfuse.workflows.base import init_bids_siamfuse_wf
+    from bids_siamfuse.workflows.common import ParticipantOptions
 
     root = tmp_path_factory.mktemp("graph")
     settings = Settings.from_sources(
         {}, {"bids_dir": raw_ds, "output_dir": root / "out", "skip_bids_validation": True}
     )
     plan = plan_participants(settings)
-    wf = init_bids_siamfuse_wf(
-        plan=plan,
-        output_dir=root / "out",
-        work_dir=root / "work",
-        bids_dir=raw_ds,
-        run_uuid="test",
-    )
+    options = ParticipantOptions(output_dir=root / "out", bids_dir=raw_ds)
+    wf = init_bids_siamfuse_wf(plan=plan, options=options, work_dir=root / "work", run_uuid="test")
     return wf, plan, root
 
 
 def test_write_graph(workflow_and_plan):
-    from bids_siamfuse.workflows.base import write_workflow_graph
+    from bids_siamfuse.participant import write_workflow_graph
 
     wf, plan, root = workflow_and_plan
     written = write_workflow_graph(wf, root / "out" / "logs", "test")
@@ -278,7 +274,7 @@ def test_write_graph(workflow_and_plan):
 
 def test_low_mem_budget(workflow_and_plan):
     from bids_siamfuse.config import ExecutionSettings
-    from bids_siamfuse.workflows.base import LOW_MEM_MARGIN_GB, low_mem_args
+    from bids_siamfuse.participant import LOW_MEM_MARGIN_GB, low_mem_args
 
     wf = workflow_and_plan[0]
     heaviest = max(n.mem_gb for n in wf._get_all_nodes())
@@ -306,7 +302,7 @@ def test_resource_monitor_and_progress(workflow_and_plan, tmp_path):
     counts pairs and steps, and gives an ETA."""
     from bids_siamfuse import progress
     from bids_siamfuse.config import ExecutionSettings
-    from bids_siamfuse.workflows.base import run_callbacks
+    from bids_siamfuse.participant import run_callbacks
 
     wf, plan, _ = workflow_and_plan
     ex = ExecutionSettings(resource_monitor=True, run_uuid="t")
@@ -337,7 +333,7 @@ def test_resource_monitor_and_progress(workflow_and_plan, tmp_path):
 
 
 def test_clean_workdir_removes_only_this_runs_folders(tmp_path):
-    from bids_siamfuse.workflows.base import clean_work_dir
+    from bids_siamfuse.participant import clean_work_dir
 
     work = tmp_path / "work"
     top = work / "bids_siamfuse_wf"

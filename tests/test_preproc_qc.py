@@ -208,7 +208,7 @@ def _write_qc(out, source, metrics):
 def test_flag_reaches_the_status_table(tmp_path):
     from types import SimpleNamespace
 
-    from bids_siamfuse.workflows.base import pair_status
+    from bids_siamfuse.participant import pair_status
 
     out = tmp_path / "out"
     pairs = []

@@ -459,16 +459,11 @@ def test_participant_boilerplate_from_workflow(synth_raw, tmp_path):
     from bids_siamfuse import bids
     from bids_siamfuse.reports.boilerplate import participant_text
     from bids_siamfuse.workflows.base import init_bids_siamfuse_wf
+    from bids_siamfuse.workflows.common import ParticipantOptions
 
     plan = bids.collect_pairs(bids.load_layout(synth_raw))
-    wf = init_bids_siamfuse_wf(
-        plan=plan,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "w",
-        bids_dir=synth_raw,
-        run_uuid="x",
-        sloppy=True,
-    )
+    options = ParticipantOptions(output_dir=tmp_path / "out", bids_dir=synth_raw, sloppy=True)
+    wf = init_bids_siamfuse_wf(plan=plan, options=options, work_dir=tmp_path / "w", run_uuid="x")
     text = participant_text(wf)
     assert "[@nipype1]" in text and "[@aal]" in text
     # dataset-wide: no file of any subject, static and dynamic PET both described
@@ -486,7 +481,7 @@ def test_methods_text_aggregates_the_dataset(tmp_path):
     from niworkflows.engine.workflows import LiterateWorkflow
 
     from bids_siamfuse import bids
-    from bids_siamfuse.workflows.base import write_participant_reports
+    from bids_siamfuse.participant import write_participant_reports
 
     out = tmp_path / "out"
     sessions = [("01", "01", 4), ("01", "02", 1), ("02", "01", 1)]
@@ -696,7 +691,7 @@ def test_crashed_participant_run_still_reports(tmp_path, monkeypatch, parse_html
     """run_participant writes the report after a workflow failure, naming the failed pair."""
     from bids_siamfuse.bids import Plan, SessionPair
     from bids_siamfuse.config import Settings
-    from bids_siamfuse.workflows import base
+    from bids_siamfuse.participant import run as base
 
     bids = make_bids(tmp_path / "bids", sessions=("01",))
     out = tmp_path / "out"
@@ -731,7 +726,9 @@ def test_crashed_participant_run_still_reports(tmp_path, monkeypatch, parse_html
         t1w_session="01",
         pet_entities={"tracer": "FDG"},
     )
-    code = base.run_participant(settings, Plan(pairs=[pair], skipped=[]))
+    code = base.run_participant(
+        settings, Plan(pairs=[pair], skipped=[]), nprocs=1, omp_nthreads=1, device="cpu"
+    )
     assert code == 1
     html = (out / "sub-01.html").read_text()
     assert "incomplete" in html and "a node crashed" in html

@@ -254,8 +254,8 @@ def rebuild_reports(settings) -> int:
     out = Path(ex.output_dir)
     bids_dir = Path(ex.bids_dir).absolute()
     if ex.analysis_level == "participant":
+        from ..participant import write_participant_reports
         from ..reports.participant import find_subjects
-        from ..workflows.base import write_participant_reports
 
         subjects = find_subjects(out, ex.participant_label)
         if not subjects:
@@ -340,11 +340,11 @@ def run(settings) -> int:
         if plan.invalid and ex.stop_on_first_crash:
             raise DataError(f"{plan.invalid[0][1]} (--stop-on-first-crash)")
         logs = prepare_output(settings)
-        from ..workflows.base import run_participant
+        from ..participant import run_participant
 
         _record_threads(ex, resolved)
         if ex.boilerplate_only:
-            from ..workflows.base import write_boilerplate
+            from ..participant import write_boilerplate
 
             settings.write(logs)
             return write_boilerplate(settings, plan)
@@ -355,9 +355,15 @@ def run(settings) -> int:
             from ..external import link_derivatives
 
             link_derivatives(ex.output_dir, folders)
-        code = run_participant(settings, plan)
+        code = run_participant(
+            settings,
+            plan,
+            nprocs=resolved.nprocs,
+            omp_nthreads=resolved.omp_nthreads,
+            device=resolved.device,
+        )
         if code == 0 and ex.clean_workdir:
-            from ..workflows.base import clean_work_dir
+            from ..participant import clean_work_dir
 
             clean_work_dir(ex.work_dir, plan)
         if plan.invalid:

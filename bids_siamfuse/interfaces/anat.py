@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import numpy as np
@@ -41,7 +40,7 @@ def in_node_tmp(method):
 
 class _Collector:
     """Collects the WARNING records of ``bids_siamfuse.*`` loggers while a node runs, so the
-    session's QC sidecar and report can list every warning of the run (issue 17)."""
+    session's QC sidecar and report can list every warning of the run."""
 
     def __init__(self):
         import logging
@@ -260,14 +259,6 @@ class GridNormalization(SimpleInterface):
             np.asanyarray(gm.dataobj, np.float64).sum() * voxel
         )
         self._results["gm_volume_modulated_mm3"] = float(mwc1.sum(dtype=np.float64) * 1.5**3)
-        with open(os.path.join(runtime.cwd, "volumes.json"), "w") as handle:
-            json.dump(
-                {
-                    "native": self._results["gm_volume_native_mm3"],
-                    "modulated": self._results["gm_volume_modulated_mm3"],
-                },
-                handle,
-            )
         return runtime
 
 

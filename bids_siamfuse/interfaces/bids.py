@@ -1,8 +1,8 @@
 """The data sink: writes derivatives named by :data:`bids_siamfuse.bids.OUTPUTS`.
 
-A subclass of niworkflows' ``DerivativesDataSink`` that keeps its role in the graph (the node
-at the end of every branch, always rerun so a resumed run rewrites its derivatives from the
-cache) but names and writes files through :func:`bids_siamfuse.bids.save_output`: the name
+A plain ``SimpleInterface`` in the role of niworkflows' ``DerivativesDataSink`` (the node at
+the end of every branch, always rerun so a resumed run rewrites its derivatives from the
+cache) that names and writes files through :func:`bids_siamfuse.bids.save_output`: the name
 comes from the output key and the source entities (the T1w's subject/session for anatomical
 outputs, the PET pair's entities for PET outputs), the JSON sidecar is written before the data,
 and both are written atomically (temporary file, then rename), so an interrupted run never
@@ -26,7 +26,6 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
-from niworkflows.interfaces.bids import DerivativesDataSink as _NiworkflowsSink
 
 from .. import bids
 
@@ -45,25 +44,20 @@ class _DerivativesDataSinkOutputSpec(TraitedSpec):
     out_meta = File(desc="its JSON sidecar")
 
 
-class DerivativesDataSink(_NiworkflowsSink):
+class DerivativesDataSink(SimpleInterface):
     """Save ``in_file`` as output ``output_key`` of ``bids.OUTPUTS`` (see module docstring)."""
 
     input_spec = _DerivativesDataSinkInputSpec
     output_spec = _DerivativesDataSinkOutputSpec
-    _always_run = True
-
-    def __init__(self, **inputs):
-        # niworkflows' constructor adds one input per BIDS entity; names come from OUTPUTS here
-        SimpleInterface.__init__(self, **inputs)
+    _always_run = True  # a resumed run rewrites (or confirms) the derivative from the cache
 
     def _run_interface(self, runtime):
         key = self.inputs.output_key
         meta = dict(self.inputs.meta_dict) if isdefined(self.inputs.meta_dict) else None
         meta = bids.output_meta(key, meta)  # with the key's fixed fields, as save_output writes
         dtype = np.dtype(self.inputs.data_dtype) if isdefined(self.inputs.data_dtype) else None
-        ext = bids.OUTPUTS[key]["extension"]
         target = bids.output_path(self.inputs.base_directory, key, self.inputs.source_entities)
-        sidecar = target.with_name(target.name[: -len(ext)] + ".json")
+        sidecar = bids.sidecar_path(target, bids.OUTPUTS[key]["extension"])
         self._results["out_file"] = str(target)
         if meta is not None:
             self._results["out_meta"] = str(sidecar)
@@ -89,7 +83,7 @@ def _up_to_date(target: Path, sidecar: Path, in_file: str, meta: dict | None) ->
         if meta is None:
             return True
         return json.loads(sidecar.read_text()) == json.loads(
-            json.dumps(meta, sort_keys=True, default=bids._json_default)
+            json.dumps(meta, sort_keys=True, default=bids.json_default)
         )
     except (OSError, ValueError):
         return False

@@ -85,16 +85,26 @@ class _CoregisterInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, nohash=True)
 
 
-class _CoregisterOutputSpec(TraitedSpec):
+class RigidXfmOutputSpec(TraitedSpec):
+    """The PET -> T1w transform of either backend (``PETCoregister``, SPM's
+    ``HeaderTransform``)."""
+
     itk_file = File(exists=True, desc="ITK transform (T1w points -> PET points; .txt)")
     matrix = File(exists=True, desc="4x4 RAS matrix PET world -> T1w world (.npy)")
+
+
+def save_pet2t1w(runtime, matrix) -> str:
+    """The PET -> T1w RAS matrix as ``pet2t1w_ras.npy`` in the node's folder."""
+    path = os.path.join(runtime.cwd, "pet2t1w_ras.npy")
+    np.save(path, matrix)
+    return path
 
 
 class PETCoregister(SimpleInterface):
     """Rigid PET -> T1w registration, Mattes mutual information."""
 
     input_spec = _CoregisterInputSpec
-    output_spec = _CoregisterOutputSpec
+    output_spec = RigidXfmOutputSpec
 
     @in_node_tmp
     def _run_interface(self, runtime):
@@ -116,8 +126,7 @@ class PETCoregister(SimpleInterface):
             seed=self.inputs.seed,
         )
         self._results["itk_file"] = itk_file
-        self._results["matrix"] = os.path.join(runtime.cwd, "pet2t1w_ras.npy")
-        np.save(self._results["matrix"], matrix)
+        self._results["matrix"] = save_pet2t1w(runtime, matrix)
         return runtime
 
 

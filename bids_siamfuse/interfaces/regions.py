@@ -1,4 +1,4 @@
-"""nipype interface of the region extraction (issue 4): wraps preproc.regions."""
+"""nipype interface of the region extraction: wraps preproc.regions."""
 
 from __future__ import annotations
 

@@ -87,20 +87,12 @@ class T1w2MNIReport(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nb
 
-        from ..data.templates import (
-            GRID_AFFINE,
-            GRID_SHAPE,
-            grid_brain_mask,
-            grid_image,
-            load_template,
-        )
-        from ..preproc.registration import apply_matrix, sample_at
+        from ..data.templates import grid_brain_mask, grid_image, load_template
+        from ..preproc.registration import resample_to_grid
         from ..reports.reportlets import registration_svg
 
         tpl = load_template("T1w")
-        idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-        pts = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
-        tpl_grid = grid_image(sample_at(np.asanyarray(tpl.dataobj, np.float32), tpl.affine, pts))
+        tpl_grid = grid_image(resample_to_grid(np.asanyarray(tpl.dataobj, np.float32), tpl.affine))
         mask = grid_image(grid_brain_mask().astype(np.uint8), dtype=np.uint8)
         out = os.path.join(runtime.cwd, "t1w2mni.svg")
         self._results["out_report"] = registration_svg(

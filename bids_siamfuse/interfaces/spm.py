@@ -17,6 +17,7 @@ from nipype.interfaces.spm.base import SPMCommand
 from nipype.interfaces.spm.preprocess import NewSegment, NewSegmentInputSpec
 
 from ..preproc.spm import BOUNDING_BOX, SPM_VERSION, VOXEL_SIZE
+from .pet import RigidXfmOutputSpec, save_pet2t1w
 
 
 class _SPM12SegmentInputSpec(NewSegmentInputSpec):
@@ -162,16 +163,14 @@ class GridConform(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nb
 
-        from ..data.templates import GRID_AFFINE, GRID_SHAPE, grid_image, on_grid
-        from ..preproc.registration import apply_matrix, sample_at
+        from ..data.templates import grid_image, on_grid
+        from ..preproc.registration import resample_to_grid
 
         img = nb.load(self.inputs.in_file)
         data = np.asanyarray(img.dataobj, dtype=np.float32)
         data = np.where(np.isfinite(data), data, 0.0)
         if not on_grid(img):
-            idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-            pts = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
-            data = sample_at(data, img.affine, pts)
+            data = resample_to_grid(data, img.affine)
         self._results["out_file"] = os.path.join(runtime.cwd, self.inputs.out_name)
         grid_image(data).to_filename(self._results["out_file"])
         return runtime
@@ -218,16 +217,11 @@ class _HeaderXfmInputSpec(BaseInterfaceInputSpec):
     coregistered = File(exists=True, mandatory=True, desc="after (header changed)")
 
 
-class _HeaderXfmOutputSpec(TraitedSpec):
-    itk_file = File(exists=True, desc="ITK transform (T1w points -> PET points)")
-    matrix = File(exists=True, desc="PET world -> T1w world, 4x4 RAS (.npy)")
-
-
 class HeaderTransform(SimpleInterface):
     """The rigid transform SPM's Coregister wrote into the header, as an ITK file."""
 
     input_spec = _HeaderXfmInputSpec
-    output_spec = _HeaderXfmOutputSpec
+    output_spec = RigidXfmOutputSpec
 
     def _run_interface(self, runtime):
         import nibabel as nb
@@ -237,8 +231,7 @@ class HeaderTransform(SimpleInterface):
         before = nb.load(self.inputs.original).affine
         after = nb.load(self.inputs.coregistered).affine
         pet_to_t1w = after @ np.linalg.inv(before)
-        self._results["matrix"] = os.path.join(runtime.cwd, "pet2t1w_ras.npy")
-        np.save(self._results["matrix"], pet_to_t1w)
+        self._results["matrix"] = save_pet2t1w(runtime, pet_to_t1w)
         self._results["itk_file"] = str(
             write_matrix(np.linalg.inv(pet_to_t1w), os.path.join(runtime.cwd, "pet2t1w.txt"))
         )

@@ -21,26 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.templates import GRID_AFFINE, GRID_SHAPE, on_grid
+from ..data.templates import on_grid
 from ..errors import DataError
-
-
-def resample_trilinear(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """``data`` (voxel->world ``affine``) sampled at the grid's voxel centres, order 1."""
-    from scipy import ndimage
-
-    vox2vox = np.linalg.inv(affine) @ GRID_AFFINE
-    coords = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-    src = vox2vox[:3, :3] @ coords + vox2vox[:3, 3:4]
-    values = ndimage.map_coordinates(
-        np.asarray(data, dtype=np.float32),
-        src,
-        order=1,
-        mode="constant",
-        cval=0.0,
-        prefilter=False,
-    )
-    return values.reshape(GRID_SHAPE).astype(np.float32)
+from .registration import resample_to_grid
 
 
 def map_to_grid(path, kind: str) -> tuple[np.ndarray, dict]:
@@ -65,7 +48,7 @@ def map_to_grid(path, kind: str) -> tuple[np.ndarray, dict]:
     if on_grid(img):
         out, resampled = data, False
     else:
-        out, resampled = resample_trilinear(data, img.affine), True
+        out, resampled = resample_to_grid(data, img.affine), True
     if not np.any(out > 0):
         raise DataError(f"{path}: the {kind} map has no positive voxel on the grid")
     if kind == "GM" and float(out.min()) < -1e-3:

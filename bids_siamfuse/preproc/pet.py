@@ -343,7 +343,7 @@ def cerebellum_mask() -> np.ndarray:
     least 0.5 (and inside the template brain mask).
     """
     from ..data.atlas import load_atlas
-    from ..data.templates import GRID_AFFINE, GRID_SHAPE, grid_brain_mask, load_template
+    from ..data.templates import grid_brain_mask, load_template
 
     atlas = load_atlas()
     wanted = [
@@ -354,9 +354,7 @@ def cerebellum_mask() -> np.ndarray:
     if not wanted:
         raise DataError("the atlas has no cerebellar regions (Cerebelum_*/Vermis_*)")
     gm = load_template("GM")
-    idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-    pts = reg.apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
-    gm_grid = reg.sample_at(np.asanyarray(gm.dataobj, np.float32), gm.affine, pts)
+    gm_grid = reg.resample_to_grid(np.asanyarray(gm.dataobj, np.float32), gm.affine)
     return np.isin(atlas.labels, wanted) & (gm_grid >= 0.5) & grid_brain_mask()
 
 

@@ -21,6 +21,7 @@ Threads
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -54,7 +55,7 @@ ITK_THREADS_VARIABLE = "BIDS_SIAMFUSE_ITK_THREADS"
 def itk_threads(n: int) -> int:
     """ITK/ANTs threads for ``--omp-nthreads n``: 1 unless ``BIDS_SIAMFUSE_ITK_THREADS`` is set.
 
-    Reproducible by default (issue 17): ITK's multi-threaded metrics, N4 and Atropos sum in
+    Reproducible by default: ITK's multi-threaded metrics, N4 and Atropos sum in
     per-thread pieces, so another thread count gives other float sums and the registration
     drifts (brain masks 25 782 voxels and GM 0.6-2.3 % apart between runs). Single-threaded
     ITK makes every derivative independent of ``--omp-nthreads`` (bitwise; measured in
@@ -75,7 +76,7 @@ def set_threads(n: int | None) -> None:
 
     ITK sizes its thread pool from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time a
     filter runs in a process, and torch/OpenMP read ``OMP_NUM_THREADS`` at import: call this
-    before either is used (``workflows/base.py`` does so before nipype starts its workers,
+    before either is used (``participant/run.py`` does so before nipype starts its workers,
     which inherit the environment). torch, when already imported, is set directly. ITK gets
     :func:`itk_threads` (1 by default: reproducible), the others ``n``.
     """
@@ -448,6 +449,29 @@ def jacobian_determinant(positions: np.ndarray, affine: np.ndarray) -> np.ndarra
     jac = np.einsum("ij...,jk->ik...", grads, inv)
     jac = np.moveaxis(jac, (0, 1), (-2, -1))
     return np.abs(np.linalg.det(jac)).astype(np.float32)
+
+
+@functools.cache
+def grid_points() -> np.ndarray:
+    """World (RAS mm) position of every voxel of the output grid, (3, *GRID_SHAPE), read-only."""
+    from ..data.templates import GRID_AFFINE, GRID_SHAPE
+
+    idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
+    points = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
+    points.setflags(write=False)
+    return points
+
+
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, *, order: int = 1, cval=0.0):
+    """``data`` (voxel->world ``affine``) on the output grid: float32, trilinear by default
+    (``order`` 0: nearest), ``cval`` outside its field of view; the one "to grid" step.
+
+    Not nilearn's ``resample_to_img``: that composes one voxel-to-voxel matrix and casts the
+    result back to the input's type, so its values differ from these (two float64 matrix
+    products, float32 samples) in the last bits; the derivatives written so far came from
+    this arithmetic, and staying byte-identical to them matters more.
+    """
+    return sample_at(data, affine, grid_points(), order=order, cval=cval)
 
 
 def sample_at(

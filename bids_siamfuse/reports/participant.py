@@ -17,57 +17,52 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
-from ..bids import OUTPUTS
+from ..bids import is_output, output_glob, output_path, parse_entities, source_entities
 
 LOGGER = logging.getLogger("bids_siamfuse.reports")
 
-#: reportlets of a session, in report order: (filename pattern, title, caption)
+#: reportlets of a session, in report order: (output key of bids.OUTPUTS, title, caption)
 REPORTLETS = (
     (
-        r"_desc-seg_dseg\.svg$",
+        "fig_seg",
         "Brain mask and tissue segmentation",
         "Outlines of the brain mask (red), white matter (blue) and grey matter (magenta) over "
         "the bias-corrected T1w.",
     ),
     (
-        r"_desc-t1w2mni_T1w\.svg$",
+        "fig_t1w2mni",
         "Spatial normalization of the T1w",
         "Hover to flicker between the ICBM152 2009a template and the T1w on the 1.5 mm MNI grid; "
         "the template brain outline is drawn on both.",
     ),
     (
-        r"_desc-regions_dseg\.svg$",
+        "fig_regions",
         "Region extraction (AAL116 over the subject's GM)",
         "The modulated grey-matter map on the MNI grid with the outlines of the 116 AAL regions "
         "that are cropped for the model.",
     ),
     (
-        r"_desc-coreg_pet\.svg$",
+        "fig_pet_coreg",
         "PET to T1w coregistration",
         "Hover to flicker between the T1w and the PET reference resampled into it; white-matter "
         "outline on both.",
     ),
     (
-        r"_space-[^_]+_desc-pet_pet\.svg$",
+        "fig_pet_mni",
         "PET in MNI space",
         "The intensity-normalized PET on the MNI grid with the template brain outline (red).",
     ),
 )
 
-_ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
-
-
-def entities(name: str) -> dict:
-    """``{"sub": "01", "ses": "02", ...}`` of a BIDS file name."""
-    stem = name.split(".")[0]
-    return {k: v for k, v in _ENTITY.findall(stem.rsplit("_", 1)[0] if "_" in stem else stem)}
-
 
 def _session_of(path: Path) -> str:
-    return entities(path.name).get("ses", "")
+    return parse_entities(path.name).get("session", "")
+
+
+def _tracer_of(name: str) -> str:
+    return parse_entities(Path(name).name).get("tracer", "")
 
 
 def latest_status(output_dir: Path, subject: str) -> tuple[list[dict], str]:
@@ -119,7 +114,7 @@ def _relevance_reportlet(table, out_dir: Path, source: dict, background) -> Path
     """Relevance (combined, MRI, PET) on template slices, saved as a figures derivative."""
     import uuid
 
-    from ..bids import save_derivative
+    from ..bids import save_output
     from ..data.templates import GRID_AFFINE
     from . import figures
     from .group import _paint
@@ -141,31 +136,22 @@ def _relevance_reportlet(table, out_dir: Path, source: dict, background) -> Path
     tmp = Path(out_dir) / f".relevance-{uuid.uuid4().hex[:8]}.png"
     tmp.write_bytes(png)
     try:
-        return save_derivative(
-            out_dir,
-            tmp,
-            source=source,
-            datatype="figures",
-            suffix="stat",
-            extension=".png",
-            desc="relevance",
-            segmentation="AAL116",
-        )
+        return save_output(out_dir, "fig_relevance", tmp, source=source)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _model_section(pet_dir: Path, output_dir: Path, background) -> list[dict]:
-    """One entry per applied model output (``*_desc-diagnosis_probs.tsv``) in ``pet_dir``."""
+    """One entry per applied model output (``model_probs``) in ``pet_dir``."""
     import pandas as pd
 
     from . import figures
     from .html import png_uri
 
     out = []
-    for probs_path in sorted(pet_dir.glob("*_desc-diagnosis_probs.tsv")):
-        prefix = probs_path.name[: -len("_desc-diagnosis_probs.tsv")]
-        entry = {"prefix": prefix}
+    for probs_path in sorted(pet_dir.glob(output_glob("model_probs"))):
+        source = source_entities(probs_path.name)
+        entry = {"prefix": probs_path.name[: -len(output_glob("model_probs")) + 1]}
         try:
             probs = pd.read_csv(probs_path, sep="\t")
             classes = [c.removeprefix("prob_") for c in probs.columns if c.startswith("prob_")]
@@ -188,7 +174,7 @@ def _model_section(pet_dir: Path, output_dir: Path, background) -> list[dict]:
                 }
         except Exception as exc:  # noqa: BLE001 - show what is broken, keep the report
             entry["error"] = f"{probs_path.name}: {exc}"
-        rel_path = pet_dir / f"{prefix}_seg-AAL116_desc-relevance_stat.tsv"
+        rel_path = pet_dir / output_path(".", "model_relevance", source).name
         if rel_path.is_file():
             try:
                 table = pd.read_csv(rel_path, sep="\t", na_values=["n/a"])
@@ -199,10 +185,6 @@ def _model_section(pet_dir: Path, output_dir: Path, background) -> list[dict]:
                         ranked[["index", "name", "combined", "mri", "pet"]].iterrows()
                     )
                 ]
-                source = {
-                    {"sub": "subject", "ses": "session", "trc": "tracer"}.get(k, k): v
-                    for k, v in entities(prefix + "_x").items()
-                }
                 figure = _relevance_reportlet(table, output_dir, source, background)
                 entry["relevance_figure"] = str(figure.relative_to(output_dir))
                 entry["relevance_uri"] = png_uri(figure.read_bytes())
@@ -222,7 +204,7 @@ def _qc_section(pet_dir: Path) -> list[dict]:
     from .html import png_uri
 
     out = []
-    for path in sorted(pet_dir.glob("*_desc-qc_stats.tsv")):
+    for path in sorted(pet_dir.glob(output_glob("qc"))):
         entry = {"file": path.name, "rows": []}
         try:
             table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
@@ -256,9 +238,8 @@ def _qc_section(pet_dir: Path) -> list[dict]:
             entry["warnings"] = list(meta.get("Warnings", []) or [])
         except (OSError, ValueError):
             entry["warnings"] = []
-        prefix = path.name[: -len("_desc-qc_stats.tsv")]
-        spec = OUTPUTS["pet_confounds"]  # same PET source entities as the QC table
-        motion = pet_dir / f"{prefix}_desc-{spec['desc']}_{spec['suffix']}{spec['extension']}"
+        # the same PET source entities as the QC table
+        motion = pet_dir / output_path(".", "pet_confounds", source_entities(path.name)).name
         if motion.is_file():
             try:
                 table = pd.read_csv(motion, sep="\t", na_values=["n/a"])
@@ -294,8 +275,8 @@ def subject_sections(output_dir: Path, subject: str, *, bids_dir=None, backgroun
         section = {"session": session, "reportlets": [], "missing": [], "model": []}
         section["raw"] = _raw_files(bids_dir, subject, session)
         mine = [p for p in figures if _session_of(p) == session]
-        for pattern, title, caption in REPORTLETS:
-            found = [p for p in mine if re.search(pattern, p.name)]
+        for key, title, caption in REPORTLETS:
+            found = [p for p in mine if is_output(p.name, key)]
             if not found:
                 section["missing"].append(title)
             for path in found:
@@ -304,20 +285,17 @@ def subject_sections(output_dir: Path, subject: str, *, bids_dir=None, backgroun
                     item["svg"] = inline_svg(path)
                 except (OSError, ValueError) as exc:
                     item["error"] = str(exc)
-                ents = entities(path.name)
-                if "trc" in ents:
-                    item["title"] += f" (tracer {ents['trc']})"
+                if _tracer_of(path.name):
+                    item["title"] += f" (tracer {_tracer_of(path.name)})"
                 section["reportlets"].append(item)
         pet_dir = sub_dir / (f"ses-{session}" if session else "") / "pet"
-        tracers = sorted(
-            {entities(p.name).get("trc", "") for p in pet_dir.glob("*.nii.gz")} - {""}
-        )
+        tracers = sorted({_tracer_of(p.name) for p in pet_dir.glob("*.nii.gz")} - {""})
         section["tracers"] = tracers or sorted(
-            {entities(r["file"].rsplit("/", 1)[-1]).get("trc", "") for r in section["raw"]} - {""}
+            {_tracer_of(r["file"]) for r in section["raw"]} - {""}
         )
         section["qc"] = _qc_section(pet_dir) if pet_dir.is_dir() else []
         if pet_dir.is_dir():
-            if background is None and any(pet_dir.glob("*_desc-diagnosis_probs.tsv")):
+            if background is None and any(pet_dir.glob(output_glob("model_probs"))):
                 from .group import _template
 
                 background = _template()

@@ -24,7 +24,7 @@ def _float(img):
 
     niworkflows places the cuts evenly between the bounding box's first and last voxel: on a
     T1w stored LPS or PIR that runs the slices right-to-left or top-down, on a RAS one the
-    other way (issue 17: one session's panels top-down, the next bottom-up). In RAS+ voxel
+    other way (one session's panels top-down, the next bottom-up). In RAS+ voxel
     order every figure runs left-to-right, posterior-to-anterior, bottom-to-top.
     """
     import nibabel as nb
@@ -72,27 +72,22 @@ def registration_svg(
     cuts = cuts_from_bbox(_float(bbox) if bbox is not None else fixed, cuts=7)
     cuts = {k: sorted(v) for k, v in cuts.items()}  # same slice order in every figure
     contour = _float(contour) if contour is not None else None
-    compose_view(
+    views = [
         plot_registration(
-            fixed,
-            "fixed-image",
+            image,
+            role,
             estimate_brightness=True,
             cuts=cuts,
-            label=fixed_label,
+            label=label,
             contour=contour,
             compress=False,
-        ),
-        plot_registration(
-            moved,
-            "moving-image",
-            estimate_brightness=True,
-            cuts=cuts,
-            label=moved_label,
-            contour=contour,
-            compress=False,
-        ),
-        out_file=str(out_file),
-    )
+        )
+        for image, role, label in (
+            (fixed, "fixed-image", fixed_label),
+            (moved, "moving-image", moved_label),
+        )
+    ]
+    compose_view(*views, out_file=str(out_file))
     return str(out_file)
 
 
@@ -101,7 +96,7 @@ def label_boundaries(labels: np.ndarray, axes=(0, 1, 2)) -> np.ndarray:
 
     One-sided (a boundary is drawn once, one voxel wide) and, for a slice figure, ``axes``
     the two in-plane axes: a boundary that runs through the slice plane would otherwise paint
-    whole patches (issue 17: the AAL figure was mostly solid colour).
+    whole patches (the AAL figure was mostly solid colour before).
     """
     edge = np.zeros(labels.shape, dtype=bool)
     for axis in axes:

@@ -12,23 +12,8 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from ..interfaces.bids import DerivativesDataSink
-
-OUTPUT_FIELDS = [
-    "t1w_preproc",
-    "brain_mask",
-    "gm",
-    "wm",
-    "csf",
-    "dseg",
-    "gm_mni",
-    "gm_mni_modulated",
-    "positions",
-    "t1w2mni_xfm",
-    "mni2t1w_xfm",
-    "spm_deformation",
-    "anat_qc",
-]
+from .common import ANAT_FIELDS, ParticipantOptions
+from .outputs import init_anat_derivatives_wf, init_anat_reports_wf
 
 
 def _versions() -> dict:
@@ -46,34 +31,11 @@ def _versions() -> dict:
     }
 
 
-def sink(name, key, source, output_dir, meta=None, dtype=None):
-    """A DerivativesDataSink node for output ``key`` of ``bids.OUTPUTS``."""
-    node = pe.Node(
-        DerivativesDataSink(
-            base_directory=str(output_dir), output_key=key, source_entities=dict(source)
-        ),
-        name=name,
-        run_without_submitting=True,
-    )
-    if meta is not None:
-        node.inputs.meta_dict = meta
-    if dtype is not None:
-        node.inputs.data_dtype = dtype
-    return node
-
-
 def init_anat_preproc_wf(
     *,
     t1w: Path,
     source: dict,
-    output_dir: Path,
-    bids_dir: Path | None,
-    backend: str = "ants",
-    sloppy: bool = False,
-    omp_nthreads: int = 1,
-    seed: int = 42,
-    spm=None,
-    reports: bool = True,
+    options: ParticipantOptions,
     name: str = "anat_preproc_wf",
 ):
     """Build the anatomical workflow of one T1w.
@@ -90,28 +52,18 @@ def init_anat_preproc_wf(
         The T1w file (set on ``inputnode.t1w``).
     source
         Entities its derivatives are named after (``{"subject", "session"}`` of the T1w).
-    output_dir, bids_dir
-        Derivatives root and input dataset (for ``bids:raw:`` sources in the sidecars).
-    backend
-        ``ants`` or ``spm`` (``spm``: an :class:`~bids_siamfuse.preproc.spm.SPMInstall`).
-    sloppy
-        Fast, low-accuracy settings (docs/preprocessing.md).
-    omp_nthreads, seed
-        Threads per ANTs node; registration seed.
-    reports
-        Write the reportlets (segmentation, T1w->MNI).
+    options
+        The run's :class:`~bids_siamfuse.workflows.common.ParticipantOptions` (backend,
+        ``sloppy``, threads, seed, ``reports``: the reportlets of :func:`init_anat_reports_wf`).
 
     Outputs (``outputnode``): ``t1w_preproc, brain_mask, gm, wm, csf, dseg`` (T1w space),
     ``gm_mni, gm_mni_modulated`` (grid), ``positions`` (T1w position of each grid voxel,
     ``ants``), ``t1w2mni_xfm, mni2t1w_xfm`` and ``spm_deformation`` (``spm``).
     """
-    if backend == "spm":
+    if options.backend == "spm":
         from .spm import init_anat_spm_wf
 
-        return init_anat_spm_wf(
-            t1w=t1w, source=source, output_dir=output_dir, bids_dir=bids_dir, spm=spm,
-            reports=reports, name=name,
-        )  # fmt: skip
+        return init_anat_spm_wf(t1w=t1w, source=source, options=options, name=name)
     from ..data.templates import template_source
     from ..interfaces.anat import (
         AnatQC,
@@ -120,9 +72,9 @@ def init_anat_preproc_wf(
         TemplateRegistration,
         TissueSegmentation,
     )
-    from ..preproc import sidecars
     from ..preproc.registration import registration_settings
 
+    sloppy, omp_nthreads, seed = options.sloppy, options.omp_nthreads, options.seed
     settings = registration_settings(sloppy)
     versions = _versions()
     syn = settings.syn_stages[0]
@@ -154,7 +106,7 @@ region analysis.""" + (" Fast, low-accuracy settings (`--sloppy`) were used." if
 
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     inputnode.inputs.t1w = str(t1w)
-    outputnode = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=ANAT_FIELDS), name="outputnode")
 
     common = {"sloppy": sloppy, "num_threads": omp_nthreads}
     bias = pe.Node(T1wBiasCorrect(**common), name="bias", n_procs=omp_nthreads, mem_gb=1.0)
@@ -207,83 +159,25 @@ region analysis.""" + (" Fast, low-accuracy settings (`--sloppy`) were used." if
     ])
     # fmt: on
 
-    t1w_uri = sidecars.bids_uri(t1w, bids_dir)
-    method = f"ANTs (antspyx {versions['antspyx']}) SyN + Atropos partial volumes"
-    native = lambda d, **kw: sidecars.native_meta([t1w_uri], t1w_uri, d, **kw)  # noqa: E731
-    sinks = {
-        "t1w_preproc": (bias, "out_file", native("bias-corrected T1w (N4)"), "float32"),
-        "t1w_mask": (segment, "brain_mask", native("brain mask", Type="Brain"), "uint8"),
-        "t1w_dseg": (
-            segment,
-            "dseg",
-            native("tissue labels (largest fraction)", Labels={"1": "GM", "2": "WM", "3": "CSF"}),
-            "uint8",
-        ),
-        "t1w_gm": (segment, "gm", native("GM partial-volume fraction"), "float32"),
-        "t1w_wm": (segment, "wm", native("WM partial-volume fraction"), "float32"),
-        "t1w_csf": (segment, "csf", native("CSF partial-volume fraction"), "float32"),
-        "gm_mni": (
-            grid,
-            "gm_mni",
-            sidecars.gm_mni_meta([t1w_uri], modulated=False, method=method),
-            "float32",
-        ),
-        "gm_mni_modulated": (
-            grid,
-            "gm_mni_modulated",
-            sidecars.gm_mni_meta([t1w_uri], modulated=True, method=method),
-            "float32",
-        ),
-        "t1w_mni": (
-            grid,
-            "t1w_mni",
-            {
-                "Description": "bias-corrected T1w on the MNI grid (QC)",
-                "Sources": [t1w_uri],
-                **sidecars.grid_meta(),
-            },
-            "float32",
-        ),
-        "t1w2mni_xfm": (
-            register,
-            "composite",
-            sidecars.xfm_meta(
-                [t1w_uri],
-                "ANTs composite transform (affine + SyN), T1w to MNI152NLin2009aSym: "
-                "antsApplyTransforms -i T1w-space image -r MNI reference -t this file",
-            ),
-            None,
-        ),
-        "mni2t1w_xfm": (
-            register,
-            "inverse_composite",
-            sidecars.xfm_meta([t1w_uri], "ANTs composite transform, MNI152NLin2009aSym to T1w"),
-            None,
-        ),
-    }
-    for key, (node, field, meta, dtype) in sinks.items():
-        ds = sink(f"ds_{key}", key, source, output_dir, meta=meta, dtype=dtype)
-        workflow.connect(node, field, ds, "in_file")
-
-    if reports:
-        from ..interfaces.reports import GridReport, SegmentationReport, T1w2MNIReport
-
-        seg_rpt = pe.Node(SegmentationReport(), name="seg_rpt", mem_gb=0.5)
-        norm_rpt = pe.Node(T1w2MNIReport(), name="t1w2mni_rpt", mem_gb=0.5)
-        regions_rpt = pe.Node(GridReport(kind="regions"), name="regions_rpt", mem_gb=0.5)
-        # fmt: off
+    derivatives_wf = init_anat_derivatives_wf(t1w=t1w, source=source, options=options)
+    workflow.connect([
+        (bias, derivatives_wf, [("out_file", "inputnode.t1w_preproc")]),
+        (segment, derivatives_wf, [("brain_mask", "inputnode.t1w_mask"),
+                                   ("dseg", "inputnode.t1w_dseg"), ("gm", "inputnode.t1w_gm"),
+                                   ("wm", "inputnode.t1w_wm"), ("csf", "inputnode.t1w_csf")]),
+        (grid, derivatives_wf, [("gm_mni", "inputnode.gm_mni"),
+                                ("gm_mni_modulated", "inputnode.gm_mni_modulated"),
+                                ("t1w_mni", "inputnode.t1w_mni")]),
+        (register, derivatives_wf, [("composite", "inputnode.t1w2mni_xfm"),
+                                    ("inverse_composite", "inputnode.mni2t1w_xfm")]),
+    ])  # fmt: skip
+    if options.reports:
+        reports_wf = init_anat_reports_wf(source=source, options=options)
         workflow.connect([
-            (bias, seg_rpt, [("out_file", "t1w")]),
-            (segment, seg_rpt, [("brain_mask", "brain_mask"), ("gm", "gm"), ("wm", "wm")]),
-            (grid, norm_rpt, [("t1w_mni", "t1w_mni")]),
-            (grid, regions_rpt, [("gm_mni", "in_file")]),
-        ])
-        # fmt: on
-        for key, node in (
-            ("fig_seg", seg_rpt),
-            ("fig_t1w2mni", norm_rpt),
-            ("fig_regions", regions_rpt),
-        ):
-            ds = sink(f"ds_{key}", key, source, output_dir)
-            workflow.connect(node, "out_report", ds, "in_file")
+            (bias, reports_wf, [("out_file", "inputnode.t1w")]),
+            (segment, reports_wf, [("brain_mask", "inputnode.brain_mask"),
+                                   ("gm", "inputnode.gm"), ("wm", "inputnode.wm")]),
+            (grid, reports_wf, [("t1w_mni", "inputnode.t1w_mni"),
+                                ("gm_mni", "inputnode.gm_mni")]),
+        ])  # fmt: skip
     return workflow

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from .anatomical import sink
+from .common import ParticipantOptions
+from .outputs import connect_model, sink
 
 
 def _map_text(item) -> str:
@@ -25,11 +24,7 @@ def init_external_pair_wf(
     *,
     pair,
     maps,
-    output_dir: Path,
-    pet_ref_region: str = "none",
-    model: Path | None = None,
-    device: str = "cpu",
-    reports: bool = True,
+    options: ParticipantOptions,
     name: str = "external_pair_wf",
 ):
     """Regions (and, with ``model``, the prediction) of one pair from existing MNI-space maps.
@@ -44,6 +39,8 @@ def init_external_pair_wf(
     named after the pair's T1w (subject, T1w session), PET outputs after the PET.
     """
     from ..interfaces.external import ExternalMaps
+
+    output_dir, pet_ref_region = options.output_dir, options.pet_ref_region
 
     workflow = Workflow(name=name)
     gm, pet = maps.gm, maps.pet
@@ -104,7 +101,7 @@ recorded with every output."""
         ds = sink(sink_name, key, src, output_dir, dtype="float32" if image else None)
         workflow.connect([(node, ds, [(out_field, "in_file"), (meta_field, "meta_dict")])])
 
-    if reports:
+    if options.reports:
         from ..interfaces.reports import GridReport
 
         for kind, out_field, key, src in (
@@ -117,15 +114,6 @@ recorded with every output."""
                 [(node, rpt, [(out_field, "in_file")]), (rpt, ds, [("out_report", "in_file")])]
             )
 
-    if model is not None:
-        import inspect
-
-        from .model import init_apply_model_wf
-
-        kwargs = {"bundle": Path(model), "output_dir": Path(output_dir), "name": "apply_model_wf"}
-        if "device" in inspect.signature(init_apply_model_wf).parameters:
-            kwargs["device"] = device
-        apply_wf = init_apply_model_wf(**kwargs)
-        apply_wf.inputs.inputnode.source_entities = source
-        workflow.connect(node, "regions", apply_wf, "inputnode.region_file")
+    if options.model is not None:
+        connect_model(workflow, node, "regions", source=source, options=options)
     return workflow

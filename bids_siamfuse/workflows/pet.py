@@ -11,7 +11,8 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from .anatomical import sink
+from .common import ParticipantOptions
+from .outputs import connect_model, init_pet_derivatives_wf, init_pet_reports_wf
 
 INPUT_FIELDS = [
     "t1w_preproc",
@@ -25,26 +26,6 @@ INPUT_FIELDS = [
 ]
 
 
-def _pet_meta(description, value, sources, ref_region, method):
-    """Sidecar of the normalized PET (a Function node: imports inside)."""
-    from bids_siamfuse.preproc.sidecars import pet_mni_meta
-
-    return pet_mni_meta(
-        sources, normalization=description, value=value, ref_region=ref_region, method=method
-    )
-
-
-def _ref_meta(notes, n_frames, sources):
-    return {
-        "Description": "PET reference: duration-weighted mean of the realigned frames"
-        if n_frames > 1
-        else "PET reference: the static PET image",
-        "Sources": list(sources),
-        "FramesAveraged": int(n_frames),
-        "Notes": list(notes),
-    }
-
-
 def init_pet_preproc_wf(
     *,
     pet: Path,
@@ -52,17 +33,7 @@ def init_pet_preproc_wf(
     source: dict,
     anat_source: dict,
     t1w: Path,
-    output_dir: Path,
-    bids_dir: Path | None,
-    backend: str = "ants",
-    sloppy: bool = False,
-    pet_ref_region: str = "none",
-    omp_nthreads: int = 1,
-    seed: int = 42,
-    spm=None,
-    model: Path | None = None,
-    device: str = "cpu",
-    reports: bool = True,
+    options: ParticipantOptions,
     name: str = "pet_preproc_wf",
 ):
     """Build the workflow of one PET series.
@@ -81,10 +52,11 @@ def init_pet_preproc_wf(
         Entities of the PET (``pair.source_entities``) and of its T1w's derivatives.
     t1w
         The pair's T1w (for provenance).
-    pet_ref_region
-        ``none`` (the paper's top-0.1% normalization) or ``cerebellum`` (SUVR).
-    model, device
-        Apply this bundle to the region file (``workflows.model.init_apply_model_wf``).
+    options
+        The run's :class:`~bids_siamfuse.workflows.common.ParticipantOptions`:
+        ``pet_ref_region`` ``none`` (the paper's top-0.1% normalization) or ``cerebellum``
+        (SUVR); with ``model``, the bundle is applied to the region file
+        (``workflows.model.init_apply_model_wf``).
 
     Inputs (``inputnode``) come from the anatomical workflow: ``t1w_preproc, brain_mask, wm,
     gm_mni_modulated, positions`` (``ants``) or ``spm_deformation`` (``spm``).
@@ -94,9 +66,11 @@ def init_pet_preproc_wf(
     from ..preproc.registration import registration_settings
     from .regions import init_regions_wf
 
+    backend, sloppy, seed = options.backend, options.sloppy, options.seed
+    omp_nthreads, pet_ref_region = options.omp_nthreads, options.pet_ref_region
     settings = registration_settings(sloppy)
-    pet_uri = sidecars.bids_uri(pet, bids_dir)
-    t1w_uri = sidecars.bids_uri(t1w, bids_dir)
+    pet_uri = sidecars.bids_uri(pet, options.bids_dir)
+    t1w_uri = sidecars.bids_uri(t1w, options.bids_dir)
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
     outputnode = pe.Node(
@@ -115,7 +89,7 @@ def init_pet_preproc_wf(
         n_procs=omp_nthreads,
         mem_gb=1.0,
     )
-    # dataset-wide wording (issue 17): the methods text covers every session of the dataset,
+    # dataset-wide wording: the methods text covers every session of the dataset,
     # static and dynamic alike; which PET was which is in the run's log (and the counts in the
     # dataset summary of logs/CITATION.md, reports/boilerplate.dataset_text)
     realign_text = (
@@ -131,7 +105,6 @@ def init_pet_preproc_wf(
         else "divided by the mean uptake of the AAL cerebellar grey matter (SUVR), voxels "
         "below 10% of the brightest-voxel mean were set to zero as background"
     )
-    method = "ANTs (antspyx) rigid + T1w transforms" if backend == "ants" else "SPM12"
     if backend == "ants":
         workflow.__desc__ = f"""\
 Each PET series was processed as follows. {realign_text}The reference was
@@ -164,13 +137,11 @@ intensity-normalized: {norm_text}."""
         xfm_node, xfm_field = coreg, "itk_file"
         # quality metrics of the session and its flag (preproc/qc.py, docs/preprocessing.md)
         session_qc = pe.Node(SessionQC(), name="session_qc", mem_gb=1.0)
-        ds_qc = sink("ds_qc", "qc", source, output_dir)
         # fmt: off
         workflow.connect([
             (inputnode, session_qc, [("anat_qc", "anat_metrics"), ("gm_mni", "gm_mni")]),
             (reference, session_qc, [("motion_table", "motion_table"), ("notes", "pet_notes")]),
             (to_grid, session_qc, [("coverage", "coverage"), ("out_file", "pet_mni")]),
-            (session_qc, ds_qc, [("out_file", "in_file"), ("meta", "meta_dict")]),
         ])
         # fmt: on
     else:
@@ -182,77 +153,26 @@ coregistered to the bias-corrected T1w with SPM12's Coregister (normalized mutua
 and written onto the 121x145x121, 1.5 mm MNI grid through the T1w's SPM12 deformation field
 (Normalise: Write, 4th-degree B-spline), then intensity-normalized: {norm_text}."""
         to_grid, xfm_node, xfm_field = init_pet_spm_nodes(
-            workflow, inputnode, reference, spm=spm, ref_region=pet_ref_region
+            workflow, inputnode, reference, spm=options.spm, ref_region=pet_ref_region
         )
 
     regions_wf = init_regions_wf(
-        output_dir=output_dir,
+        output_dir=options.output_dir,
         anat_source=anat_source,
         pet_source=source,
         sources=[pet_uri, t1w_uri],
     )
-    pet_meta_node = pe.Node(
-        niu.Function(
-            function=_pet_meta,
-            input_names=["description", "value", "sources", "ref_region", "method"],
-            output_names=["meta"],
-        ),
-        name="pet_meta",
-        run_without_submitting=True,
-    )
-    pet_meta_node.inputs.sources = [pet_uri, t1w_uri]
-    pet_meta_node.inputs.ref_region = pet_ref_region
-    pet_meta_node.inputs.method = method
-    ref_meta = pe.Node(
-        niu.Function(
-            function=_ref_meta,
-            input_names=["notes", "n_frames", "sources"],
-            output_names=["meta"],
-        ),
-        name="ref_meta",
-        run_without_submitting=True,
-    )
-    ref_meta.inputs.sources = [pet_uri]
-    ds_pet_mni = sink("ds_pet_mni", "pet_mni", source, output_dir, dtype="float32")
-    ds_pet_ref = sink("ds_pet_ref", "pet_ref", source, output_dir, dtype="float32")
-    ds_motion = sink(
-        "ds_pet_confounds",
-        "pet_confounds",
-        source,
-        output_dir,
-        meta={
-            "Description": "per-frame rigid motion relative to the PET reference",
-            "Sources": [pet_uri],
-            "trans_x": {"Description": "displacement of the reference centre", "Units": "mm"},
-            "rot_x": {"Description": "rotation angle (R = Rz Ry Rx)", "Units": "rad"},
-            "framewise_displacement": {"Description": "Power's FD, 50 mm sphere", "Units": "mm"},
-        },
-    )
-    ds_xfm = sink(
-        "ds_pet2t1w_xfm",
-        "pet2t1w_xfm",
-        source,
-        output_dir,
-        meta=sidecars.xfm_meta(
-            [pet_uri, t1w_uri],
-            "rigid PET reference to T1w transform"
-            + (
-                " (ITK text format: antsApplyTransforms -i petref -r T1w -t this file)"
-                if backend == "ants"
-                else " (SPM12 Coregister: the reference's header matrix change, 4x4 RAS)"
-            ),
-        ),
-    )
+    derivatives_wf = init_pet_derivatives_wf(pet=pet, t1w=t1w, source=source, options=options)
     # fmt: off
     workflow.connect([
-        (to_grid, pet_meta_node, [("description", "description"), ("value", "value")]),
-        (pet_meta_node, ds_pet_mni, [("meta", "meta_dict")]),
-        (to_grid, ds_pet_mni, [("out_file", "in_file")]),
-        (reference, ref_meta, [("notes", "notes"), ("n_frames", "n_frames")]),
-        (ref_meta, ds_pet_ref, [("meta", "meta_dict")]),
-        (reference, ds_pet_ref, [("ref_file", "in_file")]),
-        (reference, ds_motion, [("motion_table", "in_file")]),
-        (xfm_node, ds_xfm, [(xfm_field, "in_file")]),
+        (to_grid, derivatives_wf, [("description", "inputnode.description"),
+                                   ("value", "inputnode.value"),
+                                   ("out_file", "inputnode.pet_mni")]),
+        (reference, derivatives_wf, [("notes", "inputnode.notes"),
+                                     ("n_frames", "inputnode.n_frames"),
+                                     ("ref_file", "inputnode.pet_ref"),
+                                     ("motion_table", "inputnode.motion_table")]),
+        (xfm_node, derivatives_wf, [(xfm_field, "inputnode.xfm")]),
         (inputnode, regions_wf, [("gm_mni_modulated", "inputnode.gm_modulated")]),
         (to_grid, regions_wf, [("out_file", "inputnode.pet")]),
         (reference, outputnode, [("ref_file", "pet_ref")]),
@@ -260,40 +180,24 @@ and written onto the 121x145x121, 1.5 mm MNI grid through the T1w's SPM12 deform
         (regions_wf, outputnode, [("outputnode.regions", "regions")]),
     ])
     # fmt: on
+    if backend == "ants":
+        workflow.connect([
+            (session_qc, derivatives_wf, [("out_file", "inputnode.qc"),
+                                          ("meta", "inputnode.qc_meta")]),
+        ])  # fmt: skip
 
-    if reports:
-        from ..interfaces.reports import GridReport, PETCoregReport
-
-        pet_rpt = pe.Node(GridReport(kind="pet"), name="pet_mni_rpt", mem_gb=0.5)
-        workflow.connect(to_grid, "out_file", pet_rpt, "in_file")
-        ds = sink("ds_fig_pet_mni", "fig_pet_mni", source, output_dir)
-        workflow.connect(pet_rpt, "out_report", ds, "in_file")
+    if options.reports:
+        reports_wf = init_pet_reports_wf(source=source, options=options)
+        workflow.connect(to_grid, "out_file", reports_wf, "inputnode.pet_mni")
         if backend == "ants":
-            coreg_rpt = pe.Node(PETCoregReport(), name="coreg_rpt", mem_gb=0.5)
-            # fmt: off
             workflow.connect([
-                (inputnode, coreg_rpt, [("t1w_preproc", "t1w"), ("brain_mask", "brain_mask"),
-                                        ("wm", "wm")]),
-                (reference, coreg_rpt, [("ref_file", "pet_ref")]),
-                (coreg, coreg_rpt, [("matrix", "matrix")]),
-            ])
-            # fmt: on
-            ds = sink("ds_fig_pet_coreg", "fig_pet_coreg", source, output_dir)
-            workflow.connect(coreg_rpt, "out_report", ds, "in_file")
+                (inputnode, reports_wf, [("t1w_preproc", "inputnode.t1w_preproc"),
+                                         ("brain_mask", "inputnode.brain_mask"),
+                                         ("wm", "inputnode.wm")]),
+                (reference, reports_wf, [("ref_file", "inputnode.pet_ref")]),
+                (coreg, reports_wf, [("matrix", "inputnode.matrix")]),
+            ])  # fmt: skip
 
-    if model is not None:
-        try:
-            from .model import init_apply_model_wf
-        except ImportError as exc:  # the model workflow is not part of this build
-            from ..errors import SiamFuseError
-
-            raise SiamFuseError(f"--model: model application is not available ({exc})") from None
-        import inspect
-
-        kwargs = {"bundle": Path(model), "output_dir": Path(output_dir), "name": "apply_model_wf"}
-        if "device" in inspect.signature(init_apply_model_wf).parameters:
-            kwargs["device"] = device
-        apply_wf = init_apply_model_wf(**kwargs)
-        apply_wf.inputs.inputnode.source_entities = dict(source)
-        workflow.connect(regions_wf, "outputnode.regions", apply_wf, "inputnode.region_file")
+    if options.model is not None:
+        connect_model(workflow, regions_wf, "outputnode.regions", source=source, options=options)
     return workflow

@@ -1,4 +1,4 @@
-"""Region extraction workflow (issue 4): AAL116 regions of the GM and PET maps."""
+"""Region extraction workflow: AAL116 regions of the GM and PET maps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from .anatomical import sink
+from .outputs import sink
 
 
 def init_regions_wf(

@@ -21,7 +21,8 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..preproc.spm import BOUNDING_BOX, SPM_RELEASE, VOXEL_SIZE
-from .anatomical import OUTPUT_FIELDS, sink
+from .common import ANAT_FIELDS, ParticipantOptions
+from .outputs import init_anat_derivatives_wf, init_anat_reports_wf
 
 
 def _first(items):
@@ -39,18 +40,16 @@ def init_anat_spm_wf(
     *,
     t1w: Path,
     source: dict,
-    output_dir: Path,
-    bids_dir: Path | None,
-    spm,
-    reports: bool = True,
+    options: ParticipantOptions,
     name: str = "anat_preproc_wf",
 ):
     """SPM12 segmentation and normalization of one T1w (same ``outputnode`` as the ANTs one).
 
-    ``spm``: the :class:`~bids_siamfuse.preproc.spm.SPMInstall` (command, TPM).
+    ``options.spm``: the :class:`~bids_siamfuse.preproc.spm.SPMInstall` (command, TPM).
     """
     from ..interfaces.spm import GridConform, SPMTissues, ToNifti, spm12_segment
-    from ..preproc import sidecars
+
+    spm = options.spm
 
     workflow = Workflow(name=name)
     workflow.__desc__ = f"""\
@@ -64,7 +63,7 @@ was written in MNI space on a 121x145x121 grid of 1.5 mm voxels (bounding box
 deformation (*mwc1*), the input of the region analysis."""
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     inputnode.inputs.t1w = str(t1w)
-    outputnode = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=ANAT_FIELDS), name="outputnode")
     to_nifti = pe.Node(ToNifti(out_name="t1w.nii"), name="to_nifti")
     segment = pe.Node(spm12_segment(str(spm.tpm), **spm.node_inputs()), name="segment")
     segment.interface._references = []  # nipype's generic SPM citation; ours is in __desc__
@@ -110,48 +109,28 @@ deformation (*mwc1*), the input of the region analysis."""
         (forward, outputnode, [("out", "spm_deformation")]),
     ])
     # fmt: on
-    t1w_uri = sidecars.bids_uri(t1w, bids_dir)
-    method = f"{SPM_RELEASE} unified segmentation"
-    native = lambda d, **kw: sidecars.native_meta([t1w_uri], t1w_uri, d, **kw)  # noqa: E731
-    sinks = {
-        "t1w_preproc": (bias_corrected, "out", native("bias-corrected T1w (SPM12)"), "float32"),
-        "t1w_mask": (tissues, "brain_mask", native("brain mask (c1+c2+c3 > 0.5)"), "uint8"),
-        "t1w_dseg": (tissues, "dseg", native("tissue labels", Labels={"1": "GM", "2": "WM",
-                                                                      "3": "CSF"}), "uint8"),
-        "t1w_gm": (c1, "out", native("GM probability (SPM12 c1)"), "float32"),
-        "t1w_wm": (c2, "out", native("WM probability (SPM12 c2)"), "float32"),
-        "t1w_csf": (c3, "out", native("CSF probability (SPM12 c3)"), "float32"),
-        "gm_mni": (gm_grid, "out_file",
-                   sidecars.gm_mni_meta([t1w_uri], modulated=False, method=method), "float32"),
-        "gm_mni_modulated": (mgm_grid, "out_file",
-                             sidecars.gm_mni_meta([t1w_uri], modulated=True, method=method),
-                             "float32"),
-        "t1w2mni_xfm_spm": (forward, "out", sidecars.xfm_meta(
-            [t1w_uri], "SPM12 forward deformation field (y_*.nii): MNI position of each voxel "
-            "of its grid, for Normalise: Write / the Deformations utility"), None),
-        "mni2t1w_xfm_spm": (inverse, "out", sidecars.xfm_meta(
-            [t1w_uri], "SPM12 inverse deformation field (iy_*.nii)"), None),
-    }  # fmt: skip
-    for key, (node, field, meta, dtype) in sinks.items():
-        ds = sink(f"ds_{key}", key, source, output_dir, meta=meta, dtype=dtype)
-        workflow.connect(node, field, ds, "in_file")
-    if reports:
-        from ..interfaces.reports import GridReport, SegmentationReport
-
-        seg_rpt = pe.Node(SegmentationReport(), name="seg_rpt", mem_gb=0.5)
-        regions_rpt = pe.Node(GridReport(kind="regions"), name="regions_rpt", mem_gb=0.5)
-        # fmt: off
+    derivatives_wf = init_anat_derivatives_wf(t1w=t1w, source=source, options=options)
+    workflow.connect([
+        (bias_corrected, derivatives_wf, [("out", "inputnode.t1w_preproc")]),
+        (tissues, derivatives_wf, [("brain_mask", "inputnode.t1w_mask"),
+                                   ("dseg", "inputnode.t1w_dseg")]),
+        (c1, derivatives_wf, [("out", "inputnode.t1w_gm")]),
+        (c2, derivatives_wf, [("out", "inputnode.t1w_wm")]),
+        (c3, derivatives_wf, [("out", "inputnode.t1w_csf")]),
+        (gm_grid, derivatives_wf, [("out_file", "inputnode.gm_mni")]),
+        (mgm_grid, derivatives_wf, [("out_file", "inputnode.gm_mni_modulated")]),
+        (forward, derivatives_wf, [("out", "inputnode.t1w2mni_xfm_spm")]),
+        (inverse, derivatives_wf, [("out", "inputnode.mni2t1w_xfm_spm")]),
+    ])  # fmt: skip
+    if options.reports:
+        reports_wf = init_anat_reports_wf(source=source, options=options)
         workflow.connect([
-            (bias_corrected, seg_rpt, [("out", "t1w")]),
-            (tissues, seg_rpt, [("brain_mask", "brain_mask")]),
-            (c1, seg_rpt, [("out", "gm")]),
-            (c2, seg_rpt, [("out", "wm")]),
-            (gm_grid, regions_rpt, [("out_file", "in_file")]),
-        ])
-        # fmt: on
-        for key, node in (("fig_seg", seg_rpt), ("fig_regions", regions_rpt)):
-            ds = sink(f"ds_{key}", key, source, output_dir)
-            workflow.connect(node, "out_report", ds, "in_file")
+            (bias_corrected, reports_wf, [("out", "inputnode.t1w")]),
+            (tissues, reports_wf, [("brain_mask", "inputnode.brain_mask")]),
+            (c1, reports_wf, [("out", "inputnode.gm")]),
+            (c2, reports_wf, [("out", "inputnode.wm")]),
+            (gm_grid, reports_wf, [("out_file", "inputnode.gm_mni")]),
+        ])  # fmt: skip
     return workflow
 
 
