@@ -230,10 +230,9 @@ class Settings:
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"config-{self.execution.run_uuid}.toml"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_toml())
-        os.replace(tmp, path)
-        return path
+        from .atomic import write_text
+
+        return write_text(path, self.to_toml())
 
 
 def _flatten(values: dict) -> dict:

@@ -1,13 +1,11 @@
 """Writing a group run's task folder (``OUTPUT_DIR/group/<A>_vs_<B>/``, see ``docs/outputs.md``):
 tables, region maps, the final model's bundle and ``summary.json`` (:func:`write_group_outputs`);
 the folder is built under a hidden name and swapped into place when complete
-(:func:`swap_into_place`).
+(:func:`bids_siamfuse.atomic.swap_folder`).
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -367,19 +365,3 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
     save_json(folder / "summary.json", bundles._jsonable(summary))
     written.append("summary.json")
     return written
-
-
-def swap_into_place(staging: Path, final: Path) -> None:
-    """Replace ``final`` with the complete ``staging`` folder (the old one removed after)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-    try:
-        staging.rename(final)
-    except OSError:
-        if old is not None:
-            old.rename(final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import swap_folder
 from ..errors import CannotWriteError, SiamFuseError
-from .outputs import swap_into_place, write_group_outputs
+from .outputs import write_group_outputs
 from .plan import GroupPlan
 
 LOGGER = logging.getLogger("bids_siamfuse.group")
@@ -150,7 +151,7 @@ def run_group(settings, plan: GroupPlan) -> int:
     staging = parent / f".{plan.out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         write_group_outputs(staging, plan, data, result, settings=settings)
-        swap_into_place(staging, plan.out_dir)
+        swap_folder(staging, plan.out_dir)
     except OSError as exc:
         raise CannotWriteError(f"cannot write {plan.out_dir}: {exc.strerror or exc}") from None
     finally:

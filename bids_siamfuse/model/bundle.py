@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CannotWriteError, DataError, NoInputError
+from ..atomic import atomic_write
+from ..errors import DataError, NoInputError
 from .data import RegionLayout, check_signature
 
 BUNDLE_FORMAT = "bids_siamfuse-model-bundle"
@@ -96,27 +95,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then move into place; nothing is left behind on failure."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -162,7 +140,7 @@ def save_bundle(
     payload["layout.offsets"] = np.ascontiguousarray(layout.offsets, dtype=np.int64)
     payload["layout.local_index"] = np.ascontiguousarray(layout.local_index, dtype=np.int32)
     weights = folder / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(payload, str(tmp)))
+    atomic_write(weights, lambda tmp: save_file(payload, str(tmp)))
     meta = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
@@ -186,7 +164,7 @@ def save_bundle(
     meta["content_sha256"] = content_hash(meta)
     path = folder / META_NAME
     text = json.dumps(_jsonable(meta), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
