@@ -91,7 +91,7 @@ class ModelSettings:
     folds: int = 5
     repeats: int = 1
     epochs: int = 200
-    batch_size: int = 32  # issue 16: chosen on speed and accuracy (docs/benchmarks.md)
+    batch_size: int = 32  # chosen on speed and accuracy (docs/benchmarks.md)
     learning_rate: float = 1e-3
     early_stop_loss: float = 0.01
     patience: int = 20

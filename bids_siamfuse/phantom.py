@@ -1,4 +1,4 @@
-"""A physically simulated T1w phantom with known tissue volumes (issue 17, item 3).
+"""A physically simulated T1w phantom with known tissue volumes (docs/preprocessing.md).
 
 BrainWeb (the usual reference) downloads from its site at run time, which is neither allowed
 nor reachable here, so the phantom is built the way BrainWeb was: a *sharp* tissue model at a

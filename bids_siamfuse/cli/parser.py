@@ -359,7 +359,7 @@ def _add_model_args(parser):
         "no longer bit-reproducible between runs or GPU counts (measured speed gain on an H200: "
         "none to 5 %%; see docs/benchmarks.md)",
     )
-    # issue 12 (model variants and ablations)
+    # model variants and ablations
     g.add_argument(
         "--fusion",
         dest="fusion",
@@ -387,7 +387,7 @@ def _add_model_args(parser):
 
 
 def _add_qc_args(parser):
-    # issue 17: separate function so the model-argument group above stays as it was
+    # separate function so the model-argument group above stays as it was
     g = parser.add_argument_group("Quality control")
     _switch(
         g,

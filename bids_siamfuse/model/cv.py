@@ -176,7 +176,7 @@ def cross_validate(
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-        release_device_rows()  # this process's GPU copy of the cohort (issue 16)
+        release_device_rows()  # this process's GPU copy of the cohort
     res = CVResult(classes=classes)
     _collect(
         res,

@@ -352,7 +352,7 @@ class Standardizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# the cohort on the GPU (issue 16): uploaded once per process, indexed by every fit
+# the cohort on the GPU: uploaded once per process, indexed by every fit
 # ---------------------------------------------------------------------------------------------
 
 #: at most this share of a device's memory holds a resident cohort (beyond it: upload per call)

@@ -408,7 +408,7 @@ def grid_key(grid: RegionGrid) -> str:
 
 
 def cached_geometry(grid: RegionGrid, **kwargs) -> tuple[Geometry, tuple]:
-    """:func:`build_geometry` once per grid and settings in this process (issue 16: it was
+    """:func:`build_geometry` once per grid and settings in this process (it was
     rebuilt for every fit, ~1.1 s of each fold on the H200 machine's CPU; ~9 s on 2 loaded
     cores), and the cache key. The tables are a pure function of the key, so a cached
     geometry gives the same model bit for bit; callers must not modify it."""

@@ -28,7 +28,7 @@ class TrainConfig:
     """Everything :func:`fit` can be told (see the module docstring)."""
 
     epochs: int = 200  # max epochs of siamese training (and of the attention stage)
-    # 32 (issue 16): 1.38x the engine's speed at 16 and a 23 % shorter CV on an H200, the same
+    # 32: 1.38x the engine's speed at 16 and a 23 % shorter CV on an H200, the same
     # balanced accuracy within one subject on the development cohort (docs/benchmarks.md)
     batch_size: int = 32
     learning_rate: float = 1e-3

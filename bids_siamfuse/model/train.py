@@ -103,7 +103,7 @@ def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
     layout = train.layout
     t0 = time.perf_counter()
 
-    # issue 16: on CUDA the raw rows come from the cohort kept on the device and the
+    # on CUDA the raw rows come from the cohort kept on the device and the
     # standardizer is fit there (1.1 s on the host per 200-subject fit before)
     raw = device_rows(train, device) if numerics.device_inputs(device) else None
     if raw is not None:

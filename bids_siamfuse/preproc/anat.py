@@ -249,7 +249,7 @@ def _masked_correlation(fixed, moved, mask) -> float:
 
 #: Below this correlation (template vs affinely moved head, in the template brain mask) the
 #: affine is taken as stuck in a wrong orientation and a rotation search runs. Real upright
-#: heads with skull give 0.54-0.59 (issue 17: the old threshold of 0.6 fired on every one);
+#: heads with skull give 0.54-0.59 (the old threshold of 0.6 fired on every one);
 #: the upright phantom of tests/test_preproc_anat.py 0.7, the same head turned 90 degrees
 #: well under 0.45 when the affine is stuck (docs/preprocessing.md, "Quality control").
 AFFINE_SEARCH_BELOW = 0.45

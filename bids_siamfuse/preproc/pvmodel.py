@@ -120,7 +120,7 @@ def pv_fractions(image: np.ndarray, model: PVModel, wm_side: np.ndarray):
     ``wm_side``: which pair of tissues the voxel can mix, from the posteriors: False/0 CSF/GM,
     True/1 GM/WM, 2 CSF/WM (:data:`CSF_WM`: the walls of the ventricles, where no GM lies
     between CSF and WM; a half-CSF half-WM voxel has the intensity of GM, and a CSF/GM or
-    GM/WM model counts it as GM: the thin GM rim that lined the ventricles, issue 17).
+    GM/WM model counts it as GM: the thin GM rim that lined the ventricles on real scans).
     Computed on a 2048-level table of intensities spanning the model's range (CSF mean - 8
     sigma to WM mean + 8 sigma), then interpolated.
     """

@@ -36,13 +36,13 @@ class Threshold:
 
 #: metric -> reference range. ``None``: no bound on that side. See docs/preprocessing.md.
 THRESHOLDS: dict[str, Threshold] = {
-    # acquisition: thick slices make the tissue classes collapse (issue 17: 1x1x3 mm)
+    # acquisition: thick slices make the tissue classes collapse (seen on a real 1x1x3 mm T1w)
     "t1w_voxel_max_mm": Threshold(None, 2.0, "mm", "thick slices (largest voxel side)"),
     # MRIQC-style image quality (bias-corrected T1w, pure-tissue voxels)
     "t1w_snr_wm": Threshold(5.0, None, "", "low T1w SNR in white matter"),
     "t1w_cnr": Threshold(1.0, None, "", "low T1w grey/white contrast-to-noise"),
     # segmentation: the Atropos class means (WM - GM) / WM; ~0.25-0.45 on T1w, 0.08 on the
-    # collapsed 1x1x3 mm run of issue 17 (GM 792, WM 861)
+    # collapsed real 1x1x3 mm run (GM 792, WM 861)
     "seg_gm_wm_contrast": Threshold(0.12, None, "", "tissue classes collapsed (GM/WM means)"),
     # tissue fractions of the total intracranial volume (brain-mask GM + WM + CSF)
     "gm_fraction": Threshold(0.30, 0.60, "", "implausible GM fraction of TIV"),
@@ -51,7 +51,7 @@ THRESHOLDS: dict[str, Threshold] = {
     # generous upper end: the synthetic cohort's template-sized brains measure ~2250 mL
     "tiv_ml": Threshold(900.0, 2800.0, "mL", "implausible intracranial volume"),
     # registration: correlations with the template (masked); real upright heads give 0.54-0.59
-    # after the affine (issue 17), a wrong orientation far less
+    # after the affine, a wrong orientation far less
     "affine_correlation": Threshold(0.45, None, "", "poor affine fit to the template"),
     "t1w_template_correlation": Threshold(0.60, None, "", "poor nonlinear fit to the template"),
     # modulated-free GM on the grid vs the template GM: 0.57-0.68 on real runs, 0.29 collapsed

@@ -108,7 +108,7 @@ def _local_means(image, posteriors, mask, voxel_mm: float, sigma_mm: float = 20.
     return means, global_means
 
 
-#: Set to 1 to get the partial-volume step as it was before issue 17's CSF fixes (no CSF
+#: Set to 1 to get the partial-volume step as it was before the CSF fixes (no CSF
 #: anchoring, no CSF/WM pair): for comparisons only (docs/preprocessing.md, "Phantom").
 LEGACY_PV_VARIABLE = "BIDS_SIAMFUSE_LEGACY_PV"
 #: CSF/WM mixtures (ventricle walls) are looked for this deep in the brain mask (mm): the
@@ -144,7 +144,7 @@ def tissue_pairs(wm_side, brain, p_csf, p_wm, prior_gm, spacing) -> np.ndarray:
     the brain mask, has a CSF voxel (posterior > 0.5) and a WM voxel (> 0.5) within 2 mm, and
     the template's GM prior is < 0.5 (the caudate and thalamus, GM that does touch the
     ventricles, keep CSF/GM). Without it, a ventricle wall voxel (half CSF, half WM: the
-    intensity of GM) was counted as GM: the GM rim along the ventricles of issue 17; on the
+    intensity of GM) was counted as GM: the GM rim along the ventricles of real scans; on the
     phantom the central regions' GM was +11 % and their CSF -12 %.
     """
     sp = np.asarray(spacing, dtype=float)

@@ -11,6 +11,7 @@ from .. import __version__
 from ..bids import atomic_path, ensure_dataset_description, save_json
 from ..errors import CannotWriteError, UsageError
 from . import effects
+from .effect_cohort import make_subject as make_effect_subject
 from .effect_cohort import write_truth_tables
 from .head import (
     EFFECTS,
@@ -71,7 +72,7 @@ def _fork_worker_init():
 
 def _run_subject(args):
     spec, opts = args
-    return make_subject(spec, opts)
+    return subject_maker(opts)(spec, opts)
 
 
 def generate(
@@ -144,7 +145,7 @@ def generate(
         with ctx.Pool(min(jobs, len(specs)), initializer=_fork_worker_init) as pool:
             rows = pool.map(_run_subject, [(s, opts) for s in specs], chunksize=1)
     else:
-        rows = [make_subject(s, opts) for s in specs]
+        rows = [subject_maker(opts)(s, opts) for s in specs]
 
     if settings is not None:
         return _write_effect_cohort(out, rows, opts, groups, n_per_group)
@@ -322,3 +323,8 @@ def _write_dataset_files(out: Path, rows, opts: CohortOptions, head) -> None:
             )
             with atomic_path(out / label / f"{label}_sessions.tsv") as tmp:
                 sessions.to_csv(tmp, sep="\t", index=False)
+
+
+def subject_maker(opts: CohortOptions):
+    """The subject generator of this cohort: the realistic ``--effect`` one or the original."""
+    return make_effect_subject if opts.effect is not None else make_subject

@@ -215,12 +215,9 @@ def make_subject(spec: SubjectSpec, opts: CohortOptions) -> dict:
 
     All random choices come from the subject's generator in a fixed order, and image noise from
     generators of their own, so ``raw=False`` (derivatives only) gives the same subjects.
-    ``--effect`` cohorts are made by :func:`bids_siamfuse.synth.effect_cohort.make_subject`.
+    ``--effect`` cohorts are made by :func:`bids_siamfuse.synth.effect_cohort.make_subject`
+    (:func:`bids_siamfuse.synth.cohort.subject_maker` picks one).
     """
-    if opts.effect is not None:
-        from .effect_cohort import make_subject as make_effect_subject
-
-        return make_effect_subject(spec, opts)
     t0 = time.time()
     head = head_model()
     params = subject_parameters(spec, len(head.aal_names), head.aal_names)
