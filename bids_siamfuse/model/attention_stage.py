@@ -17,12 +17,12 @@ Fusion variants, gate, ablations
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .attention import AttentionClassifier
+from .graphed import GraphedStep
 from .losses import similarity
 from .options import TrainConfig, _emit
 
@@ -74,7 +74,7 @@ def region_feature_set(emb: torch.Tensor, fset: str) -> tuple[torch.Tensor, tupl
     return torch.cat([parts[n].float() for n in names], dim=-1), groups
 
 
-class _AttentionStep:
+class _AttentionStep(GraphedStep):
     """One Adam step of an attention head on a batch of row indices (device tensor).
 
     The head is small (a few thousand to 500k weights) and its step is ~40 short kernels:
@@ -83,21 +83,16 @@ class _AttentionStep:
     the first ``WARMUP`` full batches and partial batches run eagerly (the same kernels).
     """
 
-    WARMUP = 3
+    WHAT = "attention"
 
     def __init__(self, att, x, y, weight, lr, batch_size):
         self.att, self.x, self.y, self.weight = att, x, y, weight
-        self.device = x.device
-        self.graphs = self.device.type == "cuda"
-        kwargs = {"fused": True, "capturable": True} if self.graphs else {"foreach": True}
+        graphs = x.device.type == "cuda"
+        kwargs = {"fused": True, "capturable": True} if graphs else {"foreach": True}
         self.opt = torch.optim.Adam(
             list(att.parameters()), lr=lr, weight_decay=ATTENTION_WEIGHT_DECAY, **kwargs
         )
-        self.batch_size = batch_size
-        self.graph = None
-        self.warm = 0
-        if self.graphs:
-            self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._setup_graph(x.device, batch_size, graphs)
 
     def _eager(self, idx):
         logits = self.att(self.x.index_select(0, idx))
@@ -106,36 +101,6 @@ class _AttentionStep:
         loss.backward()
         self.opt.step()
         return loss.detach()
-
-    def __call__(self, idx):
-        if not self.graphs or idx.numel() != self.batch_size:
-            return self._eager(idx)
-        if self.graph is None and self.warm < self.WARMUP:
-            self.warm += 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                loss = self._eager(idx)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return loss
-        if self.graph is None:
-            self.static_idx.copy_(idx)
-            self.opt.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.static_loss = self._eager(self.static_idx)
-            except RuntimeError as exc:  # capture unsupported here: stay eager
-                warnings.warn(
-                    f"CUDA graph capture failed ({exc}); attention without graphs", stacklevel=2
-                )
-                self.graphs = False
-                self.opt.zero_grad(set_to_none=True)
-                return self._eager(idx)
-            self.graph = graph
-        self.static_idx.copy_(idx)
-        self.graph.replay()
-        return self.static_loss.clone()
 
 
 def train_attention(

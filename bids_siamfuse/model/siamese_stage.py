@@ -6,11 +6,11 @@ captured CUDA graph of the whole step (:class:`SiameseStep`). See :mod:`.train`,
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 
+from .graphed import GraphedStep
 from .losses import hinge, siamese_loss, similarity
 from .numerics import _batch, _embed
 from .options import TrainConfig, _emit
@@ -141,7 +141,7 @@ class _RegionEarlyStop:
             p.copy_(b)
 
 
-class SiameseStep:
+class SiameseStep(GraphedStep):
     """One optimizer step of all region networks on a batch of subject indices.
 
     On CUDA with ``graphs=True``, full-size batches replay a captured CUDA graph of the whole
@@ -151,22 +151,15 @@ class SiameseStep:
     paths run the same kernels on the same tensors.
     """
 
-    WARMUP = 3
-
     def __init__(self, bank, xm, xp, t, dtype, lr, batch_size, graphs: bool):
         self.bank, self.xm, self.xp, self.t, self.dtype = bank, xm, xp, t, dtype
         self.params = [bank.param(n) for n in PARAM_NAMES]
-        self.device = xm.device
-        self.graphs = bool(graphs) and self.device.type == "cuda"
-        if self.device.type == "cuda":
-            self.opt = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=self.graphs)
+        graphs = bool(graphs) and xm.device.type == "cuda"
+        if xm.device.type == "cuda":
+            self.opt = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=graphs)
         else:
             self.opt = torch.optim.Adam(self.params, lr=lr, foreach=True)
-        self.batch_size = batch_size
-        self.graph = None
-        self.warm = 0
-        if self.graphs:
-            self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._setup_graph(xm.device, batch_size, graphs)
 
     def _eager(self, idx: torch.Tensor) -> torch.Tensor:
         b = idx.numel()
@@ -176,37 +169,6 @@ class SiameseStep:
         losses.sum().backward()
         self.opt.step()
         return losses.detach()
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        """Train on ``idx`` (device tensor); returns the per-region losses (R,) before the step."""
-        if not self.graphs or idx.numel() != self.batch_size:
-            return self._eager(idx)
-        if self.graph is None and self.warm < self.WARMUP:
-            self.warm += 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                losses = self._eager(idx)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return losses
-        if self.graph is None:
-            self.static_idx.copy_(idx)
-            self.opt.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.static_losses = self._eager(self.static_idx)
-            except RuntimeError as exc:  # capture unsupported here: stay eager
-                warnings.warn(
-                    f"CUDA graph capture failed ({exc}); training without graphs", stacklevel=2
-                )
-                self.graphs = False
-                self.opt.zero_grad(set_to_none=True)
-                return self._eager(idx)
-            self.graph = graph
-        self.static_idx.copy_(idx)
-        self.graph.replay()
-        return self.static_losses.clone()
 
 
 def train_siamese(
