@@ -131,9 +131,7 @@ def test_region_outputs_against_known_volumes(tmp_path):
 
 def test_load_cohort(synth_derivs):
     parts = read_participants(synth_derivs)
-    ds = load_cohort(
-        synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD")
-    )
+    ds = load_cohort(synth_derivs / "derivatives" / "bids_siamfuse", parts, classes=("CN", "AD"))
     assert isinstance(ds, RegionDataset)
     n_files = len(list(synth_derivs.glob("derivatives/bids_siamfuse/sub-*/ses-*/pet/*.npz")))
     assert len(ds) == n_files and len(set(ds.subjects)) == 24
