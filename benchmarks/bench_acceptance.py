@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,19 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "host": platform.node()}
-    try:
-        info["load"] = os.getloadavg()
-    except OSError:  # pragma: no cover
-        pass
-    import torch
-
-    info["torch"] = torch.__version__
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
+from bench_group import machine  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 # ----------------------------------------------------------------------------------------------
 # make
