@@ -14,7 +14,8 @@ for, pinned to ``--cpus`` with ``taskset`` when given, and records:
 * whether the outputs of the baseline and the measured run are the same
   (``benchmarks/compare_outputs.py``: NIfTI decompressed, provenance masked).
 
-Runs (``--runs``, in order; each ``NAME`` is ``kind:subjects:nprocs[:omp]``):
+Runs (``--runs``, in order; each ``NAME`` is ``kind:subjects:nprocs[:omp[:timeout]]``;
+``A+B`` runs A and B at the same time, e.g. on disjoint ``--cpus-for`` sets):
 
 * ``new``: the current scheduling (``participant/resources.py``);
 * ``legacy``: the previous scheduling in the same code (``BIDS_SIAMFUSE_LEGACY_SCHEDULING=1``:
@@ -159,20 +160,22 @@ def cohort(dataset: Path, subjects: int, seed: int, jobs: int, env: dict) -> lis
     return have[:subjects]
 
 
-def parse_run(text: str) -> dict:
+def parse_run(text: str, timeout: float) -> dict:
     parts = text.split(":")
-    if len(parts) not in (3, 4):
-        raise SystemExit(f"--runs {text!r}: use kind:subjects:nprocs[:omp]")
+    if len(parts) not in (3, 4, 5):
+        raise SystemExit(f"--runs {text!r}: use kind:subjects:nprocs[:omp[:timeout]]")
     return {
         "name": text,
         "kind": parts[0],
         "subjects": int(parts[1]),
         "nprocs": int(parts[2]),
-        "omp": int(parts[3]) if len(parts) == 4 and parts[3] else 0,
+        "omp": int(parts[3]) if len(parts) >= 4 and parts[3] else 0,
+        "timeout": float(parts[4]) if len(parts) == 5 and parts[4] else timeout,
     }
 
 
-def run_one(spec: dict, labels: list[str], args, base_env: dict, folder: Path) -> dict:
+def start_run(spec: dict, labels: list[str], args, base_env: dict, folder: Path) -> dict:
+    """Start one run (a child process in its own session) and its memory sampler."""
     out, work = folder / "out", folder / "work"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -195,32 +198,53 @@ def run_one(spec: dict, labels: list[str], args, base_env: dict, folder: Path) -
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
     log = (folder / "run.log").open("w")
-    started = time.monotonic()
+    started, epoch = time.monotonic(), time.time()
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     sampler = Sampler(proc.pid, args.interval)
     sampler.start()
-    timed_out = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() - started > args.timeout:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)
-            time.sleep(5)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            pid, status, usage = os.wait4(proc.pid, 0)
+    return {"spec": spec, "proc": proc, "log": log, "sampler": sampler, "started": started,
+            "epoch": epoch, "cpus": cpus, "out": out, "folder": folder, "status": None,
+            "usage": None, "timed_out": False}  # fmt: skip
+
+
+def _stop(run: dict) -> None:
+    run["timed_out"] = True
+    pid = run["proc"].pid
+    os.killpg(pid, signal.SIGTERM)  # the app writes its status table and stops its workers
+    for _ in range(50):
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            run["status"], run["usage"] = status, usage
             break
         time.sleep(0.2)
-    wall = time.monotonic() - started
+    else:
+        os.killpg(pid, signal.SIGKILL)
+        _, run["status"], run["usage"] = os.wait4(pid, 0)
+    run["wall"] = time.monotonic() - run["started"]
+
+
+def wait_runs(runs: list[dict], deadline: float) -> None:
+    """Wait for every run; those still going at ``deadline`` (monotonic) are stopped."""
+    while any(r["status"] is None for r in runs):
+        for run in runs:
+            if run["status"] is not None:
+                continue
+            pid, status, usage = os.wait4(run["proc"].pid, os.WNOHANG)
+            if pid:
+                run["status"], run["usage"] = status, usage
+                run["wall"] = time.monotonic() - run["started"]
+            elif time.monotonic() > deadline:
+                _stop(run)
+        time.sleep(0.2)
+
+
+def finish_run(run: dict, args) -> dict:
+    spec, sampler, out, cpus = run["spec"], run["sampler"], run["out"], run["cpus"]
     sampler.stop()
-    log.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    run["log"].close()
+    wall, usage = run["wall"], run["usage"]
     cores = len(_cpu_list(cpus)) if cpus else os.cpu_count()
     cpu = usage.ru_utime + usage.ru_stime
     rows = []
@@ -228,12 +252,15 @@ def run_one(spec: dict, labels: list[str], args, base_env: dict, folder: Path) -
         with table.open() as handle:
             rows += list(csv.DictReader(handle, delimiter="\t"))
     ok = sum(r.get("status") in ("ok", "flagged") for r in rows)
+    steps_done = 0
+    for path in (out / "logs").glob("resources-*.jsonl"):
+        steps_done += sum('"status": "end"' in line for line in path.read_text().splitlines())
     result = {
         **spec,
         "cpus": cpus or f"all ({cores})",
         "cores": cores,
-        "exit": proc.returncode,
-        "timed_out": timed_out,
+        "exit": os.waitstatus_to_exitcode(run["status"]),
+        "timed_out": run["timed_out"],
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
         "cpu_use": round(cpu / (wall * cores), 3) if wall else None,
@@ -244,12 +271,15 @@ def run_one(spec: dict, labels: list[str], args, base_env: dict, folder: Path) -
         "samples": sampler.samples,
         "pairs_done": ok,
         "pairs_failed": len(rows) - ok,
+        "pairs_per_min": round(ok / wall * 60, 2) if wall else None,
+        "steps_done": steps_done,
+        "steps_per_min": round(steps_done / wall * 60, 1) if wall else None,
+        "started_epoch": run["epoch"],
         "out": str(out),
     }
     if args.steps:
         result["steps"] = step_table(out)
-    tail = (folder / "run.log").read_text(errors="replace").splitlines()[-3:]
-    result["log_tail"] = tail
+    result["log_tail"] = (run["folder"] / "run.log").read_text(errors="replace").splitlines()[-3:]
     return result
 
 
@@ -312,25 +342,40 @@ def same_outputs(a: dict, b: dict, labels: list[str]) -> dict:
     }
 
 
+def steps_within(result: dict, seconds: float) -> int:
+    """Steps of a run (``--steps``) that had ended ``seconds`` after it started."""
+    from datetime import datetime
+
+    limit, count = result["started_epoch"] + seconds, 0
+    for path in (Path(result["out"]) / "logs").glob("resources-*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("status") == "end" and rec.get("end"):
+                count += datetime.fromisoformat(str(rec["end"])).timestamp() <= limit
+    return count
+
+
 def table(results: list[dict]) -> None:
-    cols = (
-        "name",
-        "cpus",
-        "wall_s",
-        "wall_per_subject_s",
-        "cpu_use",
-        "peak_pss_gb",
-        "peak_rss_gb",
-    )
-    cols += ("pairs_done", "pairs_failed", "timed_out")
+    cols = ("name", "cpus", "wall_s", "wall_per_subject_s", "cpu_use", "peak_pss_gb")
+    cols += ("peak_rss_gb", "pairs_done", "pairs_failed", "pairs_per_min", "timed_out")
     print("\t".join(cols))
     for r in results:
         print("\t".join(str(r.get(c)) for c in cols))
-    base = {r["subjects"]: r for r in results if r["kind"] != "new"}
     for r in results:
-        b = base.get(r["subjects"])
-        if r["kind"] == "new" and b and b["nprocs"] == r["nprocs"] and not b["timed_out"]:
-            print(f"{r['name']}: {b['wall_s'] / r['wall_s']:.2f}x faster than {b['name']}")
+        if r["kind"] != "new":
+            continue
+        for b in results:  # the baselines on as many processes
+            if b["kind"] == "new" or b["nprocs"] != r["nprocs"]:
+                continue
+            if b["subjects"] == r["subjects"] and not (b["timed_out"] or r["timed_out"]):
+                print(f"{r['name']}: {b['wall_s'] / r['wall_s']:.2f}x faster than {b['name']}")
+            elif b["timed_out"] and b["subjects"] == r["subjects"]:
+                # a baseline stopped early: steps each run had finished after as long
+                ours, theirs = steps_within(r, b["wall_s"]), b["steps_done"]
+                print(
+                    f"{r['name']}: {ours} steps done in the first {b['wall_s']:.0f} s, "
+                    f"{b['name']}: {theirs} ({ours / max(theirs, 1):.2f}x)"
+                )
 
 
 def main(argv=None) -> int:
@@ -346,6 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", default="", help="taskset CPU list for every run (e.g. 0-15)")
     p.add_argument("--cpus-for", nargs="*", default=[], metavar="RUN=CPUS")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    p.add_argument("--deadline", type=float, default=0, help="seconds for everything (0: none)")
+    p.add_argument("--min-left", type=float, default=30, help="start no run with less left")
     p.add_argument("--interval", type=float, default=0.5, help="memory sampling period (s)")
     p.add_argument("--steps", action="store_true", help="--resource-monitor: peaks per step")
     p.add_argument(
@@ -353,6 +400,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    deadline = time.monotonic() + args.deadline if args.deadline else float("inf")
     args.cpus_for = dict(item.split("=", 1) for item in args.cpus_for)
     args.extra_path = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
     args.dataset = args.dataset.absolute()
@@ -360,26 +408,39 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "NILEARN_DATA"}
     env.setdefault("PYTHONPATH", str(ROOT))
     env["PYTHONUNBUFFERED"] = "1"
-    specs = [parse_run(r) for r in args.runs]
+    specs = [[parse_run(r, args.timeout) for r in item.split("+")] for item in args.runs]
     labels = cohort(
         args.dataset,
-        max(args.subjects, *(s["subjects"] for s in specs)),
+        max(args.subjects, *(s["subjects"] for g in specs for s in g)),
         args.seed,
         args.synth_jobs,
         env,
     )
-    report = {"machine": machine(), "command": sys.argv, "runs": [], "compare": []}
+    report = {"machine": machine(), "command": sys.argv, "runs": [], "compare": [], "skipped": []}
 
     def save():
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=1, default=str))
 
-    for i, spec in enumerate(specs):
-        print(f"run {spec['name']} ...", flush=True)
-        result = run_one(spec, labels, args, env, folder / f"run{i}")
-        report["runs"].append(result)
-        print(json.dumps({k: v for k, v in result.items() if k != "steps"}), flush=True)
+    index = 0
+    for group in specs:  # the runs of a group (joined by '+') run at the same time
+        names = "+".join(spec["name"] for spec in group)
+        left = deadline - time.monotonic()
+        if left < args.min_left:
+            print(f"skipped {names}: {left:.0f} s left before --deadline", flush=True)
+            report["skipped"].append(names)
+            continue
+        print(f"run {names} ...", flush=True)
+        runs = []
+        for spec in group:
+            runs.append(start_run(spec, labels, args, env, folder / f"run{index}"))
+            index += 1
+        wait_runs(runs, min(deadline, time.monotonic() + max(s["timeout"] for s in group)))
+        for run in runs:
+            result = finish_run(run, args)
+            report["runs"].append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "steps"}), flush=True)
         save()
     by_name = {r["name"]: r for r in report["runs"]}
     for pair in args.compare:
