@@ -25,7 +25,8 @@ Runs (``--runs``, in order; each ``NAME`` is ``kind:subjects:nprocs[:omp[:timeou
 Example (the figures of docs/hpc.md, "Filling a node")::
 
     python benchmarks/bench_participant_node.py --dataset /tmp/pn/ds --subjects 32 \\
-        --runs new:32:16 legacy:1:2 new:1:2 --cpus-for legacy:1:2=0,1 --cpus-for new:1:2=0,1
+        --synth-jobs 16 --runs new:32:16 legacy:1:2+new:1:2 \\
+        --cpus-for legacy:1:2=0,1 new:1:2=2,3 --compare legacy:1:2,new:1:2
 
 A run stops at ``--timeout`` seconds (then its figures say how far it got). Results go to
 ``--json`` (one object per run, plus the machine) and a table on stdout.
