@@ -281,6 +281,8 @@ class Resolved:
     omp_nthreads: int | None = None
     #: group level: the training configuration (seed, device, progress set per task)
     train: Any = None
+    #: participant level: the memory MultiProc plans with, GB (None: nipype's default)
+    memory_gb: float | None = None
 
 
 def train_config(settings):
@@ -314,13 +316,19 @@ def resolve(settings) -> Resolved:
     Device: ``auto`` -> ``cuda`` when visible, else ``cpu``; ``cuda`` without a visible GPU:
     exit 64 (:func:`bids_siamfuse.model.workers.resolve_devices`). Only resolved where a model
     runs (group level, ``--model``), so a participant run without a model never imports torch
-    here. Processes: ``--nprocs`` or every CPU. Threads:
+    here. Processes: ``--nprocs``, else every CPU (participant level: the CPUs this process
+    may use, no more than its memory budget holds, :mod:`bids_siamfuse.participant.resources`).
+    Threads:
     :func:`bids_siamfuse.model.workers.default_threads` (``--omp-nthreads``, else the CPUs
     shared out between the workers, at most 8 each; torch's default on GPUs).
     """
     ex, mo, wf = settings.execution, settings.model, settings.workflow
     group = ex.analysis_level == "group"
-    nprocs = int(ex.nprocs or os.cpu_count() or 1)
+    nprocs, memory_gb = int(ex.nprocs or os.cpu_count() or 1), None
+    if not group:  # participant: the CPUs and memory this process may use (docs/hpc.md)
+        from .participant.resources import participant_nprocs
+
+        nprocs, memory_gb = participant_nprocs(ex.nprocs, ex.mem_mb)
     device, devices, train = "cpu", ("cpu",), None
     if group or wf.model is not None:
         from .model.workers import resolve_device, resolve_devices
@@ -335,5 +343,10 @@ def resolve(settings) -> Resolved:
 
     threads = default_threads(list(devices), ex.omp_nthreads, nprocs)
     return Resolved(
-        device=device, devices=devices, nprocs=nprocs, omp_nthreads=threads, train=train
+        device=device,
+        devices=devices,
+        nprocs=nprocs,
+        omp_nthreads=threads,
+        train=train,
+        memory_gb=memory_gb,
     )

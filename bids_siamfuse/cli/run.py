@@ -361,6 +361,7 @@ def run(settings) -> int:
             nprocs=resolved.nprocs,
             omp_nthreads=resolved.omp_nthreads,
             device=resolved.device,
+            memory_gb=resolved.memory_gb,
         )
         if code == 0 and ex.clean_workdir:
             from ..participant import clean_work_dir

@@ -30,6 +30,8 @@ from ..workflows.base import init_bids_siamfuse_wf
 from ..workflows.common import ParticipantOptions, anat_wf_name, pet_wf_name, safe_name
 from .flags import low_mem_args, run_callbacks, write_workflow_graph
 from .outcome import mark_interrupted, pair_status, write_participant_reports, write_status
+from .resources import memory_budget_gb, schedule_steps
+from .resources import plugin_args as resource_args
 
 LOGGER = logging.getLogger("bids_siamfuse.participant")
 
@@ -67,10 +69,20 @@ def configure_nipype(ex) -> None:
     quiet_node_crashes(ex.verbosity)  # tracebacks to the crash files, not the terminal
 
 
-def run_participant(settings, plan, *, nprocs: int, omp_nthreads: int, device: str = "cpu") -> int:
+def run_participant(
+    settings,
+    plan,
+    *,
+    nprocs: int,
+    omp_nthreads: int,
+    device: str = "cpu",
+    memory_gb: float | None = None,
+) -> int:
     """Build, run and report the participant workflow; returns the exit code (0 or 1).
 
-    ``nprocs``, ``omp_nthreads``, ``device``: resolved by the caller.
+    ``nprocs``, ``omp_nthreads``, ``device``, ``memory_gb`` (the scheduler's memory budget;
+    None: :func:`~bids_siamfuse.participant.resources.memory_budget_gb`): resolved by the
+    caller. How steps share the node: :mod:`bids_siamfuse.participant.resources`.
     """
     from ..preproc.registration import set_threads
 
@@ -92,9 +104,14 @@ def run_participant(settings, plan, *, nprocs: int, omp_nthreads: int, device: s
     workflow = init_bids_siamfuse_wf(
         plan=plan, options=options, work_dir=work_dir, run_uuid=ex.run_uuid
     )
-    plugin_args = {"n_procs": nprocs, "raise_insufficient": False}
-    if ex.mem_mb:
-        plugin_args["memory_gb"] = ex.mem_mb / 1024.0
+    # ANTs/ITK steps declare the cores they use and data sinks run in the workers, so the
+    # steps of many subjects share the node (participant/resources.py)
+    schedule_steps(workflow, omp)
+    if memory_gb is None:
+        memory_gb = memory_budget_gb(ex.mem_mb)
+    # a budget the user gave is kept (the engine refuses a step that cannot fit); a measured
+    # one never stops a step from running alone
+    plugin_args = resource_args(nprocs, memory_gb, None if ex.mem_mb else workflow)
     plugin = "MultiProc" if nprocs > 1 else "Linear"
     plugin_args.update(low_mem_args(ex, workflow))
     if ex.write_graph:
@@ -103,13 +120,14 @@ def run_participant(settings, plan, *, nprocs: int, omp_nthreads: int, device: s
     plugin_args["status_callback"] = callbacks
     runner = _guarded_runner(plugin, plugin_args, plan)  # see bids_siamfuse/engine.py
     LOGGER.info(
-        "participant workflow: %d pair(s), backend %s%s, %d process(es) x %d thread(s); "
-        "work directory %s",
+        "participant workflow: %d pair(s), backend %s%s, %d process(es) x %d thread(s), "
+        "memory budget %s; work directory %s",
         len(plan.pairs),
         wf.backend,
         " (sloppy)" if wf.sloppy else "",
         nprocs,
         omp,
+        f"{plugin_args['memory_gb']:.1f} GB" if "memory_gb" in plugin_args else "nipype's",
         work_dir,
     )
     # nipype's scheduler runs gc.collect() around every job; the objects alive now (pybids and
