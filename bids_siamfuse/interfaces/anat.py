@@ -6,6 +6,7 @@ import functools
 import os
 from pathlib import Path
 
+import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -14,6 +15,9 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
+
+from ..preproc import anat, segmentation
+from ..preproc import registration as reg
 
 
 class _ThreadedInputSpec(BaseInterfaceInputSpec):
@@ -31,9 +35,7 @@ def in_node_tmp(method):
 
     @functools.wraps(method)
     def wrapper(self, runtime):
-        from ..preproc.registration import node_tmp
-
-        with node_tmp(os.path.join(runtime.cwd, "tmp")):
+        with reg.node_tmp(os.path.join(runtime.cwd, "tmp")):
             return method(self, runtime)
 
     return wrapper
@@ -66,8 +68,6 @@ class _Collector:
 
 
 def _prepare(inputs):
-    from ..preproc import registration as reg
-
     reg.set_threads(inputs.num_threads)
     return reg.registration_settings(inputs.sloppy)
 
@@ -118,9 +118,6 @@ class T1wBiasCorrect(_AntsStep):
     def _step(self, settings, runtime) -> None:
         import ants
 
-        from ..preproc import anat
-        from ..preproc import registration as reg
-
         t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
         head = anat.head_mask(t1)
         mask = ants.resample_image_to_target(head.mask, t1, interp_type="nearestNeighbor")
@@ -154,11 +151,6 @@ class TemplateRegistration(_AntsStep):
     output_spec = _TemplateRegistrationOutputSpec
 
     def _step(self, settings, runtime) -> None:
-        import nibabel as nb
-
-        from ..preproc import anat
-        from ..preproc import registration as reg
-
         t1 = reg.to_ants(nb.load(self.inputs.in_file))
         head = anat.HeadInfo(
             mask=None, brain_centre=np.asarray(self.inputs.brain_centre), vertex_z=np.nan
@@ -199,11 +191,6 @@ class TissueSegmentation(_AntsStep):
     output_spec = _SegmentOutputSpec
 
     def _step(self, settings, runtime) -> None:
-        import nibabel as nb
-
-        from ..preproc import anat, segmentation
-        from ..preproc import registration as reg
-
         t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
         n4 = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.n4_file)).numpy())
         rough = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.rough_mask)).numpy())
@@ -238,11 +225,7 @@ class GridNormalization(SimpleInterface):
 
     @in_node_tmp
     def _run_interface(self, runtime):
-        import nibabel as nb
-
         from ..data.templates import grid_image
-        from ..preproc import anat
-        from ..preproc import registration as reg
 
         reg.set_threads(self.inputs.num_threads)
         positions = anat.grid_positions(self.inputs.composite, Path(runtime.cwd))
@@ -290,8 +273,6 @@ class AnatQC(SimpleInterface):
     output_spec = _AnatQCOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nb
-
         from ..preproc import qc
 
         def data(path):
