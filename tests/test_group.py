@@ -178,7 +178,7 @@ def test_group_outputs(ds, synth_derivs, capsys):
     assert b.classes == ("CN", "AD") and b.meta["cohort"]["subjects"] == 24
     assert b.meta["cv_metrics"]["balanced_accuracy"]["mean"] == pytest.approx(ba["mean"])
     assert "torch" in b.meta["versions"] and b.meta["training"]["sloppy"] is True
-    model = b.model()
+    model = b.model(model_cls=md.FittedModel)
     assert model.predict_proba(cohort).shape == (len(cohort), 2)
 
 
