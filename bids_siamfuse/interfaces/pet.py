@@ -146,6 +146,17 @@ class _ToGridOutputSpec(TraitedSpec):
     coverage = traits.Dict(desc="field-of-view coverage metrics of the grid brain (QC)")
 
 
+def save_normalized(results: dict, runtime, data, value, description: str) -> None:
+    """The outputs of an intensity-normalized PET on the grid (``PETToGrid`` and the SPM
+    backend's ``PETNormalize``): ``pet_mni.nii.gz`` in the node, the value, the description."""
+    from ..data.templates import grid_image
+
+    results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
+    grid_image(data).to_filename(results["out_file"])
+    results["value"] = float(value)
+    results["description"] = description
+
+
 class PETToGrid(SimpleInterface):
     """PET to the 121x145x121 grid in one interpolation, then intensity normalization."""
 
@@ -154,7 +165,6 @@ class PETToGrid(SimpleInterface):
 
     @in_node_tmp
     def _run_interface(self, runtime):
-        from ..data.templates import grid_image
         from ..preproc import pet
 
         frames = pet.load_pet(self.inputs.in_file, dict(self.inputs.metadata or {}))
@@ -173,10 +183,7 @@ class PETToGrid(SimpleInterface):
             atlas_labels=np.asarray(atlas.labels),
             atlas_names=list(atlas.names),
         )
-        self._results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
-        grid_image(normalized).to_filename(self._results["out_file"])
-        self._results["value"] = float(value)
-        self._results["description"] = description
+        save_normalized(self._results, runtime, normalized, value, description)
         return runtime
 
 
