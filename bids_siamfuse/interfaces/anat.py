@@ -78,7 +78,7 @@ def _save(img, runtime, name: str) -> str:
     return path
 
 
-class _AntsStep(SimpleInterface):
+class AntsStep(SimpleInterface):
     """A step of the ANTs backend: :meth:`_step` runs with the node's ITK threads and
     registration settings (``sloppy``), its temporary files inside the node (``in_node_tmp``).
     :meth:`_collect` runs a call with the warnings it logs collected into the ``warnings``
@@ -109,7 +109,7 @@ class _BiasCorrectOutputSpec(TraitedSpec):
     brain_centre = traits.List(traits.Float, desc="estimated brain centre (RAS mm)")
 
 
-class T1wBiasCorrect(_AntsStep):
+class T1wBiasCorrect(AntsStep):
     """Check the T1w, find the head and the brain centre, N4 inside the head."""
 
     input_spec = _BiasCorrectInputSpec
@@ -144,7 +144,7 @@ class _TemplateRegistrationOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="warnings logged while registering")
 
 
-class TemplateRegistration(_AntsStep):
+class TemplateRegistration(AntsStep):
     """Affine (masked, robust start) then SyN to the ICBM152 2009a template."""
 
     input_spec = _TemplateRegistrationInputSpec
@@ -184,7 +184,7 @@ class _SegmentOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="warnings logged while segmenting")
 
 
-class TissueSegmentation(_AntsStep):
+class TissueSegmentation(AntsStep):
     """Template brain mask and priors in the T1w, N4 in the brain, Atropos, partial volumes."""
 
     input_spec = _SegmentInputSpec

@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .anat import in_node_tmp
+from .anat import AntsStep, in_node_tmp
 
 
 class _PETReferenceInputSpec(BaseInterfaceInputSpec):
@@ -34,24 +34,19 @@ class _PETReferenceOutputSpec(TraitedSpec):
     notes = traits.List(Str)
 
 
-class PETReference(SimpleInterface):
+class PETReference(AntsStep):
     """Realign the frames of a dynamic PET (static images pass through) and average them."""
 
     input_spec = _PETReferenceInputSpec
     output_spec = _PETReferenceOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
-        from pathlib import Path
-
+    def _step(self, settings, runtime) -> None:
         import nibabel as nb
 
         from ..bids import save_table
         from ..preproc import pet
         from ..preproc import registration as reg
 
-        reg.set_threads(self.inputs.num_threads)
-        settings = reg.registration_settings(self.inputs.sloppy)
         frames = pet.load_pet(self.inputs.in_file, dict(self.inputs.metadata or {}))
         ref, motions = pet.realign(
             frames,
@@ -73,7 +68,6 @@ class PETReference(SimpleInterface):
         self._results["motion_table"] = str(save_table(Path(runtime.cwd) / "motion.tsv", table))
         self._results["n_frames"] = frames.n_frames
         self._results["notes"] = list(frames.notes)
-        return runtime
 
 
 class _CoregisterInputSpec(BaseInterfaceInputSpec):
@@ -100,23 +94,17 @@ def save_pet2t1w(runtime, matrix) -> str:
     return path
 
 
-class PETCoregister(SimpleInterface):
+class PETCoregister(AntsStep):
     """Rigid PET -> T1w registration, Mattes mutual information."""
 
     input_spec = _CoregisterInputSpec
     output_spec = RigidXfmOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
-        from pathlib import Path
-
+    def _step(self, settings, runtime) -> None:
         import nibabel as nb
 
         from ..preproc import pet
-        from ..preproc import registration as reg
 
-        reg.set_threads(self.inputs.num_threads)
-        settings = reg.registration_settings(self.inputs.sloppy)
         matrix, itk_file = pet.coregister(
             nb.load(self.inputs.pet_ref),
             nb.load(self.inputs.t1w),
@@ -127,7 +115,6 @@ class PETCoregister(SimpleInterface):
         )
         self._results["itk_file"] = itk_file
         self._results["matrix"] = save_pet2t1w(runtime, matrix)
-        return runtime
 
 
 class _ToGridInputSpec(BaseInterfaceInputSpec):
