@@ -181,11 +181,20 @@ def write_model_outputs(out_dir: Path, source: dict, result: dict, bundle, regio
 
 
 def apply_bundle_to_file(
-    bundle, region_file: Path, source_entities: dict, output_dir: Path, *, model=None, device="cpu"
+    bundle,
+    region_file: Path,
+    source_entities: dict,
+    output_dir: Path,
+    *,
+    model=None,
+    device="cpu",
+    model_cls=None,
 ) -> dict:
     """Load (if given a path) and apply a bundle to one region file; write the outputs.
 
-    ``device``: a resolved torch device (:func:`bids_siamfuse.config.resolve`), never ``auto``.
+    ``device``: a resolved torch device (:func:`bids_siamfuse.config.resolve`), never ``auto``;
+    ``model``: the bundle's model, already rebuilt, else rebuilt here as ``model_cls``
+    (default :func:`bids_siamfuse.model.bundle.default_model_cls`).
     """
     from .model import bundle as bundles
 
@@ -194,7 +203,7 @@ def apply_bundle_to_file(
 
         bundle = bundles.load_bundle(bundle, layout=atlas_layout())
     if model is None:
-        model = bundle.model(device=device, model_cls=bundles.default_model_cls())
+        model = bundle.model(device=device, model_cls=model_cls)
     source = {k: v for k, v in dict(source_entities).items() if v not in (None, "")}
     result = predict_region_file(bundle, model, region_file, source)
     return write_model_outputs(output_dir, source, result, bundle, region_file)
@@ -270,14 +279,15 @@ def plan_apply(settings, resolved) -> ApplyPlan:
     )
 
 
-def run_apply(settings, plan: ApplyPlan) -> int:
-    """Apply the bundle to every planned region file (no nipype)."""
+def run_apply(settings, plan: ApplyPlan, *, model_cls=None) -> int:
+    """Apply the bundle to every planned region file (no nipype); ``model_cls``: the class the
+    bundle is rebuilt as (default :func:`bids_siamfuse.model.bundle.default_model_cls`)."""
     from .model import bundle as bundles
     from .preproc.regions import atlas_layout
 
     t0 = time.perf_counter()
     bundle = bundles.load_bundle(plan.bundle, layout=atlas_layout())
-    model = bundle.model(device=plan.device)
+    model = bundle.model(device=plan.device, model_cls=model_cls)
     failed = []
     for path, source in plan.files:
         try:

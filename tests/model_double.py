@@ -1,9 +1,9 @@
 """A fast stand-in for ``bids_siamfuse.model.train`` for the group-level tests: :func:`fit` is a
 :class:`bids_siamfuse.model.tasks.Fit` and :class:`FittedModel` a
 :class:`~bids_siamfuse.model.tasks.Fitted` (the typed protocols the cross-validation runs), with
-``from_state`` for bundles. Tests hand it to ``cross_validate(fit=...)``, or install it for a
-whole command-line run with the ``double`` fixtures (``workers.default_fit``,
-``bundle.default_model_cls``).
+``from_state`` for bundles. Tests hand it to ``cross_validate(fit=...)``, to a whole
+command-line run through the entry point's hooks (``cli.run.main(argv, fit=fit,
+model_cls=FittedModel)``), or to ``init_apply_model_wf(model_cls=FittedModel)``.
 
 Region means of the standardized crops -> logistic regression. It fits its Standardizer, its
 validation split and its classifier on the training data it is given, like the real model, and

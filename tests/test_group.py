@@ -1,7 +1,8 @@
 """Group level and model application through the CLI: outputs, bad inputs, bundles.
 
-``double`` runs use ``model_double`` (the train API over a logistic regression) to check the
-plumbing in seconds; ``real`` runs use the siamese-attention network (sloppy, few epochs).
+``double=True`` runs give ``main`` the fast ``model_double`` (the train API over a logistic
+regression; through ``main(fit=, model_cls=)``) to check the plumbing in seconds; ``real``
+runs use the siamese-attention network (sloppy, few epochs).
 The accuracy evidence of the real network (strong effect >= 0.9, chance on shuffled labels and
 on effect size 0, relevance on the planted regions) runs with ``-m slow``.
 """
@@ -22,7 +23,7 @@ from bids_siamfuse.cli.run import main
 from bids_siamfuse.errors import DataError
 from bids_siamfuse.group.cohort import load_cohort
 from bids_siamfuse.model import bundle as bundles
-from bids_siamfuse.model import cv, workers
+from bids_siamfuse.model import cv
 from bids_siamfuse.model.baselines import BASELINES
 from bids_siamfuse.model.folds import shuffle_subject_labels
 from bids_siamfuse.model.metrics import METRICS
@@ -59,14 +60,12 @@ def ds(group_ds) -> Path:
     return group_ds
 
 
-@pytest.fixture
-def double(monkeypatch):
-    monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
+#: the fast model double, given to the entry point through its typed hooks (no patching)
+DOUBLE = {"fit": md.fit, "model_cls": md.FittedModel}
 
 
-def run(*args) -> int:
-    return main([str(a) for a in args])
+def run(*args, double: bool = False) -> int:
+    return main([str(a) for a in args], **(DOUBLE if double else {}))
 
 
 def planted(dataset: Path) -> pd.DataFrame:
@@ -87,10 +86,10 @@ def rank_auc(scores, positive) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_group_outputs(ds, synth_derivs, double, capsys):
+def test_group_outputs(ds, synth_derivs, capsys):
     out = ds / "derivatives" / "bids_siamfuse"
     args = ["--classes", "CN", "AD", "--folds", "3", "--permutation-tests", "2", "--sloppy"]
-    code = run(ds, out, "group", *args, "--random-seed", "3")
+    code = run(ds, out, "group", *args, "--random-seed", "3", double=True)
     assert code == 0
     printed = capsys.readouterr().out
     assert "siamese_attention" in printed and "svm_both" in printed  # model beside baselines
@@ -179,18 +178,21 @@ def test_group_outputs(ds, synth_derivs, double, capsys):
     assert b.classes == ("CN", "AD") and b.meta["cohort"]["subjects"] == 24
     assert b.meta["cv_metrics"]["balanced_accuracy"]["mean"] == pytest.approx(ba["mean"])
     assert "torch" in b.meta["versions"] and b.meta["training"]["sloppy"] is True
-    model = b.model()
+    model = b.model(model_cls=md.FittedModel)
     assert model.predict_proba(cohort).shape == (len(cohort), 2)
 
 
-def test_group_dry_run_and_quiet(ds, double, capsys, tmp_path):
+def test_group_dry_run_and_quiet(ds, capsys, tmp_path):
     out = ds / "derivatives" / "bids_siamfuse"
-    assert run(ds, out, "group", "--classes", "AD", "CN", "--folds", "4", "--dry-run") == 0
+    assert (
+        run(ds, out, "group", "--classes", "AD", "CN", "--folds", "4", "--dry-run", double=True)
+        == 0
+    )
     text = capsys.readouterr().out
     assert "AD vs CN" in text and "4-fold" in text and "AD: 12 subject(s)" in text
     assert not (out / "group" / "AD_vs_CN").exists()
     # -q: nothing on stdout; the folder is named after the classes in the order given
-    assert run(ds, out, "group", "--classes", "AD", "CN", "--folds", "2", "-q") == 0
+    assert run(ds, out, "group", "--classes", "AD", "CN", "--folds", "2", "-q", double=True) == 0
     assert capsys.readouterr().out == ""
     summary = json.loads((out / "group" / "AD_vs_CN" / "summary.json").read_text())
     assert summary["positive_class"] == "CN"
@@ -329,13 +331,13 @@ def test_not_a_bundle(ds, tmp_path, capsys):
     assert run(ds, out, "participant", "--model-only") == 64
 
 
-def test_model_only_writes_outputs(ds, double, double_bundle, cohort, capsys):
+def test_model_only_writes_outputs(ds, double_bundle, cohort, capsys):
     out = ds / "derivatives" / "bids_siamfuse"
     subject = str(cohort.subjects[0])
     args = ["--model", double_bundle, "--model-only", "--participant-label", subject]
-    assert run(ds, out, "participant", *args, "--dry-run") == 0
+    assert run(ds, out, "participant", *args, "--dry-run", double=True) == 0
     assert f"sub-{subject}" in capsys.readouterr().out
-    assert run(ds, out, "participant", *args) == 0
+    assert run(ds, out, "participant", *args, double=True) == 0
     pet = sorted(out.glob(f"sub-{subject}/**/pet"))[0]
     probs = next(pet.glob("*_desc-diagnosis_probs.tsv"))
     table = pd.read_csv(probs, sep="\t")
@@ -383,10 +385,12 @@ def test_application_module_and_group_package_import_no_nipype_nor_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_apply_model_workflow(double, double_bundle, cohort, synth_derivs, tmp_path):
+def test_apply_model_workflow(double_bundle, cohort, synth_derivs, tmp_path):
     from bids_siamfuse.workflows.model import init_apply_model_wf
 
-    wf = init_apply_model_wf(bundle=double_bundle, output_dir=tmp_path / "out")
+    wf = init_apply_model_wf(
+        bundle=double_bundle, output_dir=tmp_path / "out", model_cls=md.FittedModel
+    )
     assert "siamese-attention" in wf.__desc__
     region_file = Path(cohort.sources[0])
     wf.inputs.inputnode.region_file = str(region_file)
@@ -580,13 +584,13 @@ def _report_dom(html: Path) -> _Dom:
     return _Dom(dom.stdout)
 
 
-def test_group_report_structure_in_browser(ds, double, tmp_path, copy_cohort):
+def test_group_report_structure_in_browser(ds, tmp_path, copy_cohort):
     import re
 
     root = copy_cohort(ds, tmp_path / "ds")
     out = root / "derivatives" / "bids_siamfuse"
     args = ["--classes", "CN", "AD", "--folds", "3", "--repeats", "2", "--sloppy"]
-    assert run(root, out, "group", *args, "--permutation-tests", "1") == 0
+    assert run(root, out, "group", *args, "--permutation-tests", "1", double=True) == 0
     dom = _report_dom(out / "group" / "report.html")
     task = "CN_vs_AD"
     # Table 2: the model, then its ablations, then the baselines; every cell mean [CI]

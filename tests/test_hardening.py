@@ -293,18 +293,16 @@ def _shape(path: Path) -> None:
     [(_truncate, "unreadable region file"), (_nan, "NaN/infinite"), (_shape, "has shape")],
     ids=["truncated", "nan", "shape"],
 )
-def test_bad_region_file_at_group_level(group_ds, tmp_path, monkeypatch, capsys, spoil, needle):
+def test_bad_region_file_at_group_level(group_ds, tmp_path, capsys, spoil, needle):
     """Exit 65 naming the file, before any training (a NaN trained on NaN loss before)."""
-    from bids_siamfuse.model import workers
-
     ds = tmp_path / "ds"
     shutil.copytree(group_ds, ds)
     deriv = ds / "derivatives" / "bids_siamfuse"
     victim = sorted(deriv.rglob("*_regions.npz"))[3]
     spoil(victim)
     trained = []
-    monkeypatch.setattr(workers, "default_fit", lambda: lambda *a, **k: trained.append(1))
-    code = main([str(ds), str(deriv), "group", "--classes", "CN", "AD", "--folds", "3", "-q"])
+    args = [str(ds), str(deriv), "group", "--classes", "CN", "AD", "--folds", "3", "-q"]
+    code = main(args, fit=lambda *a, **k: trained.append(1))  # an in-process engine that counts
     line = _one_error_line(capsys.readouterr().err)
     assert code == 65 and str(victim) in line and needle in line
     assert trained == []

@@ -23,8 +23,9 @@ from bids_siamfuse.cli.run import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args) -> int:
-    return main([str(a) for a in args])
+def run(*args, **hooks) -> int:
+    """``main`` on ``args``; ``hooks``: its ``fit``/``model_cls`` (the model double)."""
+    return main([str(a) for a in args], **hooks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,11 +56,7 @@ def test_group_output_is_valid_bids(synth_derivs, tmp_path, bids_validator, monk
     derivatives folder."""
     import model_double as md
 
-    from bids_siamfuse.model import bundle as bundles
-    from bids_siamfuse.model import workers
-
-    monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
+    double = {"fit": md.fit, "model_cls": md.FittedModel}  # main's typed hooks, no patching
     ds = tmp_path / "ds"
     ds.mkdir()
     for name in ("participants.tsv", "dataset_description.json"):
@@ -72,12 +69,12 @@ def test_group_output_is_valid_bids(synth_derivs, tmp_path, bids_validator, monk
         shutil.copy(f, target)
     monkeypatch.setattr(bids.dataset, "_DOCKERENV", tmp_path / "no-dockerenv")
     monkeypatch.delenv(bids.HOST_BIDS_DIR_ENV, raising=False)
-    code = run(ds, out, "group", "--classes", "CN", "AD", "--folds", "3", "--sloppy", "-q")
-    assert code == 0
+    args = ["--classes", "CN", "AD", "--folds", "3", "--sloppy", "-q"]
+    assert run(ds, out, "group", *args, **double) == 0
     subject = sorted(p.name for p in out.glob("sub-*"))[0]
     task = out / "group" / "CN_vs_AD"
     args = ["--model", task, "--model-only", "--participant-label", subject[4:], "-q"]
-    assert run(ds, out, "participant", *args) == 0
+    assert run(ds, out, "participant", *args, **double) == 0
     assert list(out.glob(f"{subject}/**/*_probs.tsv"))
     code, issues, errors = bids_validator(out)
     assert code == 0, errors

@@ -93,9 +93,6 @@ import os, sys, time
 sys.path.insert(0, {str(TESTS)!r})
 import model_double as md
 from bids_siamfuse import bids
-from bids_siamfuse.model import bundle, workers
-workers.default_fit = lambda: md.fit
-bundle.default_model_cls = lambda: md.FittedModel
 delay = float(os.environ.get("SIAMFUSE_SLOW_WRITES", "0"))
 if delay:  # the group writer imports bids.save_table when it runs: patched here
     _save_table = bids.save_table
@@ -104,7 +101,7 @@ if delay:  # the group writer imports bids.save_table when it runs: patched here
         return _save_table(path, table)
     bids.save_table = slow_save_table
 from bids_siamfuse.cli.run import main
-raise SystemExit(main(sys.argv[1:]))
+raise SystemExit(main(sys.argv[1:], fit=md.fit, model_cls=md.FittedModel))
 """
 
 
@@ -262,14 +259,11 @@ def test_disk_full_during_derivative_write(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def double(monkeypatch):
+def double() -> dict:
+    """``main``'s typed hooks with the fast model double (``tests/model_double.py``)."""
     import model_double as md
 
-    from bids_siamfuse.model import bundle as bundles
-    from bids_siamfuse.model import workers
-
-    monkeypatch.setattr(workers, "default_fit", lambda: md.fit)
-    monkeypatch.setattr(bundles, "default_model_cls", lambda: md.FittedModel)
+    return {"fit": md.fit, "model_cls": md.FittedModel}
 
 
 GROUP_ARGS = ["--classes", "CN", "AD", "--folds", "3", "--random-seed", "5", "-q"]
@@ -291,7 +285,7 @@ def test_disk_full_during_group_write(group_ds, tmp_path, double, monkeypatch, c
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
     deriv = group_ds / "derivatives" / "bids_siamfuse"
-    code = main([str(group_ds), str(deriv), "group", *GROUP_ARGS])
+    code = main([str(group_ds), str(deriv), "group", *GROUP_ARGS], **double)
     err = capsys.readouterr().err
     assert code == 73, err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1

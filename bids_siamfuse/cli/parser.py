@@ -5,23 +5,32 @@ The parser only parses: it turns ``argv`` into a :class:`~bids_siamfuse.config.S
 (does the dataset exist, can the output be written) happen in :mod:`bids_siamfuse.cli.run`.
 
 Flags are grouped by what they control; each group has its own ``_add_*`` function so a new
-capability adds its flags in one place.
+capability adds its flags in one place. Argument types (labels, numbers, memory) and the
+``flag``/``switch`` helpers live in :mod:`.argtypes`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
 from .. import __version__
 from ..config import Settings, load_toml
-from ..errors import EXIT_USAGE, NoInputError, UsageError
+from ..errors import EXIT_USAGE, NoInputError
+from .argtypes import (
+    bids_label,
+    flag,
+    fraction,
+    load_bids_filters,
+    memory_mb,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    switch,
+)
 
 LEVELS = ("participant", "group")
-_LABEL = re.compile(r"^[a-zA-Z0-9]+$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,70 +39,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # noqa: D401 - argparse API
         sys.stderr.write(f"bids_siamfuse: error: {message} (see bids_siamfuse --help)\n")
         raise SystemExit(EXIT_USAGE)
-
-
-def _label(prefix: str):
-    def parse(value: str) -> str:
-        value = value.strip()
-        if value.startswith(f"{prefix}-"):
-            value = value[len(prefix) + 1 :]
-        if not _LABEL.match(value):
-            raise argparse.ArgumentTypeError(
-                f"{value!r} is not a BIDS label (letters and digits only)"
-            )
-        return value
-
-    return parse
-
-
-def _number(cast, noun: str, ok, requirement: str):
-    """An argparse type: ``cast`` the value (else "is not <noun>"), then require ``ok``."""
-
-    def parse(value: str):
-        try:
-            number = cast(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not {noun}") from None
-        if not ok(number):
-            raise argparse.ArgumentTypeError(f"{value!r} {requirement}")
-        return number
-
-    return parse
-
-
-_positive_int = _number(int, "an integer", lambda n: n >= 1, "must be 1 or more")
-_nonnegative_int = _number(int, "an integer", lambda n: n >= 0, "must be 0 or more")
-_fraction = _number(float, "a number", lambda n: 0 < n < 1, "must lie between 0 and 1")
-_positive_float = _number(float, "a number", lambda n: n > 0, "must be positive")
-
-
-def _memory_mb(value: str) -> int:
-    """Accept ``8000``, ``8000MB``, ``8GB``, ``8G`` (fMRIPrep's forms)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[bB]?\s*", value)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an amount of memory")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
-    return int(number * scale)
-
-
-def _flag(group, *names: str, **kwargs):
-    """``group.add_argument`` with every ``--multi-word`` name also accepted as ``--multi_word``.
-
-    fMRIPrep accepts both spellings; the underscore one follows its dashed twin (as ``--help``
-    lists them), and argparse's ``dest`` is the first long name with ``_``.
-    """
-    spellings = []
-    for name in names:
-        spellings.append(name)
-        if name.startswith("--") and "-" in name[2:]:
-            spellings.append("--" + name[2:].replace("-", "_"))
-    return group.add_argument(*spellings, **kwargs)
-
-
-def _switch(group, *names: str, help: str):
-    """An on/off flag (``store_true``), spelled as :func:`_flag` does."""
-    return _flag(group, *names, action="store_true", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,30 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_selection_args(parser):
     g = parser.add_argument_group("Options for filtering BIDS queries")
-    _flag(
+    flag(
         g,
         "--participant-label",
         nargs="+",
-        type=_label("sub"),
+        type=bids_label("sub"),
         metavar="LABEL",
         help="subjects to process, with or without 'sub-' (default: all)",
     )
-    _flag(
+    flag(
         g,
         "--session-label",
         nargs="+",
-        type=_label("ses"),
+        type=bids_label("ses"),
         metavar="LABEL",
         help="sessions to process, with or without 'ses-' (default: all)",
     )
-    _flag(
+    flag(
         g,
         "--tracer-label",
-        type=_label("trc"),
+        type=bids_label("trc"),
         metavar="LABEL",
         help="the PET tracer entity to use (trc-<label>); default FDG",
     )
-    _flag(
+    flag(
         g,
         "--bids-filter-file",
         type=Path,
@@ -174,13 +119,13 @@ def _add_selection_args(parser):
         help="which T1w goes with a PET: 'same-session' only, or 'nearest' (the same session "
         "when it has one, else the T1w of the nearest session in time; default)",
     )
-    _switch(
+    switch(
         g,
         "--skip-bids-validation",
         help="do not run the BIDS validator on the input (by default it checks the top-level "
         "files and the selected participants only)",
     )
-    _flag(
+    flag(
         g,
         "--bids-database-dir",
         type=Path,
@@ -198,20 +143,20 @@ def _add_performance_args(parser):
         "--n-cpus",
         "--n_cpus",
         dest="nprocs",
-        type=_positive_int,
+        type=positive_int,
         help="processes the workflow engine may run at once (default: all CPUs)",
     )
-    _flag(
+    flag(
         g,
         "--omp-nthreads",
-        type=_positive_int,
+        type=positive_int,
         help="threads per process for ANTs/ITK and torch (default: min(8, nprocs))",
     )
-    _flag(
+    flag(
         g,
         "--mem-mb",
         "--mem",
-        type=_memory_mb,
+        type=memory_mb,
         metavar="MB",
         help="memory the workflow engine may plan for: a number is megabytes (MB), or give "
         "the unit: 16000, 16000MB, 16GB (at least 2048 MB; default: 90%% of the machine's)",
@@ -224,13 +169,13 @@ def _add_performance_args(parser):
     )
     g.add_argument(
         "--gpus",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         help="at most this many GPUs for group training (0: all visible)",
     )
-    _flag(
+    flag(
         g,
         "--cpu-workers",
-        type=_positive_int,
+        type=positive_int,
         help="group training with --device cpu: worker processes sharing the folds (default: "
         "1), each with --omp-nthreads threads (default: the CPUs shared out)",
     )
@@ -238,18 +183,18 @@ def _add_performance_args(parser):
 
 def _add_subset_args(parser):
     g = parser.add_argument_group("Options for performing only a subset of the workflow")
-    _switch(
+    switch(
         g,
         "--boilerplate-only",
         help="write the methods text (OUTPUT_DIR/logs/CITATION.md) of the workflow the flags "
         "describe, then exit without processing anything",
     )
-    _switch(
+    switch(
         g,
         "--reports-only",
         help="rebuild the reports from existing derivatives, computing nothing",
     )
-    _switch(
+    switch(
         g,
         "--dry-run",
         help="print what would be processed (and what is skipped, and why), then exit",
@@ -264,13 +209,13 @@ def _add_workflow_args(parser):
         help="registration/segmentation engine: ants (antspyx, default) or spm "
         "(SPM12 standalone + MATLAB Runtime)",
     )
-    _flag(
+    flag(
         g,
         "--spm-cmd",
         metavar="CMD",
         help="command that runs SPM12 standalone (default: from SPMSTANDALONE_HOME/MCR_HOME)",
     )
-    _flag(
+    flag(
         g,
         "--pet-ref-region",
         choices=("none", "cerebellum"),
@@ -288,7 +233,7 @@ def _add_workflow_args(parser):
         metavar="BUNDLE",
         help="participant level: apply this trained model bundle to every processed session",
     )
-    _switch(
+    switch(
         g,
         "--model-only",
         help="with --model: skip preprocessing and apply the bundle to the region files "
@@ -315,44 +260,42 @@ def _add_model_args(parser):
         metavar="LABEL",
         help="diagnoses to classify, first is the reference (default: CN AD)",
     )
-    g.add_argument("--folds", type=_positive_int, help="cross-validation folds (default: 5)")
+    g.add_argument("--folds", type=positive_int, help="cross-validation folds (default: 5)")
+    g.add_argument("--repeats", type=positive_int, help="repetitions of the whole CV (default: 1)")
+    g.add_argument("--epochs", type=positive_int, help="maximum training epochs (default: 200)")
     g.add_argument(
-        "--repeats", type=_positive_int, help="repetitions of the whole CV (default: 1)"
+        "--batch-size", "--batch_size", dest="batch_size", type=positive_int, help="batch size"
     )
-    g.add_argument("--epochs", type=_positive_int, help="maximum training epochs (default: 200)")
-    g.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=_positive_int, help="batch size"
-    )
-    _flag(
+    flag(
         g,
         "--learning-rate",
-        type=_positive_float,
+        type=positive_float,
         help="Adam learning rate",
     )
-    _flag(
+    flag(
         g,
         "--val-fraction",
-        type=_fraction,
+        type=fraction,
         help="share of each training fold held out for early stopping",
     )
-    _flag(
+    flag(
         g,
         "--early-stop-loss",
-        type=_positive_float,
+        type=positive_float,
         help="stop training once the validation loss falls below this (default: 0.01)",
     )
     g.add_argument(
         "--patience",
-        type=_positive_int,
+        type=positive_int,
         help="stop training after this many epochs without improvement (default: 20)",
     )
-    _flag(
+    flag(
         g,
         "--permutation-tests",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
     )
-    _switch(
+    switch(
         g,
         "--nondeterministic-gpu",
         help="GPU training with atomic-add reductions instead of the default fixed-order ones: "
@@ -376,7 +319,7 @@ def _add_model_args(parser):
         "constant similarity (constant), 2 SE below the untrained loss (se), any improvement "
         "(none)",
     )
-    _flag(
+    flag(
         g,
         "--no-ablations",
         dest="ablations",
@@ -389,7 +332,7 @@ def _add_model_args(parser):
 def _add_qc_args(parser):
     # separate function so the model-argument group above stays as it was
     g = parser.add_argument_group("Quality control")
-    _switch(
+    switch(
         g,
         "--include-flagged",
         help="group level: keep sessions flagged by participant quality control (left out by "
@@ -399,7 +342,7 @@ def _add_qc_args(parser):
 
 def _add_other_args(parser):
     g = parser.add_argument_group("Other options")
-    _flag(
+    flag(
         g,
         "-w",
         "--work-dir",
@@ -409,7 +352,7 @@ def _add_other_args(parser):
         "writable; measured about 130 MB per PET/T1w pair with --sloppy, see README); reuse "
         "it to resume an interrupted run, remove it afterwards or pass --clean-workdir",
     )
-    _flag(
+    flag(
         g,
         "--config-file",
         type=Path,
@@ -445,26 +388,26 @@ def _add_nipreps_args(parser):
         action="store_true",
         help="accepted for NiPreps scripts and ignored: bids_siamfuse never sends usage data",
     )
-    _switch(
+    switch(
         g,
         "--clean-workdir",
         help="after a successful run (exit 0), remove what this run put in the work directory "
         "(and the directory itself when it is then empty); kept after a failure, to resume",
     )
-    _switch(
+    switch(
         groups["Options to handle performance"],
         "--low-mem",
         help="participant level: run at most one memory-heavy step (registration, "
         "segmentation) at a time, the light ones still in parallel; lowers the peak memory, "
         "lengthens the run",
     )
-    _switch(
+    switch(
         g,
         "--write-graph",
         help="write the participant workflow graph to OUTPUT_DIR/logs/workflow-<run>.dot "
         "(Graphviz; also .svg when the dot program is installed)",
     )
-    _switch(
+    switch(
         g,
         "--resource-monitor",
         help="record each step's run time, CPU and memory to "
@@ -491,20 +434,3 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         args["verbosity"] = -1 if quiet else verbose
     label = f"--config-file {config_file}" if config_file is not None else "the config file"
     return Settings.from_sources(file_values, args, file_label=label)
-
-
-FILTER_QUERIES = ("t1w", "pet")
-
-
-def load_bids_filters(path: Path) -> dict:
-    """Read a ``--bids-filter-file``: ``{"t1w": {...}, "pet": {...}}`` of pybids filters."""
-    path = Path(path)
-    if not path.is_file():
-        raise NoInputError(f"--bids-filter-file {path}: no such file")
-    try:
-        filters = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--bids-filter-file {path}: not valid JSON ({exc})") from None
-    from ..safety import check_bids_filters
-
-    return check_bids_filters(filters, f"--bids-filter-file {path}")

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import (
@@ -27,11 +28,22 @@ from ..errors import (
 )
 from .parser import LEVELS, parse_args
 
+if TYPE_CHECKING:  # torch-free: the protocol only
+    from ..model.tasks import Fit
+
 LOGGER = logging.getLogger("bids_siamfuse")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bids_siamfuse`` command; returns the exit code."""
+def main(argv: list[str] | None = None, *, fit: Fit | None = None, model_cls=None) -> int:
+    """Entry point of the ``bids_siamfuse`` command; returns the exit code.
+
+    ``fit`` (a :class:`~bids_siamfuse.model.tasks.Fit`) and ``model_cls`` (the class a bundle is
+    rebuilt as, with ``from_state``) replace the training engine and the model class: default
+    :func:`~bids_siamfuse.model.tasks.default_fit` and
+    :func:`~bids_siamfuse.model.bundle.default_model_cls`; the tests pass their fast double
+    (``tests/model_double.py``). ``fit`` reaches the group level's workers (spawned ones
+    import it by name), ``model_cls`` the ``--model-only`` application.
+    """
     try:
         settings = parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, usage errors (64)
@@ -44,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signals.install()  # SIGTERM/SIGINT/SIGHUP: stop workers, status table, 143/130/129
     try:
-        return run(settings)
+        return run(settings, fit=fit, model_cls=model_cls)
     except SiamFuseError as exc:
         _say(exc)
         return exc.exit_code
@@ -280,7 +292,8 @@ def _record_threads(ex, resolved) -> None:
     ex.omp_nthreads = resolved.omp_nthreads or 0
 
 
-def run(settings) -> int:
+def run(settings, *, fit: Fit | None = None, model_cls=None) -> int:
+    """Run the level ``settings`` asks for (``fit``, ``model_cls``: see :func:`main`)."""
     ex = settings.execution
     if ex.analysis_level not in LEVELS:
         raise UnknownLevelError(
@@ -308,7 +321,7 @@ def run(settings) -> int:
             print(apply_plan.describe())
             return 0
         settings.write(prepare_output(settings))
-        return run_apply(settings, apply_plan)
+        return run_apply(settings, apply_plan, model_cls=model_cls)
     if ex.analysis_level == "participant":
         # --- bring your own preprocessing (-d/--derivatives) ---
         folders = None
@@ -387,7 +400,7 @@ def run(settings) -> int:
     _record_threads(ex, resolved)
     settings.write(logs)
     bids.ensure_dataset_description(ex.output_dir, ex.bids_dir)
-    return run_group(settings, group_plan)
+    return run_group(settings, group_plan, fit=fit)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ..atomic import swap_folder
 from ..errors import CannotWriteError, SiamFuseError
 from .outputs import write_group_outputs
 from .plan import GroupPlan
+
+if TYPE_CHECKING:
+    from ..model.tasks import Fit
 
 LOGGER = logging.getLogger("bids_siamfuse.group")
 
@@ -109,9 +113,10 @@ def format_summary(plan: GroupPlan, result) -> str:
     return "\n".join(lines)
 
 
-def run_group(settings, plan: GroupPlan) -> int:
+def run_group(settings, plan: GroupPlan, *, fit: Fit | None = None) -> int:
     """Read the planned cohort, cross-validate, train the final model, write the task folder and
-    the report (see :mod:`bids_siamfuse.group`)."""
+    the report (see :mod:`bids_siamfuse.group`). ``fit``: the training engine (default
+    :func:`bids_siamfuse.model.tasks.default_fit`)."""
     from ..model.cv import cross_validate
     from .cohort import read_cohort
 
@@ -145,6 +150,7 @@ def run_group(settings, plan: GroupPlan) -> int:
         progress=progress,
         work_dir=plan.work_dir,
         ablations=plan.ablations,
+        fit=fit,
     )
     result.timing["wall_s"] = time.perf_counter() - t0
     parent = plan.out_dir.parent

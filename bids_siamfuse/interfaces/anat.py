@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
+import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -13,6 +15,9 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
+
+from ..preproc import anat, segmentation
+from ..preproc import registration as reg
 
 
 class _ThreadedInputSpec(BaseInterfaceInputSpec):
@@ -30,9 +35,7 @@ def in_node_tmp(method):
 
     @functools.wraps(method)
     def wrapper(self, runtime):
-        from ..preproc.registration import node_tmp
-
-        with node_tmp(os.path.join(runtime.cwd, "tmp")):
+        with reg.node_tmp(os.path.join(runtime.cwd, "tmp")):
             return method(self, runtime)
 
     return wrapper
@@ -65,8 +68,6 @@ class _Collector:
 
 
 def _prepare(inputs):
-    from ..preproc import registration as reg
-
     reg.set_threads(inputs.num_threads)
     return reg.registration_settings(inputs.sloppy)
 
@@ -75,6 +76,27 @@ def _save(img, runtime, name: str) -> str:
     path = os.path.join(runtime.cwd, name)
     img.to_filename(path)
     return path
+
+
+class AntsStep(SimpleInterface):
+    """A step of the ANTs backend: :meth:`_step` runs with the node's ITK threads and
+    registration settings (``sloppy``), its temporary files inside the node (``in_node_tmp``).
+    :meth:`_collect` runs a call with the warnings it logs collected into the ``warnings``
+    output."""
+
+    @in_node_tmp
+    def _run_interface(self, runtime):
+        self._step(_prepare(self.inputs), runtime)
+        return runtime
+
+    def _step(self, settings, runtime) -> None:
+        raise NotImplementedError
+
+    def _collect(self, call, *args, **kwargs):
+        with _Collector() as messages:
+            out = call(*args, **kwargs)
+        self._results["warnings"] = list(messages)
+        return out
 
 
 class _BiasCorrectInputSpec(_ThreadedInputSpec):
@@ -87,20 +109,15 @@ class _BiasCorrectOutputSpec(TraitedSpec):
     brain_centre = traits.List(traits.Float, desc="estimated brain centre (RAS mm)")
 
 
-class T1wBiasCorrect(SimpleInterface):
+class T1wBiasCorrect(AntsStep):
     """Check the T1w, find the head and the brain centre, N4 inside the head."""
 
     input_spec = _BiasCorrectInputSpec
     output_spec = _BiasCorrectOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
+    def _step(self, settings, runtime) -> None:
         import ants
 
-        from ..preproc import anat
-        from ..preproc import registration as reg
-
-        settings = _prepare(self.inputs)
         t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
         head = anat.head_mask(t1)
         mask = ants.resample_image_to_target(head.mask, t1, interp_type="nearestNeighbor")
@@ -111,7 +128,6 @@ class T1wBiasCorrect(SimpleInterface):
             reg.to_nibabel(head.mask, np.uint8), runtime, "head_mask.nii.gz"
         )
         self._results["brain_centre"] = [float(v) for v in head.brain_centre]
-        return runtime
 
 
 class _TemplateRegistrationInputSpec(_ThreadedInputSpec):
@@ -128,31 +144,20 @@ class _TemplateRegistrationOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="warnings logged while registering")
 
 
-class TemplateRegistration(SimpleInterface):
+class TemplateRegistration(AntsStep):
     """Affine (masked, robust start) then SyN to the ICBM152 2009a template."""
 
     input_spec = _TemplateRegistrationInputSpec
     output_spec = _TemplateRegistrationOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
-        from pathlib import Path
-
-        from ..preproc import anat
-        from ..preproc import registration as reg
-
-        settings = _prepare(self.inputs)
-        import nibabel as nb
-
+    def _step(self, settings, runtime) -> None:
         t1 = reg.to_ants(nb.load(self.inputs.in_file))
         head = anat.HeadInfo(
             mask=None, brain_centre=np.asarray(self.inputs.brain_centre), vertex_z=np.nan
         )
-        with _Collector() as messages:
-            out = anat.register_to_template(
-                t1, head, settings, Path(runtime.cwd), seed=self.inputs.seed
-            )
-        self._results["warnings"] = list(messages)
+        out = self._collect(
+            anat.register_to_template, t1, head, settings, Path(runtime.cwd), seed=self.inputs.seed
+        )
         self._results["composite"] = out.composite
         self._results["inverse_composite"] = out.inverse_composite
         self._results["affine"] = out.affine
@@ -160,7 +165,6 @@ class TemplateRegistration(SimpleInterface):
             reg.to_nibabel(out.brain_mask_affine, np.uint8), runtime, "rough_brain_mask.nii.gz"
         )
         self._results["affine_correlation"] = out.affine_correlation
-        return runtime
 
 
 class _SegmentInputSpec(_ThreadedInputSpec):
@@ -180,34 +184,21 @@ class _SegmentOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="warnings logged while segmenting")
 
 
-class TissueSegmentation(SimpleInterface):
+class TissueSegmentation(AntsStep):
     """Template brain mask and priors in the T1w, N4 in the brain, Atropos, partial volumes."""
 
     input_spec = _SegmentInputSpec
     output_spec = _SegmentOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
-        from pathlib import Path
-
-        import nibabel as nb
-
-        from ..preproc import anat, segmentation
-        from ..preproc import registration as reg
-
-        settings = _prepare(self.inputs)
+    def _step(self, settings, runtime) -> None:
         t1 = reg.to_ants(anat.load_t1w(self.inputs.in_file))
         n4 = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.n4_file)).numpy())
         rough = reg.image_like(t1, reg.to_ants(nb.load(self.inputs.rough_mask)).numpy())
-        with _Collector() as messages:
-            seg = segmentation.segment(
-                t1, n4, self.inputs.inverse_composite, rough, settings, Path(runtime.cwd)
-            )
-        self._results["warnings"] = list(messages)
+        inverse, cwd = self.inputs.inverse_composite, Path(runtime.cwd)
+        seg = self._collect(segmentation.segment, t1, n4, inverse, rough, settings, cwd)
         for name in ("brain_mask", "gm", "wm", "csf", "dseg"):
             self._results[name] = _save(getattr(seg, name), runtime, f"{name}.nii.gz")
         self._results["tissue_means"] = {k: float(v) for k, v in seg.means.items()}
-        return runtime
 
 
 class _GridInputSpec(BaseInterfaceInputSpec):
@@ -234,13 +225,7 @@ class GridNormalization(SimpleInterface):
 
     @in_node_tmp
     def _run_interface(self, runtime):
-        from pathlib import Path
-
-        import nibabel as nb
-
         from ..data.templates import grid_image
-        from ..preproc import anat
-        from ..preproc import registration as reg
 
         reg.set_threads(self.inputs.num_threads)
         positions = anat.grid_positions(self.inputs.composite, Path(runtime.cwd))
@@ -288,8 +273,6 @@ class AnatQC(SimpleInterface):
     output_spec = _AnatQCOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nb
-
         from ..preproc import qc
 
         def data(path):

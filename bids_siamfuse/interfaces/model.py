@@ -27,6 +27,13 @@ class _ApplyModelInputSpec(BaseInterfaceInputSpec):
     device = traits.Str(
         "cpu", usedefault=True, desc="torch device, resolved (bids_siamfuse.config.resolve)"
     )
+    model_cls = traits.Any(
+        None,
+        usedefault=True,
+        nohash=True,
+        desc="the class the bundle is rebuilt as (None: bids_siamfuse.model.bundle."
+        "default_model_cls; importable by name when nodes run in other processes)",
+    )
 
 
 class _ApplyModelOutputSpec(TraitedSpec):
@@ -53,6 +60,7 @@ class ApplyModel(SimpleInterface):
             self.inputs.source_entities,
             self.inputs.output_dir,
             device=self.inputs.device,
+            model_cls=self.inputs.model_cls,
         )
         self._results["probabilities"] = str(written["model_probs"])
         self._results["predicted_class"] = str(

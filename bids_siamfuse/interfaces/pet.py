@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .anat import in_node_tmp
+from .anat import AntsStep, in_node_tmp
 
 
 class _PETReferenceInputSpec(BaseInterfaceInputSpec):
@@ -34,24 +34,19 @@ class _PETReferenceOutputSpec(TraitedSpec):
     notes = traits.List(Str)
 
 
-class PETReference(SimpleInterface):
+class PETReference(AntsStep):
     """Realign the frames of a dynamic PET (static images pass through) and average them."""
 
     input_spec = _PETReferenceInputSpec
     output_spec = _PETReferenceOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
-        from pathlib import Path
-
+    def _step(self, settings, runtime) -> None:
         import nibabel as nb
 
         from ..bids import save_table
         from ..preproc import pet
         from ..preproc import registration as reg
 
-        reg.set_threads(self.inputs.num_threads)
-        settings = reg.registration_settings(self.inputs.sloppy)
         frames = pet.load_pet(self.inputs.in_file, dict(self.inputs.metadata or {}))
         ref, motions = pet.realign(
             frames,
@@ -73,7 +68,6 @@ class PETReference(SimpleInterface):
         self._results["motion_table"] = str(save_table(Path(runtime.cwd) / "motion.tsv", table))
         self._results["n_frames"] = frames.n_frames
         self._results["notes"] = list(frames.notes)
-        return runtime
 
 
 class _CoregisterInputSpec(BaseInterfaceInputSpec):
@@ -100,23 +94,17 @@ def save_pet2t1w(runtime, matrix) -> str:
     return path
 
 
-class PETCoregister(SimpleInterface):
+class PETCoregister(AntsStep):
     """Rigid PET -> T1w registration, Mattes mutual information."""
 
     input_spec = _CoregisterInputSpec
     output_spec = RigidXfmOutputSpec
 
-    @in_node_tmp
-    def _run_interface(self, runtime):
-        from pathlib import Path
-
+    def _step(self, settings, runtime) -> None:
         import nibabel as nb
 
         from ..preproc import pet
-        from ..preproc import registration as reg
 
-        reg.set_threads(self.inputs.num_threads)
-        settings = reg.registration_settings(self.inputs.sloppy)
         matrix, itk_file = pet.coregister(
             nb.load(self.inputs.pet_ref),
             nb.load(self.inputs.t1w),
@@ -127,7 +115,6 @@ class PETCoregister(SimpleInterface):
         )
         self._results["itk_file"] = itk_file
         self._results["matrix"] = save_pet2t1w(runtime, matrix)
-        return runtime
 
 
 class _ToGridInputSpec(BaseInterfaceInputSpec):
@@ -146,6 +133,17 @@ class _ToGridOutputSpec(TraitedSpec):
     coverage = traits.Dict(desc="field-of-view coverage metrics of the grid brain (QC)")
 
 
+def save_normalized(results: dict, runtime, data, value, description: str) -> None:
+    """The outputs of an intensity-normalized PET on the grid (``PETToGrid`` and the SPM
+    backend's ``PETNormalize``): ``pet_mni.nii.gz`` in the node, the value, the description."""
+    from ..data.templates import grid_image
+
+    results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
+    grid_image(data).to_filename(results["out_file"])
+    results["value"] = float(value)
+    results["description"] = description
+
+
 class PETToGrid(SimpleInterface):
     """PET to the 121x145x121 grid in one interpolation, then intensity normalization."""
 
@@ -154,7 +152,6 @@ class PETToGrid(SimpleInterface):
 
     @in_node_tmp
     def _run_interface(self, runtime):
-        from ..data.templates import grid_image
         from ..preproc import pet
 
         frames = pet.load_pet(self.inputs.in_file, dict(self.inputs.metadata or {}))
@@ -173,10 +170,7 @@ class PETToGrid(SimpleInterface):
             atlas_labels=np.asarray(atlas.labels),
             atlas_names=list(atlas.names),
         )
-        self._results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
-        grid_image(normalized).to_filename(self._results["out_file"])
-        self._results["value"] = float(value)
-        self._results["description"] = description
+        save_normalized(self._results, runtime, normalized, value, description)
         return runtime
 
 

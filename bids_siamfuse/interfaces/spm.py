@@ -17,7 +17,7 @@ from nipype.interfaces.spm.base import SPMCommand
 from nipype.interfaces.spm.preprocess import NewSegment, NewSegmentInputSpec
 
 from ..preproc.spm import BOUNDING_BOX, SPM_VERSION, VOXEL_SIZE
-from .pet import RigidXfmOutputSpec, save_pet2t1w
+from .pet import RigidXfmOutputSpec, save_normalized, save_pet2t1w
 
 
 class _SPM12SegmentInputSpec(NewSegmentInputSpec):
@@ -196,7 +196,7 @@ class PETNormalize(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nb
 
-        from ..data.templates import grid_image, on_grid
+        from ..data.templates import on_grid
         from ..errors import DataError
         from ..preproc.pet import normalize
 
@@ -205,10 +205,7 @@ class PETNormalize(SimpleInterface):
             raise DataError(f"{self.inputs.in_file}: not on the 121x145x121 grid")
         data = np.asanyarray(img.dataobj, dtype=np.float32)
         out, value, description = normalize(data, self.inputs.ref_region)
-        self._results["out_file"] = os.path.join(runtime.cwd, "pet_mni.nii.gz")
-        grid_image(out).to_filename(self._results["out_file"])
-        self._results["value"] = float(value)
-        self._results["description"] = description
+        save_normalized(self._results, runtime, out, value, description)
         return runtime
 
 

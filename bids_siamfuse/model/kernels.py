@@ -165,19 +165,64 @@ def ragged_tables(geom: Geometry) -> RaggedTables:
 
 
 @triton.jit
+def _block(blk_ptr, BR: tl.constexpr, SB: tl.constexpr):
+    """This program's block of rows: its index, first sample, region (int64) and rows."""
+    pid = tl.program_id(0)
+    s0 = tl.program_id(1) * SB
+    region = tl.load(blk_ptr + pid).to(tl.int64)
+    rows = pid * BR + tl.arange(0, BR)
+    return pid, s0, region, rows
+
+
+@triton.jit
+def _conv1_operands(tab_ptr, w_ptr, rows, region, TAPS: tl.constexpr, NP: tl.constexpr):
+    """Layer 1: the tap and column ranges, the (BR, TAPS) gather offsets of the block's rows
+    and the region's (TAPS, NP) weights."""
+    taps = tl.arange(0, TAPS)
+    cols = tl.arange(0, NP)
+    idx = tl.load(tab_ptr + rows[:, None] * TAPS + taps[None, :]).to(tl.int64)
+    w = tl.load(w_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :])
+    return taps, cols, idx, w
+
+
+@triton.jit
+def _conv2_operands(
+    tab_ptr, w_ptr, b_ptr, rows, region,
+    TAPS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, P3: tl.constexpr,
+):  # fmt: skip
+    """Layer 2: the patch, channel and pooling ranges, the (BR, TAPS * C1) patch offsets in a
+    sample's layer 1 (tap ``k // C1``, channel ``k % C1``), the region's (TAPS * C1, C2)
+    weights and its bias."""
+    k = tl.arange(0, TAPS * C1)
+    c2 = tl.arange(0, C2)
+    p3 = tl.arange(0, P3)
+    idx = tl.load(tab_ptr + rows[:, None] * TAPS + (k // C1)[None, :]).to(tl.int64)
+    offs = idx * C1 + (k % C1)[None, :]
+    w = tl.load(w_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :])
+    b = tl.load(b_ptr + region * C2 + c2)
+    return k, c2, p3, offs, w, b
+
+
+@triton.jit
+def _add_gradient(ptr, pid, region, size, offs, acc, DET: tl.constexpr):
+    """Add a block's gradient ``acc`` (summed over its samples): DET, into its own partial
+    (block, sample group) of ``size`` values, reduced by ``_segment_sum``; else atomically into
+    the region's ``size`` values."""
+    if DET:
+        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(ptr + part * size + offs, acc)
+    else:
+        tl.atomic_add(ptr + region * size + offs, acc)
+
+
+@triton.jit
 def _conv1_fwd(
     x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, h_ptr, n_rows, S,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     NP: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    s0 = tl.program_id(1) * SB
-    region = tl.load(blk_ptr + pid).to(tl.int64)
-    rows = pid * BR + tl.arange(0, BR)
-    taps = tl.arange(0, TAPS)
-    cols = tl.arange(0, NP)
-    idx = tl.load(tab_ptr + rows[:, None] * TAPS + taps[None, :]).to(tl.int64)
-    w = tl.load(w_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :])
+    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    taps, cols, idx, w = _conv1_operands(tab_ptr, w_ptr, rows, region, TAPS, NP)
     out_mask = cols[None, :] < C1
     for i in range(SB):
         s = s0 + i
@@ -197,18 +242,8 @@ def _conv2_fwd(
 ):  # fmt: skip
     # DET: out_ptr is the (S, blocks, C2, P3) partial buffer, reduced by _segment_sum;
     # else the pooled features (S, R, C2, P3), accumulated with atomics
-    pid = tl.program_id(0)
-    s0 = tl.program_id(1) * SB
-    region = tl.load(blk_ptr + pid).to(tl.int64)
-    rows = pid * BR + tl.arange(0, BR)
-    k = tl.arange(0, TAPS * C1)
-    c2 = tl.arange(0, C2)
-    p3 = tl.arange(0, P3)
-    # (BR, 256) patch offsets: tap k // C1, channel k % C1
-    idx = tl.load(tab_ptr + rows[:, None] * TAPS + (k // C1)[None, :]).to(tl.int64)
-    offs = idx * C1 + (k % C1)[None, :]
-    w = tl.load(w_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :])
-    b = tl.load(b_ptr + region * C2 + c2)
+    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    k, c2, p3, offs, w, b = _conv2_operands(tab_ptr, w_ptr, b_ptr, rows, region, TAPS, C1, C2, P3)
     pw_t = tl.load(pool_ptr + rows[None, :] * P3 + p3[:, None])  # (P3, BR) float32
     for i in range(SB):
         s = s0 + i
@@ -234,21 +269,11 @@ def _conv2_bwd(
     C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
     # DET: dw_ptr/db_ptr are (blocks, sample groups, ...) partial buffers (see _segment_sum)
-    pid = tl.program_id(0)
-    s0 = tl.program_id(1) * SB
-    region = tl.load(blk_ptr + pid).to(tl.int64)
-    rows = pid * BR + tl.arange(0, BR)
-    k = tl.arange(0, TAPS * C1)
-    c2 = tl.arange(0, C2)
-    p3 = tl.arange(0, P3)
-    idx = tl.load(tab_ptr + rows[:, None] * TAPS + (k // C1)[None, :]).to(tl.int64)
-    offs = idx * C1 + (k % C1)[None, :]  # (BR, 256)
+    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    k, c2, p3, offs, w, b = _conv2_operands(tab_ptr, w_ptr, b_ptr, rows, region, TAPS, C1, C2, P3)
     idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + (k // C1)[:, None]).to(tl.int64)
     offs_t = idx_t * C1 + (k % C1)[:, None]  # (256, BR)
-    wbase = w_ptr + region * TAPS * C1 * C2
-    w = tl.load(wbase + k[:, None] * C2 + c2[None, :])  # (256, C2)
-    w_t = tl.load(wbase + k[None, :] * C2 + c2[:, None])  # (C2, 256)
-    b = tl.load(b_ptr + region * C2 + c2)
+    w_t = tl.load(w_ptr + region * TAPS * C1 * C2 + k[None, :] * C2 + c2[:, None])  # (C2, 256)
     pw = tl.load(pool_ptr + rows[:, None] * P3 + p3[None, :])  # (BR, P3)
     acc_w = tl.zeros((TAPS * C1, C2), dtype=tl.float32)
     acc_b = tl.zeros((C2,), dtype=tl.float32)
@@ -269,13 +294,8 @@ def _conv2_bwd(
             dp = tl.dot(dpre_lo, w_t)  # (BR, 256)
             ptrs = dp_ptr + (s64 * n_rows2 + rows[:, None]) * (TAPS * C1) + k[None, :]
             tl.store(ptrs, dp.to(dp_ptr.dtype.element_ty))
-    if DET:
-        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(dw_ptr + part * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :], acc_w)
-        tl.store(db_ptr + part * C2 + c2, acc_b)
-    else:
-        tl.atomic_add(dw_ptr + region * TAPS * C1 * C2 + k[:, None] * C2 + c2[None, :], acc_w)
-        tl.atomic_add(db_ptr + region * C2 + c2, acc_b)
+    _add_gradient(dw_ptr, pid, region, TAPS * C1 * C2, k[:, None] * C2 + c2[None, :], acc_w, DET)
+    _add_gradient(db_ptr, pid, region, C2, c2, acc_b, DET)
 
 
 @triton.jit
@@ -284,15 +304,9 @@ def _conv1_bwd(
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     NP: tl.constexpr, SCW: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    s0 = tl.program_id(1) * SB
-    region = tl.load(blk_ptr + pid).to(tl.int64)
-    rows = pid * BR + tl.arange(0, BR)
-    taps = tl.arange(0, TAPS)
-    cols = tl.arange(0, NP)
-    idx = tl.load(tab_ptr + rows[:, None] * TAPS + taps[None, :]).to(tl.int64)  # (BR, TAPS)
+    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    taps, cols, idx, w = _conv1_operands(tab_ptr, w_ptr, rows, region, TAPS, NP)  # idx (BR, TAPS)
     idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + taps[:, None]).to(tl.int64)  # (TAPS, BR)
-    w = tl.load(w_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :])
     sc = tl.load(sc_ptr + rows[:, None] * SCW + tl.arange(0, SCW)[None, :]).to(tl.int64)
     dp_offs = sc[:, :, None] * C1 + cols[None, None, :]  # (BR, SCW, NP)
     dp_mask = cols[None, None, :] < C1
@@ -308,11 +322,7 @@ def _conv1_bwd(
             dpre = tl.where(pre > 0, dh, 0.0)
             v_t = tl.load(xs + idx_t)
             acc += tl.dot(v_t, dpre.to(v_t.dtype))
-    if DET:
-        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(dw_ptr + part * TAPS * NP + taps[:, None] * NP + cols[None, :], acc)
-    else:
-        tl.atomic_add(dw_ptr + region * TAPS * NP + taps[:, None] * NP + cols[None, :], acc)
+    _add_gradient(dw_ptr, pid, region, TAPS * NP, taps[:, None] * NP + cols[None, :], acc, DET)
 
 
 @triton.jit

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SiamFuseError, UsageError
+from ..threads import set_threads
 from .data import RegionDataset, RegionLayout
 from .tasks import Fit, Task, default_config, default_fit, run_task
 
@@ -31,16 +32,6 @@ if TYPE_CHECKING:
     from .options import TrainConfig
 
 LOGGER = logging.getLogger("bids_siamfuse.cv")
-
-
-def _set_threads(threads: int | None) -> int | None:
-    if not threads:
-        return None
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    return before
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -141,7 +132,7 @@ def _worker_main(rank, device, threads, spec, fit, config, tasks, results):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             local = "cuda:0"
         if threads:
-            _set_threads(threads)
+            set_threads(threads, environment=False)
         if physical is not None:
             import torch
 
@@ -275,7 +266,7 @@ def run_tasks(
     config = config or default_config()
     if len(devices) <= 1:
         device = devices[0] if devices else "cpu"
-        before = _set_threads(threads)
+        before = set_threads(threads, environment=False)
         try:
             results = {}
             for task in tasks:
@@ -293,7 +284,7 @@ def run_tasks(
             return results
         finally:
             if before is not None:
-                _set_threads(before)
+                set_threads(before, environment=False)
     return _run_workers(
         data,
         tasks,

@@ -142,13 +142,11 @@ def masked_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 @functools.lru_cache(maxsize=4)
 def template_on_grid(kind: str) -> np.ndarray:
     """A template map (``T1w``, ``GM``...) sampled on the 121x145x121 grid."""
-    from ..data.templates import GRID_AFFINE, GRID_SHAPE, load_template
-    from .registration import apply_matrix, sample_at
+    from ..data.templates import load_template
+    from .registration import resample_to_grid
 
     img = load_template(kind)
-    idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-    pts = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
-    return sample_at(np.asanyarray(img.dataobj, np.float32), img.affine, pts)
+    return resample_to_grid(np.asanyarray(img.dataobj, np.float32), img.affine)
 
 
 def anat_metrics(
@@ -312,13 +310,9 @@ def qc_path(out_dir: Path, source: dict) -> Path:
 
 def session_flag(deriv_dir: Path, region_file: Path) -> tuple[bool, list[str]]:
     """Whether the session of a region file is flagged (no QC table: not flagged)."""
-    from .regions import parse_entities
+    from ..bids import source_entities
 
-    keys = {"sub": "subject", "ses": "session", "trc": "tracer", "acq": "acquisition"}
-    keys.update({"rec": "reconstruction", "run": "run"})
-    ent = parse_entities(Path(region_file).name)
-    source = {full: ent[short] for short, full in keys.items() if short in ent}
-    found = read_qc(qc_path(deriv_dir, source))
+    found = read_qc(qc_path(deriv_dir, source_entities(Path(region_file).name)))
     return found if found is not None else (False, [])
 
 

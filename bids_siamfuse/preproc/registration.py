@@ -14,8 +14,8 @@ Registration
     default and the ``--sloppy`` runs.
 
 Threads
-    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it starts; :func:`set_threads` sets it
-    (``--omp-nthreads``) before antspyx is first used in a process.
+    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it starts; :func:`set_threads` (from
+    :mod:`bids_siamfuse.threads`) sets it (``--omp-nthreads``) before antspyx is first used.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import contextlib
 import functools
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,60 +31,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SiamFuseError
+from ..threads import (  # noqa: F401 - the one thread setter (shared with model/), re-exported
+    ITK_THREADS_VARIABLE,
+    THREAD_VARIABLES,
+    itk_threads,
+    set_threads,
+)
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class RegistrationError(SiamFuseError):
     """antsRegistration (or another ANTs routine) failed."""
-
-
-THREAD_VARIABLES = (
-    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-)
-
-
-#: Environment variable that lets ITK/ANTs use more than one thread (see :func:`itk_threads`).
-ITK_THREADS_VARIABLE = "BIDS_SIAMFUSE_ITK_THREADS"
-
-
-def itk_threads(n: int) -> int:
-    """ITK/ANTs threads for ``--omp-nthreads n``: 1 unless ``BIDS_SIAMFUSE_ITK_THREADS`` is set.
-
-    Reproducible by default: ITK's multi-threaded metrics, N4 and Atropos sum in
-    per-thread pieces, so another thread count gives other float sums and the registration
-    drifts (brain masks 25 782 voxels and GM 0.6-2.3 % apart between runs). Single-threaded
-    ITK makes every derivative independent of ``--omp-nthreads`` (bitwise; measured in
-    docs/preprocessing.md, "Reproducibility", with the cost); nipype still runs several nodes
-    and subjects at once (``--nprocs``). ``BIDS_SIAMFUSE_ITK_THREADS=k`` (or ``omp``: follow
-    ``--omp-nthreads``) trades that for speed.
-    """
-    value = os.environ.get(ITK_THREADS_VARIABLE, "").strip().lower()
-    if value == "omp":
-        return int(n)
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return 1
-
-
-def set_threads(n: int | None) -> None:
-    """Threads for ITK/ANTs, OpenMP/BLAS and torch in this process (0 or None: leave as is).
-
-    ITK sizes its thread pool from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time a
-    filter runs in a process, and torch/OpenMP read ``OMP_NUM_THREADS`` at import: call this
-    before either is used (``participant/run.py`` does so before nipype starts its workers,
-    which inherit the environment). torch, when already imported, is set directly. ITK gets
-    :func:`itk_threads` (1 by default: reproducible), the others ``n``.
-    """
-    if n and n > 0:
-        for var in THREAD_VARIABLES:
-            os.environ[var] = str(int(n))
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(itk_threads(int(n)))
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(int(n))
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -86,18 +85,6 @@ def _paint(values: np.ndarray):
     from ..preproc.regions import atlas_layout
 
     return atlas_layout().paint(np.nan_to_num(np.asarray(values, dtype=np.float32)))
-
-
-@lru_cache(maxsize=1)
-def _template():
-    """The ICBM152 T1w on the grid (the background of every brain figure)."""
-    from ..data.templates import GRID_AFFINE, GRID_SHAPE, load_template
-    from ..preproc.registration import apply_matrix, sample_at
-
-    tpl = load_template("T1w")
-    idx = np.indices(GRID_SHAPE, dtype=np.float64).reshape(3, -1)
-    pts = apply_matrix(GRID_AFFINE, idx).reshape(3, *GRID_SHAPE)
-    return sample_at(np.asanyarray(tpl.dataobj, np.float32), tpl.affine, pts)
 
 
 def _brain_figure(table, labels, background, *, title, unit, cmap, anchored=False):
@@ -293,7 +280,9 @@ def build_group_report(output_dir: Path, *, bids_dir: Path | None = None) -> Pat
     tasks = find_tasks(group_dir)
     if not tasks:
         raise NoInputError(f"{group_dir}: no group results (run the group level first)")
-    background = _template()
+    from ..preproc.qc import template_on_grid
+
+    background = template_on_grid("T1w")  # the ICBM152 T1w, background of every brain figure
     sections = [task_section(t, background, bids_dir=bids_dir) for t in tasks]
     html = render("report_group.html.j2", tasks=sections, output_dir=str(output_dir))
     path = write_html(group_dir / "report.html", html)

@@ -296,9 +296,9 @@ def subject_sections(output_dir: Path, subject: str, *, bids_dir=None, backgroun
         section["qc"] = _qc_section(pet_dir) if pet_dir.is_dir() else []
         if pet_dir.is_dir():
             if background is None and any(pet_dir.glob(output_glob("model_probs"))):
-                from .group import _template
+                from ..preproc.qc import template_on_grid
 
-                background = _template()
+                background = template_on_grid("T1w")
             section["model"] = _model_section(pet_dir, output_dir, background)
         section["derivatives"] = sorted(
             str(p.relative_to(output_dir))

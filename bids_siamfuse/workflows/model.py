@@ -11,7 +11,12 @@ from pathlib import Path
 
 
 def init_apply_model_wf(
-    *, bundle: Path, output_dir: Path, device: str = "cpu", name: str = "apply_model_wf"
+    *,
+    bundle: Path,
+    output_dir: Path,
+    device: str = "cpu",
+    model_cls=None,
+    name: str = "apply_model_wf",
 ):
     """Apply a trained model bundle to one session's region file.
 
@@ -28,6 +33,9 @@ def init_apply_model_wf(
         The derivatives root the outputs are written to (named after ``source_entities``).
     device
         Torch device for the prediction, resolved (:func:`bids_siamfuse.config.resolve`).
+    model_cls
+        The class the bundle is rebuilt as (``from_state``); None:
+        :func:`bids_siamfuse.model.bundle.default_model_cls` (the tests pass their double).
 
     Inputs: ``region_file`` (the session's ``..._regions.npz``), ``source_entities`` (the PET's
     entities: subject, session, tracer, ...). Outputs: ``probabilities`` (TSV),
@@ -70,7 +78,12 @@ def init_apply_model_wf(
         name="outputnode",
     )
     apply_model = pe.Node(
-        ApplyModel(bundle=str(meta_path.absolute()), output_dir=str(output_dir), device=device),
+        ApplyModel(
+            bundle=str(meta_path.absolute()),
+            output_dir=str(output_dir),
+            device=device,
+            model_cls=model_cls,
+        ),
         name="apply_model",
         mem_gb=3,
     )
