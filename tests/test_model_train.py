@@ -434,3 +434,13 @@ def test_fusion_round_trip_and_old_bundles_are_paper(coupled, tmp_path):
     again = FittedModel.from_state(t2, m2, data.layout)
     assert again.fusion == "paper"
     assert np.allclose(again.predict_proba(sub), paper.predict_proba(sub), atol=1e-6)
+
+
+def test_step_batch_keeps_two_steps_per_epoch_down_to_the_small_batch():
+    from bids_siamfuse.model.options import SMALL_BATCH, step_batch
+
+    assert step_batch(32, 23) == SMALL_BATCH == 16  # one step of 32 would be the whole epoch
+    assert step_batch(32, 64) == 32 and step_batch(32, 96) == 32  # 2+ steps: unchanged
+    assert step_batch(32, 40) == 20  # shrinks to two steps, not below 16
+    assert step_batch(16, 10) == 16 and step_batch(8, 100) == 8  # never grows a batch
+    assert step_batch(0, 5) == 1

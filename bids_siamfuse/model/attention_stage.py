@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .attention import AttentionClassifier
 from .graphed import GraphedStep
 from .losses import similarity
-from .options import TrainConfig, _emit
+from .options import TrainConfig, _emit, step_batch
 
 ATTENTION_HIDDEN = 128
 #: L2 penalty (Adam ``weight_decay``) of the attention stage: 4640 inputs, tens of training
@@ -118,7 +118,7 @@ def train_attention(
     counts = torch.bincount(y_tr, minlength=att.n_classes).float()
     weight = torch.where(counts > 0, counts.sum() / (att.n_classes * counts.clamp(min=1)), 0.0)
     n = emb_tr.shape[0]
-    bs = max(1, int(config.batch_size))
+    bs = step_batch(config.batch_size, n)
     step = _AttentionStep(att, emb_tr, y_tr, weight, config.learning_rate, bs)
     best, best_epoch, stale = math.inf, 0, 0
     best_state = {k: v.detach().clone() for k, v in att.state_dict().items()}

@@ -23,6 +23,23 @@ FUSIONS = ("paper", "similarity")
 GATES = ("paired", "constant", "se", "none")
 
 
+#: The batch below which :func:`step_batch` does not shrink a batch (the default before 32).
+SMALL_BATCH = 16
+
+
+def step_batch(batch_size: int, n: int) -> int:
+    """The batch the optimizer steps with on ``n`` training rows: ``batch_size``, shrunk (not
+    below ``SMALL_BATCH``) so that an epoch has at least two steps.
+
+    Why: at 32 a small cohort gets one step per epoch. On the 32-subject strong-effect cohort
+    of ``tests/test_group.py`` (seed 21, 4 folds, sloppy, CPU; ~23 training rows per fold) the
+    model scored 0.875 at batch 32 and 0.906 at 16 and at 12. From 64 training rows on (the
+    60-per-class acceptance cohorts: ~90) nothing changes, nor does an explicit batch of 16.
+    """
+    bs = max(1, int(batch_size))
+    return max(1, min(bs, max(SMALL_BATCH, -(-int(n) // 2))))
+
+
 @dataclass
 class TrainConfig:
     """Everything :func:`fit` can be told (see the module docstring)."""

@@ -13,7 +13,7 @@ import torch
 from .graphed import GraphedStep
 from .losses import hinge, siamese_loss, similarity
 from .numerics import _batch, _embed
-from .options import TrainConfig, _emit
+from .options import TrainConfig, _emit, step_batch
 from .siamese import PARAM_NAMES, SiameseBank
 
 #: One-sided level of the paired gate (see :class:`_RegionEarlyStop`).
@@ -189,7 +189,7 @@ def train_siamese(
     untrained), the mean validation hinge of the untrained (``val_hinge_initial``) and of the
     kept network (``val_hinge_kept``); NaN without a validation part."""
     device = xm.device
-    bs = max(1, int(config.batch_size))
+    bs = step_batch(config.batch_size, len(train_idx))
     step = SiameseStep(bank, xm, xp, t, dtype, config.learning_rate, bs, graphs)
     tr = torch.as_tensor(train_idx, dtype=torch.long)
     va = torch.as_tensor(val_idx, dtype=torch.long, device=device)
