@@ -127,6 +127,29 @@ def run(ph, work: Path, sloppy: bool) -> tuple[dict, dict]:
         "aal_p90_abs_pct": float(np.percentile(np.abs(err), 90)),
         "aal_mean_pct": float(err.mean()),
     }
+    # the session's T1w QC (preproc/qc.py) as far as it is computed here (no T1w on the grid)
+    from bids_siamfuse.preproc import qc
+
+    metrics = qc.anat_metrics(
+        zooms=ph.voxel,
+        t1w=n4.numpy(),
+        brain_mask=brain,
+        gm=gm,
+        wm=wm,
+        csf=csf,
+        means=dict(seg.means),
+        affine_correlation=regd.affine_correlation,
+        gm_grid=wc1,
+    )
+    out["qc"] = {
+        r["metric"]: [
+            round(r["value"], 4) if isinstance(r["value"], float) else r["value"],
+            r["status"],
+        ]
+        for r in qc.evaluate(metrics)
+        if r["status"] != "info"
+    }
+    out["affine_starts_tried"] = sorted(p.name for p in work.glob("init_*.mat"))
     out["cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
     return out, times
 
@@ -140,7 +163,7 @@ def main(argv=None):
     p.add_argument("--save", type=Path, help="save the phantom (prefix) and exit")
     p.add_argument("--load", type=Path, help="read a phantom saved with --save (prefix)")
     p.add_argument("--work", type=Path)
-    p.add_argument("--variant", default="head", help="head, skull-stripped or conformed")
+    p.add_argument("--variant", default="head", help="head, skull-stripped, conformed (256^3) or conformed-unpadded")
     args = p.parse_args(argv)
     from bids_siamfuse import phantom
     from bids_siamfuse.preproc import registration as reg

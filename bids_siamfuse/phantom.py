@@ -268,7 +268,7 @@ def score(ph: Phantom, gm: np.ndarray, wm: np.ndarray, csf: np.ndarray) -> dict:
 
 
 #: what :func:`variant` makes of a phantom
-VARIANTS = ("head", "skull-stripped", "conformed")
+VARIANTS = ("head", "skull-stripped", "conformed", "conformed-unpadded")
 
 
 def variant(ph: Phantom, kind: str) -> Phantom:
@@ -279,6 +279,8 @@ def variant(ph: Phantom, kind: str) -> Phantom:
     ``mri_convert --conform`` output (``orig.mgz``/``T1.mgz`` as NIfTI): intensities scaled
     so the median of pure WM is 110, rounded to 0-255 integers (uint8), the 1 mm image put
     at the centre of a zero-filled 256^3 grid, stored LIA. Only for 1 mm phantoms.
+    ``conformed-unpadded``: the same on the phantom's own grid (the input that failed the
+    affine in issue 17: docs/preprocessing.md, "Other contrasts and inputs").
     """
     import nibabel as nb
 
@@ -291,30 +293,30 @@ def variant(ph: Phantom, kind: str) -> Phantom:
         img = nb.Nifti1Image(np.where(keep, data, 0.0).astype(np.float32), ph.image.affine)
         img.header.set_xyzt_units("mm")
         return Phantom(img, ph.gm, ph.wm, ph.csf, ph.brain, ph.aal, ph.coarse, ph.voxel, params)
-    if kind != "conformed":
+    if kind not in ("conformed", "conformed-unpadded"):
         raise ValueError(f"unknown phantom variant {kind!r} (one of {VARIANTS})")
     if not np.allclose(ph.voxel, 1.0):
         raise ValueError("the conformed variant needs a 1 mm phantom")
     wm = float(np.median(data[ph.wm > 0.99]))
-    u8 = np.clip(np.round(data * (110.0 / wm)), 0, 255).astype(np.uint8)
-    size = 256
+    u8 = np.clip(np.round(data * 110.0 / wm), 0, 255).astype(np.uint8)
     shape = np.array(data.shape)
+    size = 256 if kind == "conformed" else shape
     if (shape > size).any():
         raise ValueError(f"phantom of shape {tuple(shape)} does not fit a {size}^3 grid")
-    lo = (size - shape) // 2
+    lo = (np.asarray(size) - shape) // 2
     box = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, shape))
     affine = ph.image.affine.copy()
     affine[:3, 3] -= affine[:3, :3] @ lo.astype(float)  # the same world positions
 
     def pad(a):
-        out = np.zeros((size,) * 3, dtype=a.dtype)
+        out = np.zeros(tuple(np.broadcast_to(size, 3)), dtype=a.dtype)
         out[box] = a
         return out
 
     # RAS -> LIA: reorder and flip the arrays, and the affine with them
     ras, lia = nb.orientations.axcodes2ornt("RAS"), nb.orientations.axcodes2ornt("LIA")
     ornt = nb.orientations.ornt_transform(ras, lia)
-    affine = affine @ nb.orientations.inv_ornt_aff(ornt, (size,) * 3)
+    affine = affine @ nb.orientations.inv_ornt_aff(ornt, tuple(np.broadcast_to(size, 3)))
 
     def conform(a):
         return np.ascontiguousarray(nb.orientations.apply_orientation(pad(a), ornt))
