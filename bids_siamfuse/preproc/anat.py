@@ -14,7 +14,9 @@ The steps, for a head image with skull, scalp and neck in any orientation:
    ICBM152 template with a metric mask of the template brain dilated by 6 mm (the dark skull
    of the head image faces the template's empty background, the bright scalp stays outside),
    extracts the brain with the template mask mapped back through that affine (dilated 4 mm),
-   and runs SyN between the extracted brain and the template at 2 mm.
+   and runs SyN between the extracted brain and the template at 2 mm. A poor affine fit is
+   retried from starts sized for smaller brains, then with a rotation search
+   (:func:`affine_to_template`).
 5. :func:`segment` maps the template's brain mask and tissue priors into the T1w through the
    inverse transform, refines the bias correction inside the brain (second N4), runs Atropos
    (3 classes, priors weighted 0.5, MRF) at 2 mm, and turns its classes into *partial-volume*
@@ -262,8 +264,9 @@ def affine_to_template(
 ) -> tuple[dict, float, str]:
     """Rigid + affine of the head image to the template: (transforms, correlation, initial).
 
-    A rotation search runs (and the log warns) only when the fit is poor
-    (:data:`AFFINE_SEARCH_BELOW`); the warning says whether the search helped.
+    Only when the fit is poor (:data:`AFFINE_SEARCH_BELOW`): the affine reruns from starts
+    sized for smaller brains (:func:`_size_starts`), then, if still poor, a rotation search
+    runs; the log warns and says which helped.
     """
     import ants
 
