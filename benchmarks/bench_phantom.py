@@ -163,7 +163,11 @@ def main(argv=None):
     p.add_argument("--save", type=Path, help="save the phantom (prefix) and exit")
     p.add_argument("--load", type=Path, help="read a phantom saved with --save (prefix)")
     p.add_argument("--work", type=Path)
-    p.add_argument("--variant", default="head", help="head, skull-stripped, conformed (256^3) or conformed-unpadded")
+    p.add_argument(
+        "--variant",
+        default="head",
+        help="head, skull-stripped, conformed (256^3) or conformed-unpadded",
+    )
     args = p.parse_args(argv)
     from bids_siamfuse import phantom
     from bids_siamfuse.preproc import registration as reg
