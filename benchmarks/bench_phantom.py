@@ -2,8 +2,8 @@
 
 ::
 
-    nice python benchmarks/bench_phantom.py --voxel 1x1x1 --seed 0 --json out.json \\
-        [--phantom ph.nii.gz --truth truth.npz] [--sloppy] [--dump pv.npz]
+    nice python benchmarks/bench_phantom.py --voxel 1x1x1 --seed 1 --json out.json \\
+        [--variant head|skull-stripped|conformed] [--save PREFIX | --load PREFIX] [--sloppy]
 
 Builds :func:`bids_siamfuse.phantom.make_phantom` (or reads one saved by ``--save``), runs the
 anatomical steps exactly as the workflow's nodes call them (``load_t1w``, ``head_mask``, N4,
@@ -12,7 +12,9 @@ default settings, and scores the native partial-volume fractions against the pha
 fractions (:func:`bids_siamfuse.phantom.score`: totals, AAL-regional GM, lobe-like regional
 GM/WM/CSF), the brain mask (Dice, volume), where the GM excess sits (voxels mixing CSF and GM,
 GM and WM, CSF and WM: the ventricle rim) and the modulated GM on the grid per AAL region
-against the true regional GM. Prints JSON; timings per step (ITK threads: see
+against the true regional GM. ``--variant`` stores the phantom another way first
+(:func:`bids_siamfuse.phantom.variant`: skull-stripped, or FreeSurfer-conformed-like: WM 110,
+uint8, 256^3, LIA). Prints JSON; timings per step (ITK threads: see
 ``BIDS_SIAMFUSE_ITK_THREADS``, one by default).
 """
 
@@ -125,6 +127,29 @@ def run(ph, work: Path, sloppy: bool) -> tuple[dict, dict]:
         "aal_p90_abs_pct": float(np.percentile(np.abs(err), 90)),
         "aal_mean_pct": float(err.mean()),
     }
+    # the session's T1w QC (preproc/qc.py) as far as it is computed here (no T1w on the grid)
+    from bids_siamfuse.preproc import qc
+
+    metrics = qc.anat_metrics(
+        zooms=ph.voxel,
+        t1w=n4.numpy(),
+        brain_mask=brain,
+        gm=gm,
+        wm=wm,
+        csf=csf,
+        means=dict(seg.means),
+        affine_correlation=regd.affine_correlation,
+        gm_grid=wc1,
+    )
+    out["qc"] = {
+        r["metric"]: [
+            round(r["value"], 4) if isinstance(r["value"], float) else r["value"],
+            r["status"],
+        ]
+        for r in qc.evaluate(metrics)
+        if r["status"] != "info"
+    }
+    out["affine_starts_tried"] = sorted(p.name for p in work.glob("init_*.mat"))
     out["cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
     return out, times
 
@@ -138,6 +163,11 @@ def main(argv=None):
     p.add_argument("--save", type=Path, help="save the phantom (prefix) and exit")
     p.add_argument("--load", type=Path, help="read a phantom saved with --save (prefix)")
     p.add_argument("--work", type=Path)
+    p.add_argument(
+        "--variant",
+        default="head",
+        help="head, skull-stripped, conformed (256^3) or conformed-unpadded",
+    )
     args = p.parse_args(argv)
     from bids_siamfuse import phantom
     from bids_siamfuse.preproc import registration as reg
@@ -149,6 +179,7 @@ def main(argv=None):
         ph = phantom.load(args.load)
     else:
         ph = phantom.make_phantom(voxel, seed=args.seed)
+    ph = phantom.variant(ph, args.variant)
     t_make = time.perf_counter() - t0
     if args.save:
         phantom.save(ph, args.save)

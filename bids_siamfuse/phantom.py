@@ -267,6 +267,77 @@ def score(ph: Phantom, gm: np.ndarray, wm: np.ndarray, csf: np.ndarray) -> dict:
     return out
 
 
+#: what :func:`variant` makes of a phantom
+VARIANTS = ("head", "skull-stripped", "conformed", "conformed-unpadded")
+
+
+def variant(ph: Phantom, kind: str) -> Phantom:
+    """The phantom stored another way, with its truth on the new grid.
+
+    ``head``: as made. ``skull-stripped``: voxels outside the true brain mask dilated by one
+    voxel set to 0 (as BET or SynthStrip output). ``conformed``: like FreeSurfer's
+    ``mri_convert --conform`` output (``orig.mgz``/``T1.mgz`` as NIfTI): intensities scaled
+    so the median of pure WM is 110, rounded to 0-255 integers (uint8), the 1 mm image put
+    at the centre of a zero-filled 256^3 grid, stored LIA. Only for 1 mm phantoms.
+    ``conformed-unpadded``: the same on the phantom's own grid (the input that failed the
+    affine in issue 17: docs/preprocessing.md, "Other contrasts and inputs").
+    """
+    import nibabel as nb
+
+    data = np.asanyarray(ph.image.dataobj, dtype=np.float32)
+    params = {**ph.params, "variant": kind}
+    if kind == "head":
+        return ph
+    if kind == "skull-stripped":
+        keep = ndimage.binary_dilation(ph.brain, iterations=1)
+        img = nb.Nifti1Image(np.where(keep, data, 0.0).astype(np.float32), ph.image.affine)
+        img.header.set_xyzt_units("mm")
+        return Phantom(img, ph.gm, ph.wm, ph.csf, ph.brain, ph.aal, ph.coarse, ph.voxel, params)
+    if kind not in ("conformed", "conformed-unpadded"):
+        raise ValueError(f"unknown phantom variant {kind!r} (one of {VARIANTS})")
+    if not np.allclose(ph.voxel, 1.0):
+        raise ValueError("the conformed variant needs a 1 mm phantom")
+    wm = float(np.median(data[ph.wm > 0.99]))
+    u8 = np.clip(np.round(data * 110.0 / wm), 0, 255).astype(np.uint8)
+    shape = np.array(data.shape)
+    size = 256 if kind == "conformed" else shape
+    if (shape > size).any():
+        raise ValueError(f"phantom of shape {tuple(shape)} does not fit a {size}^3 grid")
+    lo = (np.asarray(size) - shape) // 2
+    box = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, shape))
+    affine = ph.image.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ lo.astype(float)  # the same world positions
+
+    def pad(a):
+        out = np.zeros(tuple(np.broadcast_to(size, 3)), dtype=a.dtype)
+        out[box] = a
+        return out
+
+    # RAS -> LIA: reorder and flip the arrays, and the affine with them
+    ras, lia = nb.orientations.axcodes2ornt("RAS"), nb.orientations.axcodes2ornt("LIA")
+    ornt = nb.orientations.ornt_transform(ras, lia)
+    affine = affine @ nb.orientations.inv_ornt_aff(ornt, tuple(np.broadcast_to(size, 3)))
+
+    def conform(a):
+        return np.ascontiguousarray(nb.orientations.apply_orientation(pad(a), ornt))
+
+    img = nb.Nifti1Image(conform(u8), affine)
+    img.set_data_dtype(np.uint8)
+    img.header.set_xyzt_units("mm")
+    params["wm_to_110_from"] = wm
+    return Phantom(
+        image=img,
+        gm=conform(ph.gm),
+        wm=conform(ph.wm),
+        csf=conform(ph.csf),
+        brain=conform(ph.brain),
+        aal=conform(ph.aal),
+        coarse=conform(ph.coarse),
+        voxel=ph.voxel,
+        params=params,
+    )
+
+
 def save(ph: Phantom, prefix) -> None:
     """``<prefix>.nii.gz`` (the T1w) and ``<prefix>_truth.npz`` (fractions, labels, params)."""
     import json
@@ -295,7 +366,8 @@ def load(prefix) -> Phantom:
     t = np.load(f"{prefix}_truth.npz")
     params = json.loads(str(t["params"]))
     return Phantom(
-        image=nb.Nifti1Image(np.asanyarray(img.dataobj, np.float32), img.affine),
+        # as stored (a conformed variant stays uint8)
+        image=nb.Nifti1Image(np.asanyarray(img.dataobj), img.affine),
         gm=t["gm"],
         wm=t["wm"],
         csf=t["csf"],

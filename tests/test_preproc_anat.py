@@ -234,6 +234,7 @@ def test_affine_warning_only_for_a_head_far_from_upright(angle, warns, tmp_path,
     caplog.set_level(logging.WARNING, logger="bids_siamfuse.anat")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(anat, "_rotation_search", lambda *a: (a[6], a[7]))
+        mp.setattr(anat, "START_SCALES", ())  # tested below
         _, corr, _ = anat.affine_to_template(t1, head, reg.registration_settings(True), tmp_path)
     fired = any("affine fit to the template" in r.message for r in caplog.records)
     assert fired == warns, corr
@@ -242,3 +243,38 @@ def test_affine_warning_only_for_a_head_far_from_upright(angle, warns, tmp_path,
     else:
         assert anat.AFFINE_SEARCH_BELOW < corr < 0.75  # in the range of real upright heads
         assert corr < 0.6  # the old threshold would have fired
+
+
+def test_affine_start_for_a_brain_smaller_than_the_template(tmp_path, caplog):
+    """Issue 17: the conformed-like phantom failed the affine (r 0.26-0.35). The mechanism: the
+    default start is the template brain at its own size, a rigid stage cannot shrink it, and
+    on a brain smaller than the template the affine can end with the template grown over the
+    skull and scalp (r < 0.45, Jacobian determinant near 1) instead of inside the skull. On the
+    1 mm phantom (0.9x the template) rounding decided it; on this 2 mm one with a 0.8x brain it
+    happens every time. Starts sized for smaller brains (``START_SCALES``) find the fit."""
+    import logging
+
+    from bids_siamfuse import phantom
+
+    ph = phantom.make_phantom((2.0, 2.0, 2.0), fine_mm=2.0, seed=1, scale=0.8)
+    t1 = reg.to_ants(ph.image)
+    head = anat.head_mask(t1)
+    settings = reg.registration_settings(True)
+    caplog.set_level(logging.WARNING, logger="bids_siamfuse.anat")
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+
+    def det(lin):
+        return float(np.linalg.det(reg.read_matrix(lin["affine"])[:3, :3]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(anat, "_rotation_search", lambda *a: (a[6], a[7]))
+        mp.setattr(anat, "START_SCALES", ())  # the default start alone: the failure
+        lin, corr, _ = anat.affine_to_template(t1, head, settings, tmp_path / "a")
+        assert corr < anat.AFFINE_SEARCH_BELOW and det(lin) > 0.8, (corr, det(lin))
+        mp.setattr(anat, "START_SCALES", (0.9, 0.8))
+        caplog.clear()
+        lin, corr, _ = anat.affine_to_template(t1, head, settings, tmp_path / "b")
+    assert corr > 0.8
+    assert det(lin) == pytest.approx(0.8**3, abs=0.03)  # template -> brain: 0.8 linear
+    assert any("a start for a brain" in r.message for r in caplog.records)

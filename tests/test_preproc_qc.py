@@ -107,12 +107,68 @@ def test_collapsed_tissue_classes_are_flagged(tmp_path):
     assert "t1w_voxel_max_mm" not in flagged
 
 
-def test_thick_slices_are_flagged(tmp_path):
+def _warned(metrics: dict) -> dict:
+    return {r["metric"]: r["reason"] for r in qc.evaluate(metrics) if r["status"] == "warning"}
+
+
+def test_thick_slices_that_segment_well_only_warn(tmp_path):
+    """Issue 17: 3 mm slices alone are no failure (the phantom segments at 1x1x3 mm as well
+    as at 1 mm): a warning in the table and the report, no flag."""
     t1, fractions, mask, zooms = _tissue_phantom(600.0, slice_mm=3.0)
     means = _atropos_means(t1, fractions, mask, zooms, tmp_path)
+    metrics = _anat(t1, fractions, mask, zooms, means)
+    assert metrics["seg_gm_wm_contrast"] > 0.3
+    flagged = _flagged(metrics)
+    assert not set(flagged) - {"tiv_ml", "gm_fraction", "wm_fraction", "csf_fraction"}
+    warned = _warned(metrics)
+    assert "thick slices" in warned["t1w_voxel_max_mm"] and "= 3 > 2" in warned["t1w_voxel_max_mm"]
+    assert qc.warnings(qc.evaluate(metrics)) == [warned["t1w_voxel_max_mm"]]
+
+
+def test_thick_slices_with_collapsed_classes_are_flagged(tmp_path):
+    """The failure of issue 17's 1x1x3 mm T1w: thick slices and GM almost as bright as WM.
+    Flagged for the collapse, the reason naming the thick slices."""
+    t1, fractions, mask, zooms = _tissue_phantom(930.0, slice_mm=3.0)
+    means = _atropos_means(t1, fractions, mask, zooms, tmp_path)
     flagged = _flagged(_anat(t1, fractions, mask, zooms, means))
-    assert "thick slices" in flagged["t1w_voxel_max_mm"]
-    assert "= 3 > 2" in flagged["t1w_voxel_max_mm"]
+    reason = flagged["seg_gm_wm_contrast"]
+    assert "tissue classes collapsed" in reason and "on thick slices (3 mm)" in reason
+    assert "t1w_voxel_max_mm" not in flagged
+
+
+def test_gm_in_deep_white_matter_is_flagged():
+    """GM where the template has deep WM (issue 17's collapsed run: 0.37; sound <= 0.045)."""
+    gm = qc.template_on_grid("GM")
+    sound = qc.anat_metrics(**_grid_case(gm), gm_grid=gm)
+    assert sound["gm_deep_wm"] < 0.02 and "gm_deep_wm" not in _flagged(sound)
+    collapsed = np.clip(gm + 0.35 * qc.template_on_grid("WM"), 0, 1)
+    metrics = qc.anat_metrics(**_grid_case(gm, zooms=(1.0, 1.0, 3.0)), gm_grid=collapsed)
+    reason = _flagged(metrics)["gm_deep_wm"]
+    assert "GM in deep white matter" in reason and "on thick slices (3 mm)" in reason
+
+
+def _grid_case(gm, zooms=(1.0, 1.0, 1.0)) -> dict:
+    """anat_metrics inputs on the grid itself (the T1w-space metrics do not matter here)."""
+    wm = qc.template_on_grid("WM")
+    return dict(
+        zooms=zooms,
+        t1w=600 * gm + 1000 * wm,
+        brain_mask=gm + wm > 0.5,
+        gm=gm,
+        wm=wm,
+        csf=qc.template_on_grid("CSF"),
+        means={"atropos_GM": 600.0, "atropos_WM": 1000.0},
+        affine_correlation=0.8,
+    )
+
+
+def test_legacy_qc_switch_flags_thick_slices(monkeypatch):
+    """BIDS_SIAMFUSE_LEGACY_QC=1: the QC as before (thick slices flagged, no gm_deep_wm)."""
+    gm = qc.template_on_grid("GM")
+    monkeypatch.setenv(qc.LEGACY_QC_VARIABLE, "1")
+    metrics = qc.anat_metrics(**_grid_case(gm, zooms=(1.0, 1.0, 3.0)), gm_grid=gm)
+    assert "gm_deep_wm" not in metrics
+    assert "thick slices" in _flagged(metrics)["t1w_voxel_max_mm"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,12 +356,19 @@ def test_session_qc_node_keeps_every_warning(tmp_path):
         logging.getLogger("bids_siamfuse.anat").info("not a warning")
     assert messages == ["anat: affine fit to the template is poor"]
     node = SessionQC(
-        anat_metrics={"t1w_voxel_max_mm": 3.0, "_warnings": messages},
+        anat_metrics={
+            "t1w_voxel_max_mm": 3.0,
+            "seg_gm_wm_contrast": 0.05,
+            "_warnings": messages,
+        },
         pet_notes=["FrameDuration lists 0 value(s) for 4 frames: frames weighted equally"],
     )
     result = node.run(cwd=str(tmp_path))
     meta = result.outputs.meta
-    assert meta["Warnings"] == messages + node.inputs.pet_notes
-    assert result.outputs.flagged and "thick slices" in result.outputs.reasons[0]
+    # the thick slices are a QC warning (shown with the others), the collapse the flag
+    assert meta["Warnings"][:2] == messages + node.inputs.pet_notes
+    assert len(meta["Warnings"]) == 3 and "thick slices" in meta["Warnings"][2]
+    assert result.outputs.reasons == [r for r in result.outputs.reasons if "collapsed" in r]
+    assert result.outputs.flagged and "on thick slices (3 mm)" in result.outputs.reasons[0]
     table = pd.read_csv(result.outputs.out_file, sep="\t")
     assert "_warnings" not in set(table.metric)

@@ -216,6 +216,7 @@ class SessionQC(SimpleInterface):
         metrics.update(dict(self.inputs.coverage or {}))
         rows = qc.evaluate(metrics)
         why = qc.reasons(rows)
+        warnings += qc.warnings(rows)  # outside a warning range (thick slices): shown, no flag
         path = os.path.join(runtime.cwd, "qc.tsv")
         save_table(Path(path), qc.qc_table(rows))
         self._results["out_file"] = path

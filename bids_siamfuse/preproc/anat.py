@@ -14,7 +14,9 @@ The steps, for a head image with skull, scalp and neck in any orientation:
    ICBM152 template with a metric mask of the template brain dilated by 6 mm (the dark skull
    of the head image faces the template's empty background, the bright scalp stays outside),
    extracts the brain with the template mask mapped back through that affine (dilated 4 mm),
-   and runs SyN between the extracted brain and the template at 2 mm.
+   and runs SyN between the extracted brain and the template at 2 mm. A poor affine fit is
+   retried from starts sized for smaller brains, then with a rotation search
+   (:func:`affine_to_template`).
 5. :func:`segment` maps the template's brain mask and tissue priors into the T1w through the
    inverse transform, refines the bias correction inside the brain (second N4), runs Atropos
    (3 classes, priors weighted 0.5, MRF) at 2 mm, and turns its classes into *partial-volume*
@@ -46,6 +48,8 @@ LOGGER = logging.getLogger("bids_siamfuse.anat")
 #: Distance from the template brain's centre of mass down from the top of the head (mm):
 #: 72.5 mm from the brain's top to its centre (ICBM152 mask) plus ~12 mm of skull and scalp.
 BRAIN_CENTRE_BELOW_VERTEX = 84.5
+#: the first of those two terms (the template brain's top to its centre of mass, mm)
+TEMPLATE_TOP_TO_CENTRE = 72.5
 TISSUE_LABELS = {"GM": 1, "WM": 2, "CSF": 3}
 
 
@@ -260,8 +264,9 @@ def affine_to_template(
 ) -> tuple[dict, float, str]:
     """Rigid + affine of the head image to the template: (transforms, correlation, initial).
 
-    A rotation search runs (and the log warns) only when the fit is poor
-    (:data:`AFFINE_SEARCH_BELOW`); the warning says whether the search helped.
+    Only when the fit is poor (:data:`AFFINE_SEARCH_BELOW`): the affine reruns from starts
+    sized for smaller brains (:func:`_size_starts`), then, if still poor, a rotation search
+    runs; the log warns and says which helped.
     """
     import ants
 
@@ -281,6 +286,17 @@ def affine_to_template(
     corr = _masked_correlation(tpl.t1, moved, tpl.mask)
     if corr < AFFINE_SEARCH_BELOW:
         first = corr
+        lin, corr, scale = _size_starts(t1_n4, head, tpl, settings, work_dir, seed, lin, corr)
+        if corr >= AFFINE_SEARCH_BELOW:
+            LOGGER.warning(
+                "affine fit to the template was poor (r=%.2f) from the start for a "
+                "template-sized brain; a start for a brain %.0f%% of the template's size "
+                "found r=%.2f",
+                first,
+                100 * scale,
+                corr,
+            )
+            return lin, corr, initial
         lin, corr = _rotation_search(t1_n4, tpl, settings, work_dir, seed, initial, lin, corr)
         if corr > first:
             LOGGER.warning(
@@ -338,6 +354,63 @@ def register_to_template(
         brain_mask_affine=brain_mask,
         affine_correlation=corr,
     )
+
+
+#: Brain sizes tried as starts (linear scale of the template brain) when the fit from the
+#: default start is poor: 0.9 and 0.8 are brains of ~0.73 and ~0.51 times the template
+#: brain's volume (adult brains are mostly smaller than the ICBM152 average brain).
+START_SCALES = (0.9, 0.8)
+
+
+def _sized_start(head: HeadInfo, template: TemplateSet, scale: float, path: Path) -> str:
+    """Initial map for a brain ``scale`` times the template's (linear size).
+
+    The template brain, scaled about its centre, is put where a brain of that size sits:
+    its centre ``TEMPLATE_TOP_TO_CENTRE * scale`` mm under the brain's top, which lies where
+    the template-sized estimate (:data:`BRAIN_CENTRE_BELOW_VERTEX`) puts it. ``scale`` 1 is
+    the default start (:func:`_initial_translation`).
+    """
+    centre = np.asarray(head.brain_centre, dtype=float).copy()
+    centre[2] += TEMPLATE_TOP_TO_CENTRE * (1.0 - scale)
+    start = np.eye(4)
+    start[:3, :3] *= scale
+    start[:3, 3] = centre - scale * template.centre
+    reg.write_matrix(start, path)
+    return str(path)
+
+
+def _size_starts(t1_n4, head, tpl, settings, work_dir, seed, lin, corr):
+    """The affine again from starts for smaller brains (:data:`START_SCALES`); the best fit.
+
+    Why: the default start assumes a template-sized brain. A rigid stage cannot shrink the
+    template, and from that start the affine can settle with the template brain grown over
+    the skull and scalp (determinant > 1, r 0.26-0.37 on the seed-1 phantom, whose brain is
+    0.9 times the template's) instead of inside the skull (determinant 0.74, r 0.885).
+    Which of the two it reaches from the default start is decided by rounding (the same
+    phantom stored as 0-255 integers *and* LIA failed, either change alone did not:
+    docs/preprocessing.md, "Other contrasts and inputs"); from a start of the right size it
+    reached the right fit every time. Returns (transforms, correlation, scale of the start).
+    """
+    import ants
+
+    best = (lin, corr, 1.0)
+    for scale in START_SCALES:
+        tag = f"{int(round(100 * scale))}"
+        start = _sized_start(head, tpl, scale, Path(work_dir) / f"init_scale{tag}.mat")
+        alt = reg.antsreg(
+            tpl.t1,
+            t1_n4,
+            list(settings.affine_stages),
+            out_prefix=str(Path(work_dir) / f"affine_scale{tag}_"),
+            initial=start,
+            fixed_mask=tpl.box_mask,
+            seed=seed,
+        )
+        moved = ants.apply_transforms(tpl.t1, t1_n4, [alt["affine"]])
+        alt_corr = _masked_correlation(tpl.t1, moved, tpl.mask)
+        if alt_corr > best[1]:
+            best = (alt, alt_corr, scale)
+    return best
 
 
 def _rotation_search(t1_n4, tpl, settings, work_dir, seed, initial, lin, corr):

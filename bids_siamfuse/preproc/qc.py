@@ -3,9 +3,11 @@
 :func:`anat_metrics` (the T1w: acquisition, segmentation, registration) and
 :func:`pet_metrics` (the PET: motion, field of view, coregistration) return plain dicts of
 numbers; :func:`evaluate` compares them with :data:`THRESHOLDS` and gives one row per metric
-(value, reference range, ``ok``/``flagged``/``n/a``, reason). A session with any flagged metric
-is *flagged*: the participant status table says so with the reasons, the report shows them at
-the top, and the group level leaves the session out unless ``--include-flagged``.
+(value, reference range, ``ok``/``flagged``/``warning``/``n/a``, reason). A session with any
+flagged metric is *flagged*: the participant status table says so with the reasons, the report
+shows them at the top, and the group level leaves the session out unless ``--include-flagged``.
+A ``warning`` (thick slices) is shown in the report and the QC table but flags nothing: the
+metrics of what actually fails on such scans (the tissue classes collapsing) flag.
 
 The thresholds catch gross failures (the tissue classes collapsing on a thick-slice T1w, a PET
 that misses part of the brain, a subject who moved more than the PET's resolution); they are
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +35,26 @@ class Threshold:
     upper: float | None
     unit: str
     what: str  # the reason shown when flagged ("{value}" and the limit are appended)
+    severity: str = "flag"  # "flag": the session is flagged; "warning": shown, flags nothing
 
 
 #: metric -> reference range. ``None``: no bound on that side. See docs/preprocessing.md.
 THRESHOLDS: dict[str, Threshold] = {
-    # acquisition: thick slices make the tissue classes collapse (seen on a real 1x1x3 mm T1w)
-    "t1w_voxel_max_mm": Threshold(None, 2.0, "mm", "thick slices (largest voxel side)"),
+    # acquisition: a warning only. The real 1x1x3 mm T1w of issue 17 collapsed, but the
+    # phantom at 1x1x3 mm segments as well as at 1 mm (docs/preprocessing.md): the
+    # segmentation metrics below flag the collapse itself, naming thick slices when present
+    "t1w_voxel_max_mm": Threshold(
+        None, 2.0, "mm", "thick slices (largest voxel side)", severity="warning"
+    ),
     # MRIQC-style image quality (bias-corrected T1w, pure-tissue voxels)
     "t1w_snr_wm": Threshold(5.0, None, "", "low T1w SNR in white matter"),
     "t1w_cnr": Threshold(1.0, None, "", "low T1w grey/white contrast-to-noise"),
     # segmentation: the Atropos class means (WM - GM) / WM; ~0.25-0.45 on T1w, 0.08 on the
     # collapsed real 1x1x3 mm run (GM 792, WM 861)
     "seg_gm_wm_contrast": Threshold(0.12, None, "", "tissue classes collapsed (GM/WM means)"),
+    # mean GM (wc1) in the template's deep WM: 0.37 (modulated) on the collapsed real run,
+    # <= 0.045 on every other (issue 17); the phantoms and synthetic subjects: see the docs
+    "gm_deep_wm": Threshold(None, 0.15, "", "tissue classes collapsed (GM in deep white matter)"),
     # tissue fractions of the total intracranial volume (brain-mask GM + WM + CSF)
     "gm_fraction": Threshold(0.30, 0.60, "", "implausible GM fraction of TIV"),
     "wm_fraction": Threshold(0.20, 0.50, "", "implausible WM fraction of TIV"),
@@ -66,6 +77,15 @@ THRESHOLDS: dict[str, Threshold] = {
     ),
     "pet_gm_correlation": Threshold(0.30, None, "", "poor PET/T1w fit (PET unlike the GM)"),
 }
+
+#: Set to 1 for the QC as it was before issue 17's thick-slice change (every T1w with voxels
+#: over 2 mm flagged, no ``gm_deep_wm`` row): for output comparisons only (DEVELOPERS.md).
+LEGACY_QC_VARIABLE = "BIDS_SIAMFUSE_LEGACY_QC"
+
+
+def _legacy() -> bool:
+    return bool(os.environ.get(LEGACY_QC_VARIABLE))
+
 
 #: the QC table's columns (one row per metric)
 COLUMNS = ["metric", "value", "lower", "upper", "unit", "status", "reason"]
@@ -149,6 +169,22 @@ def template_on_grid(kind: str) -> np.ndarray:
     return resample_to_grid(np.asanyarray(img.dataobj, np.float32), img.affine)
 
 
+@functools.lru_cache(maxsize=1)
+def deep_wm_mask() -> np.ndarray:
+    """Deep white matter on the grid: template WM >= 0.9, eroded by 3 mm (2 voxels).
+
+    96 mL; the template's own GM there averages 0.005 (at most 0.10), so GM found there is
+    misclassified WM, not anatomy (the collapse of issue 17's 1x1x3 mm run put 0.37 there).
+    """
+    deep = ndimage.binary_erosion(template_on_grid("WM") >= 0.9, iterations=2)
+    deep.setflags(write=False)
+    return deep
+
+
+#: the metrics that say the tissue classes collapsed (their reasons name thick slices too)
+COLLAPSE_METRICS = ("seg_gm_wm_contrast", "gm_deep_wm", "gm_template_correlation")
+
+
 def anat_metrics(
     *,
     zooms,
@@ -184,6 +220,9 @@ def anat_metrics(
         out["gm_template_correlation"] = masked_correlation(
             gm_grid, template_on_grid("GM"), grid_mask
         )
+        if not _legacy():
+            gm_deep = np.asarray(gm_grid, np.float64)[deep_wm_mask()]
+            out["gm_deep_wm"] = float(gm_deep.mean())
     if t1w_grid is not None:
         out["t1w_template_correlation"] = masked_correlation(
             t1w_grid, template_on_grid("T1w"), grid_mask
@@ -251,6 +290,7 @@ def _fmt(value) -> str:
 def evaluate(metrics: dict, thresholds: dict | None = None) -> list[dict]:
     """One row per metric (see :data:`COLUMNS`); metrics without a threshold are ``info``."""
     thresholds = THRESHOLDS if thresholds is None else thresholds
+    legacy = _legacy()
     rows = []
     for name, value in metrics.items():
         spec = thresholds.get(name)
@@ -262,13 +302,15 @@ def evaluate(metrics: dict, thresholds: dict | None = None) -> list[dict]:
             if number is None or not math.isfinite(number):
                 row["status"] = "n/a"
             elif spec.lower is not None and number < spec.lower:
-                row["status"] = "flagged"
+                row["status"] = "flagged" if spec.severity == "flag" or legacy else "warning"
                 row["reason"] = f"{spec.what}: {name} = {_fmt(number)} < {_fmt(spec.lower)}"
             elif spec.upper is not None and number > spec.upper:
-                row["status"] = "flagged"
+                row["status"] = "flagged" if spec.severity == "flag" or legacy else "warning"
                 row["reason"] = f"{spec.what}: {name} = {_fmt(number)} > {_fmt(spec.upper)}"
             else:
                 row["status"] = "ok"
+            if row["status"] == "flagged" and name in COLLAPSE_METRICS and not legacy:
+                row["reason"] += _thick_slices(metrics, thresholds)
             if row["status"] == "flagged" and name == "pet_region_coverage_min":
                 where = metrics.get("pet_region_least_covered")
                 row["reason"] += f" ({where})" if where else ""
@@ -276,8 +318,22 @@ def evaluate(metrics: dict, thresholds: dict | None = None) -> list[dict]:
     return rows
 
 
+def _thick_slices(metrics: dict, thresholds: dict) -> str:
+    """`` on thick slices (3 mm)`` when the T1w's voxels are over the thick-slice limit."""
+    spec = thresholds.get("t1w_voxel_max_mm")
+    side = metrics.get("t1w_voxel_max_mm")
+    if spec is None or spec.upper is None or not isinstance(side, (int, float)):
+        return ""
+    return f" on thick slices ({_fmt(float(side))} mm)" if side > spec.upper else ""
+
+
 def reasons(rows: list[dict]) -> list[str]:
     return [r["reason"] for r in rows if r["status"] == "flagged"]
+
+
+def warnings(rows: list[dict]) -> list[str]:
+    """Reasons of the rows outside a warning range (shown; they flag nothing)."""
+    return [r["reason"] for r in rows if r["status"] == "warning"]
 
 
 def qc_table(rows: list[dict]):
@@ -329,7 +385,8 @@ def sidecar(why: list[str]) -> dict:
         "lower": {"Description": "lowest acceptable value (n/a: no bound)"},
         "upper": {"Description": "highest acceptable value (n/a: no bound)"},
         "status": {
-            "Description": "ok, flagged (outside the range), n/a (not measured), info (no range)"
+            "Description": "ok, flagged (outside the range), warning (outside a range that "
+            "flags nothing: thick slices), n/a (not measured), info (no range)"
         },
         "reason": {"Description": "why the metric is flagged"},
     }
