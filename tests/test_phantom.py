@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,28 @@ def test_thick_slices_keep_the_tissue_volumes(small_phantom, tmp_path):
     phantom.save(thick, tmp_path / "ph")
     back = phantom.load(tmp_path / "ph")
     assert back.voxel == (2.0, 2.0, 6.0) and np.array_equal(back.aal, thick.aal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (1.0, 1.0, 3.0)], ids=["1mm", "1x1x3mm"])
+def test_pipeline_tissue_volumes_on_the_phantom(voxel, tmp_path):
+    """The volume target on a physical truth: the anatomical steps at their default settings
+    (``benchmarks/bench_phantom.py``) give total GM, WM and CSF within 5 % of the phantom's,
+    and brain-mask Dice >= 0.98. Seed 1 measured +3.3/-1.9/+0.8 % at 1 mm and +3.5/-3.1/-3.1 %
+    at 1x1x3 mm (docs/preprocessing.md). The synthetic cohort of test_preproc_accuracy has
+    no physical partial volume (its fractions are the ICBM152 probabilities), so its volume
+    check moved here (docs/preprocessing.md, "slow accuracy test")."""
+    import sys
+
+    from bids_siamfuse.preproc import registration as reg
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_phantom import run
+
+    reg.set_threads(1)
+    ph = phantom.make_phantom(voxel, seed=1)
+    with reg.node_tmp(tmp_path / "tmp"):
+        out, _ = run(ph, tmp_path, sloppy=False)
+    for tissue in ("GM", "WM", "CSF"):
+        assert abs(out[tissue]["error_pct"]) <= 5.0, (tissue, out[tissue])
+    assert out["brain_mask"]["dice"] >= 0.98, out["brain_mask"]

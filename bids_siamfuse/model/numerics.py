@@ -59,39 +59,30 @@ def _tf32(enabled: bool, deterministic: bool = True):
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    old = (
-        mm.allow_tf32,
-        cudnn.allow_tf32,
-        mm.allow_bf16_reduced_precision_reduction,
-        mm.allow_fp16_reduced_precision_reduction,
-        cudnn.deterministic,
-        cudnn.benchmark,
+    # (owner, flag, value inside the block); restored in the same order on the way out
+    flags = (
+        (mm, "allow_tf32", True),
+        (cudnn, "allow_tf32", True),
+        (mm, "allow_bf16_reduced_precision_reduction", True),
+        (mm, "allow_fp16_reduced_precision_reduction", True),
+        (cudnn, "deterministic", bool(deterministic)),
+        (cudnn, "benchmark", False),
+        (tud, "fill_uninitialized_memory", False),
+    )
+    old = [getattr(owner, name) for owner, name, _ in flags]
+    algorithms = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
-        tud.fill_uninitialized_memory,
     )
-    mm.allow_tf32 = cudnn.allow_tf32 = True
-    mm.allow_bf16_reduced_precision_reduction = True
-    mm.allow_fp16_reduced_precision_reduction = True
-    cudnn.deterministic = bool(deterministic)
-    cudnn.benchmark = False
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
-    tud.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        (
-            mm.allow_tf32,
-            cudnn.allow_tf32,
-            mm.allow_bf16_reduced_precision_reduction,
-            mm.allow_fp16_reduced_precision_reduction,
-            cudnn.deterministic,
-            cudnn.benchmark,
-            enabled_before,
-            warn_only,
-            tud.fill_uninitialized_memory,
-        ) = old
-        torch.use_deterministic_algorithms(enabled_before, warn_only=warn_only)
+        for (owner, name, _), value in zip(flags, old, strict=True):
+            setattr(owner, name, value)
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
 
 
 def _compute_dtype(device: torch.device, amp: bool | None) -> torch.dtype:
