@@ -385,8 +385,9 @@ def sidecar(why: list[str]) -> dict:
         "lower": {"Description": "lowest acceptable value (n/a: no bound)"},
         "upper": {"Description": "highest acceptable value (n/a: no bound)"},
         "status": {
-            "Description": "ok, flagged (outside the range), warning (outside a range that "
-            "flags nothing: thick slices), n/a (not measured), info (no range)"
+            "Description": "ok, flagged (outside the range), "
+            + ("" if _legacy() else "warning (outside a range that flags nothing: thick slices), ")
+            + "n/a (not measured), info (no range)"
         },
         "reason": {"Description": "why the metric is flagged"},
     }
