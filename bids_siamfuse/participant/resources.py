@@ -92,7 +92,7 @@ def _inactive_file(stat: Path, key: str) -> int:
             if name == key:
                 return int(value)
     except (OSError, ValueError):
-        pass
+        pass  # no readable memory.stat (no cgroup, another layout): nothing to add back
     return 0
 
 
@@ -106,7 +106,7 @@ def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
                 for controller in parts[1].split(",") if parts[1] else [""]:
                     out[controller] = parts[2]
     except OSError:
-        pass
+        pass  # no /proc/self/cgroup (not Linux, or hidden): no cgroup limits apply
     return out
 
 
