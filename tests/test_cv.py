@@ -314,6 +314,29 @@ def test_repeats_use_different_folds(cohort):
     assert res.summary[cv.MODEL_METHOD]["balanced_accuracy"]["n"] == 6
 
 
+def test_permutations_rerun_the_first_repeat_and_compare_with_it(cohort):
+    """Issue 16: a rerun repeats one repeat's CV (10 x 5 + 100 permutations = 551 fits, not
+    5051), and the p-value compares it with the first repeat's score, not the mean over all."""
+    tasks, assignment = plan_tasks(cohort, folds=3, repeats=4, seed=5, permutations=2)
+    kinds = [(t.perm, t.repeat) for t in tasks if t.test_index.size]
+    assert len(kinds) == 4 * 3 + 2 * 3
+    assert {r for p, r in kinds if p} == {0}
+    assert set(assignment) == {(0, r) for r in range(4)} | {(1, 0), (2, 0)}
+    res = _cv(cohort, repeats=2, permutations=4, final_model=False, baselines=False)
+    first = [
+        m["balanced_accuracy"]
+        for m in res.metrics
+        if m["method"] == cv.MODEL_METHOD and m["level"] == "subject" and m["repeat"] == 1
+    ]
+    assert len(first) == 3
+    observed = res.permutation_observed[cv.MODEL_METHOD]
+    assert observed == pytest.approx(np.mean(first))
+    null = np.array([r[cv.MODEL_METHOD] for r in res.permutations])
+    assert len(null) == 4
+    expected = (1 + np.sum(null >= observed - 1e-12)) / 5
+    assert res.p_values[cv.MODEL_METHOD] == pytest.approx(expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # worker processes (CPU ranks): same results, errors reported
 # ----------------------------------------------------------------------------------------------

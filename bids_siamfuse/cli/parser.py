@@ -293,7 +293,7 @@ def _add_model_args(parser):
         g,
         "--permutation-tests",
         type=nonnegative_int,
-        help="reruns of the whole CV with shuffled labels, for a p-value (default: 0)",
+        help="reruns of the first repeat's CV with shuffled labels, for a p-value (default: 0)",
     )
     switch(
         g,

@@ -340,6 +340,8 @@ def write_group_outputs(folder: Path, plan: GroupPlan, data, result, *, settings
                 "n": plan.permutations,
                 "p_value": result.p_values.get(MODEL_METHOD),
                 "p_values": result.p_values,
+                # the statistic the reruns are compared with: the first repeat's (model/cv.py)
+                "observed_balanced_accuracy": result.permutation_observed.get(MODEL_METHOD),
                 "null_mean_balanced_accuracy": float(
                     np.mean([r[MODEL_METHOD] for r in result.permutations])
                 ),

@@ -140,7 +140,10 @@ def cohort_members(predictions, classes, model_method: str) -> tuple[dict, dict]
 
 
 def permutation_result(summary: dict, metrics, permutation, model_method: str):
-    """(observed mean balanced accuracy, permutation p-value) of the model."""
+    """(observed balanced accuracy the reruns were compared with, p-value) of the model."""
+    observed = (summary.get("permutation") or {}).get("observed_balanced_accuracy")
+    if observed is not None:
+        return observed, summary["permutation"].get("p_value")
     observed = summary.get("balanced_accuracy", {})
     observed = observed.get("mean") if isinstance(observed, dict) else observed
     if observed is None and metrics is not None:

@@ -308,7 +308,8 @@ def group_text(summary: dict) -> str:
     if perm:
         text += (
             f" Significance was assessed with {perm.get('n')} label permutations (subjects "
-            "shuffled, whole cross-validation rerun)."
+            "shuffled, the first repeat's cross-validation rerun on new folds; p-value against "
+            "that repeat's balanced accuracy)."
         )
     return text + "\n"
 
