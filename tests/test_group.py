@@ -636,6 +636,20 @@ def test_group_report_structure_in_browser(ds, tmp_path, copy_cohort):
 # ----------------------------------------------------------------------------------------------
 
 
+def _acceptance_devices(workers: int = 1) -> list[str] | None:
+    """A GPU where there is one: these runs take hours on 2 CPU cores and minutes on one H200,
+    where the thresholds were measured (docs/benchmarks.md); ``workers`` > 1 shares it between
+    worker processes (the permutation reruns). ``None``: the CPU, as everywhere else."""
+    import torch
+
+    return ["cuda:0"] * workers if torch.cuda.is_available() else None
+
+
+def _generator_jobs() -> int:
+    # the cohort does not depend on the number of processes (seeded per subject); use the cores
+    return max(2, min(14, len(os.sched_getaffinity(0))))
+
+
 def _effect_cohort(tmp_path_factory, effect: str, seed: int, n: int = 60):
     from bids_siamfuse.synth import generate
 
@@ -648,7 +662,7 @@ def _effect_cohort(tmp_path_factory, effect: str, seed: int, n: int = 60):
         preprocessed=True,
         raw=False,
         regions_only=True,
-        jobs=2,
+        jobs=_generator_jobs(),
     )
     data = load_cohort(root / "derivatives" / "bids_siamfuse", read_participants(root))
     return root, data
@@ -656,7 +670,13 @@ def _effect_cohort(tmp_path_factory, effect: str, seed: int, n: int = 60):
 
 def _acceptance_cv(data, *, sloppy=True, **kw):
     return cv.cross_validate(
-        data, folds=5, seed=42, config=TrainConfig(sloppy=sloppy), final_model=False, **kw
+        data,
+        folds=5,
+        seed=42,
+        config=TrainConfig(sloppy=sloppy),
+        final_model=False,
+        devices=_acceptance_devices(),
+        **kw,
     )
 
 
@@ -749,6 +769,7 @@ def test_acceptance_no_effect_and_shuffled_labels_score_chance(tmp_path_factory,
         permutations=19,
         config=TrainConfig(sloppy=True),
         final_model=False,
+        devices=_acceptance_devices(workers=6),
     )
     for method in res.methods:
         assert _ci_covers(res.summary[method]["balanced_accuracy"]), (method, res.summary[method])

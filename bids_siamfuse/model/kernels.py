@@ -341,9 +341,14 @@ def _segment_sum(
     last = tl.load(seg_ptr + r + 1) * scale
     ptrs = p_ptr + b * p_stride + first.to(tl.int64) * K + cols
     acc = tl.zeros((BK,), dtype=tl.float32)
-    for _ in range(first, last):
+    # a while loop, not ``range(first, last)``: the Triton interpreter turns a loaded bound into
+    # a Python int through a 1-element array, which NumPy >= 2.4 refuses (the interpreter test
+    # failed on the device host with Triton 3.6); compiled, both are the same scf loop
+    j = first
+    while j < last:
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += K
+        j += 1
     tl.store(out_ptr + b * out_stride + r * K + cols, acc, mask=mask)
 
 
