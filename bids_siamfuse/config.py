@@ -99,6 +99,7 @@ class ModelSettings:
     permutation_tests: int = 0
     gpus: int = 0
     cpu_workers: int = 1
+    workers_per_gpu: int | None = None  # None: 1 (absent from the recorded settings)
     nondeterministic_gpu: bool = False  # opt-in atomic-add GPU training (not reproducible)
     # what reaches the attention stage, which siamese epochs count, ablations
     fusion: str = "paper"  # "paper" (embeddings) or "similarity" (+ MRI-PET similarity)
@@ -335,7 +336,9 @@ def resolve(settings) -> Resolved:
 
         if group:
             train = train_config(settings)
-            devices = tuple(resolve_devices(ex.device, mo.gpus, mo.cpu_workers))
+            devices = tuple(
+                resolve_devices(ex.device, mo.gpus, mo.cpu_workers, mo.workers_per_gpu or 1)
+            )
             device = devices[0]
         else:
             device = resolve_device(ex.device)

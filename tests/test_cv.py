@@ -420,6 +420,27 @@ def test_resolve_devices_on_cpu():
             resolve_devices("cuda")
 
 
+def test_workers_per_gpu(monkeypatch):
+    """--workers-per-gpu N: N worker processes per card, one per card first; the CLI flag
+    reaches the resolved devices (GPUs faked: the machine's CUDA is not needed)."""
+    import torch
+
+    from bids_siamfuse.cli.parser import parse_args
+    from bids_siamfuse.config import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices("cuda", per_gpu=2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert resolve_devices("cuda", gpus=1, per_gpu=3) == ["cuda:0"] * 3
+    assert resolve_devices("cuda:1", per_gpu=2) == ["cuda:1", "cuda:1"]
+    assert resolve_devices("cpu", per_gpu=4) == ["cpu"]  # CPU workers: --cpu-workers
+    settings = parse_args(["/d", "/o", "group", "--device", "cuda", "--workers-per-gpu", "3"])
+    assert settings.model.workers_per_gpu == 3
+    assert resolve(settings).devices == ("cuda:0", "cuda:1") * 3
+    # the default leaves the recorded settings as they were
+    assert "workers_per_gpu" not in parse_args(["/d", "/o", "group"]).as_dict()["model"]
+
+
 def test_resolve_decides_device_threads_and_training_once():
     """config.resolve: the group level gets its worker devices, threads and one TrainConfig
     (recorded fields = the run's settings); a participant run without a model resolves no

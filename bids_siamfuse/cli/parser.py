@@ -174,6 +174,13 @@ def _add_performance_args(parser):
     )
     flag(
         g,
+        "--workers-per-gpu",
+        type=positive_int,
+        help="group training on GPUs: worker processes sharing each GPU (default: 1; 4 filled "
+        "an H200's idle time between fits, 1.27x faster)",
+    )
+    flag(
+        g,
         "--cpu-workers",
         type=positive_int,
         help="group training with --device cpu: worker processes sharing the folds (default: "

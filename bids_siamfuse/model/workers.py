@@ -50,21 +50,28 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_devices(device: str = "auto", gpus: int = 0, cpu_workers: int = 1) -> list[str]:
+def resolve_devices(
+    device: str = "auto", gpus: int = 0, cpu_workers: int = 1, per_gpu: int = 1
+) -> list[str]:
     """Worker devices: every visible GPU (at most ``gpus`` when > 0), else CPU.
 
-    On CPU one worker runs in this process, or ``cpu_workers`` worker processes when > 1.
+    On CPU one worker runs in this process, or ``cpu_workers`` worker processes when > 1. On
+    GPUs ``per_gpu`` worker processes share each card (``--workers-per-gpu``): each fit leaves
+    the GPU idle while its CPU side runs (standardizer, baselines, graph capture), and 4
+    workers on one H200 ran 26 fits 1.27x faster than one (docs/benchmarks.md, issue 16).
+    Results do not depend on it (every fit is seeded from its task).
     """
     device = resolve_device(device)
     if device.startswith("cuda"):
         import torch
 
         if ":" in device:
-            return [device]
+            return [device] * max(1, per_gpu)
         n = torch.cuda.device_count()
         if gpus:
             n = min(n, gpus)
-        return [f"cuda:{i}" for i in range(n)]
+        # one worker per card first, so that fewer tasks than workers still spread over cards
+        return [f"cuda:{i}" for _ in range(max(1, per_gpu)) for i in range(n)]
     return ["cpu"] * max(1, int(cpu_workers or 1))
 
 
