@@ -54,8 +54,93 @@ def apply_affine(aff: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def sample(volume, vol_affine, pts, order=1, cval=0.0, mode="constant"):
-    """Values of float32 ``volume`` at world points ``pts`` (3, N), trilinear by default."""
+    """Values of float32 ``volume`` at world points ``pts`` (3, N), trilinear by default.
+
+    The default (trilinear, zero outside) is :func:`trilinear`: the same values as
+    :func:`~bids_siamfuse.preproc.registration.sample_at`, bit for bit, in about half the time.
+    """
+    if order == 1 and mode == "constant" and cval == 0.0 and np.ndim(volume) == 3:
+        return trilinear(volume, vol_affine, pts)
     return sample_at(volume, vol_affine, pts, order, cval, mode=mode, dtype=np.float32)
+
+
+_CHUNK = 1 << 14  # points per step of trilinear(): its ~12 temporaries stay in the CPU caches
+
+
+def trilinear(volume, vol_affine, pts) -> np.ndarray:
+    """``sample_at(volume, vol_affine, pts, dtype=np.float32)`` (scipy's ``map_coordinates``,
+    order 1, zero outside, float32 out), bit for bit, 1.5-2.5x faster.
+
+    Why: sampling the head at the 7-10 M voxels of a T1w took half of a synthetic subject's time
+    (scipy's generic spline loop, ~130 ns a point). This does scipy's arithmetic for order 1
+    exactly (``ni_interpolation.c``/``ni_splines.c``): voxel coordinates in float32 as
+    ``apply_matrix`` computes them, then in float64 ``x - floor(x)``, weights ``w0 = 1 - x``,
+    ``w1 = 1 - w0``, the 8 corners added in C order to ``t = 0.0``, each ``value * w_i * w_j *
+    w_k`` in that order, and ``t`` rounded to float32; coordinates below 0 or above ``n - 1`` on
+    any axis give 0. Vectorized over cache-sized chunks, and points whose 8 corners are all
+    zero (air, outside the brain) are not computed: their sum is +0.0 as in scipy. A corner
+    past the last voxel (only read when its weight is exactly 0) reads a padding zero where
+    scipy reads a mirrored voxel: the product is a zero either way and does not change ``t``.
+    ``tests/test_synth.py`` checks the identity against scipy, edges included.
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    shape = np.asarray(pts).shape[1:]
+    pts = np.asarray(pts, dtype=np.float32).reshape(3, -1)
+    inv = np.asarray(np.linalg.inv(vol_affine), dtype=np.float32)
+    # apply_matrix(inv, pts) = inv[:3, :3] @ pts + shift. With an identity linear part (the
+    # 1 mm RAS head grids) the product is exact (1 * x + 0 * y + 0 * z), so adding the shift
+    # per chunk gives the same float32 coordinates without a pass over all points.
+    translation = np.array_equal(inv[:3, :3], np.eye(3, dtype=np.float32))
+    shift = inv[:3, 3:4]
+    vox = pts if translation else apply_matrix(inv, pts, dtype=np.float32)
+    n0, n1, n2 = vol.shape
+    s0, s1 = n1 * n2, n2
+    flat = np.zeros(vol.size + s0 + s1 + 1, dtype=np.float32)  # padded: see the docstring
+    flat[: vol.size] = vol.ravel()
+    offsets = [a + b + c for a in (0, s0) for b in (0, s1) for c in (0, 1)]
+    corners = [flat[o:] for o in offsets]
+    nonzero = flat != 0
+    support = nonzero[: vol.size].copy()  # some corner of the cell at this voxel is non-zero
+    for o in offsets[1:]:
+        support |= nonzero[o : o + vol.size]
+    del nonzero
+    last = np.array([[n0 - 1], [n1 - 1], [n2 - 1]])
+    last32 = last.astype(np.float32)
+    out = np.zeros(pts.shape[1], dtype=np.float32)
+    for a in range(0, pts.shape[1], _CHUNK):
+        c32 = vox[:, a : a + _CHUNK]
+        if translation:
+            c32 = c32 + shift
+        fl32 = np.floor(c32)
+        i = fl32.astype(np.intp)
+        np.clip(i, 0, last, out=i)
+        base = i[0] * s0
+        base += i[1] * s1
+        base += i[2]
+        keep = support[base]
+        keep &= ~((c32 < 0) | (c32 > last32)).any(axis=0)
+        sel = np.flatnonzero(keep)
+        if sel.size == 0:
+            continue
+        base = base[sel]
+        w0 = c32[:, sel].astype(np.float64)
+        w0 -= fl32[:, sel]
+        np.subtract(1.0, w0, out=w0)
+        w1 = 1.0 - w0
+        weights = ((w0[0], w1[0]), (w0[1], w1[1]), (w0[2], w1[2]))
+        t = np.zeros(sel.size)
+        v = np.empty(sel.size)
+        k = 0
+        for f0 in (0, 1):
+            for f1 in (0, 1):
+                for f2 in (0, 1):
+                    np.multiply(corners[k].take(base), weights[0][f0], out=v)
+                    v *= weights[1][f1]
+                    v *= weights[2][f2]
+                    t += v
+                    k += 1
+        out[a + sel] = t
+    return out.reshape(shape)
 
 
 def grid_points(shape, affine) -> np.ndarray:
