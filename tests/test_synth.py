@@ -210,7 +210,7 @@ def test_trilinear_is_scipy_bit_for_bit():
     vol = rng.standard_normal((9, 11, 7)).astype(np.float32)
     vol[3:6] = 0.0  # a zero slab: its points are skipped, not computed
     vol[:, :, 0] = -vol[:, :, 0]
-    for affine in (np.diag([1.0, 1.0, 1.0, 1.0]), synth.rigid([7.0, -4.0, 11.0], [1.5, -2.0, 0.3])):
+    for affine in (np.eye(4), synth.rigid([7.0, -4.0, 11.0], [1.5, -2.0, 0.3])):
         affine = affine.copy()
         affine[:3, 3] += [-3.0, 2.0, -1.0]
         vox = rng.uniform(-1.5, 12.0, (3, 50_000)).astype(np.float32)
