@@ -113,7 +113,8 @@ def trilinear(volume, vol_affine, pts) -> np.ndarray:
             c32 = c32 + shift
         fl32 = np.floor(c32)
         i = fl32.astype(np.intp)
-        np.clip(i, 0, last, out=i)
+        np.maximum(i, 0, out=i)  # (np.clip's Python overhead was 10 % of this loop)
+        np.minimum(i, last, out=i)
         base = i[0] * s0
         base += i[1] * s1
         base += i[2]
