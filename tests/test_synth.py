@@ -201,8 +201,9 @@ def test_twenty_subjects_under_a_minute(tmp_path):
 
 
 def test_trilinear_is_scipy_bit_for_bit():
-    """The generator's fast trilinear sampling gives scipy's values exactly (outputs of a fixed
-    seed must not move), edges, exact grid points, zero regions and oblique grids included."""
+    """The generator's fast trilinear (and nearest) sampling gives scipy's values exactly
+    (outputs of a fixed seed must not move): edges, exact grid points, zero regions, -0.0 and
+    oblique grids included."""
     from bids_siamfuse.preproc.registration import sample_at
     from bids_siamfuse.synth.geometry import trilinear
 
@@ -222,3 +223,7 @@ def test_trilinear_is_scipy_bit_for_bit():
         assert got.shape == expected.shape == (250, 200)
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
         assert np.count_nonzero(expected) > 5_000
+        labels = sample_at(vol, affine, pts, order=0, dtype=np.float32)
+        got = synth.sample(vol, affine, pts, order=0)
+        assert np.array_equal(got.view(np.uint32), labels.view(np.uint32))
+        assert not np.array_equal(labels, expected)

@@ -59,9 +59,35 @@ def sample(volume, vol_affine, pts, order=1, cval=0.0, mode="constant"):
     The default (trilinear, zero outside) is :func:`trilinear`: the same values as
     :func:`~bids_siamfuse.preproc.registration.sample_at`, bit for bit, in about half the time.
     """
-    if order == 1 and mode == "constant" and cval == 0.0 and np.ndim(volume) == 3:
-        return trilinear(volume, vol_affine, pts)
+    if mode == "constant" and cval == 0.0 and np.ndim(volume) == 3:
+        if order == 1:
+            return trilinear(volume, vol_affine, pts)
+        if order == 0:
+            return nearest(volume, vol_affine, pts)
     return sample_at(volume, vol_affine, pts, order, cval, mode=mode, dtype=np.float32)
+
+
+def nearest(volume, vol_affine, pts) -> np.ndarray:
+    """``sample_at(volume, vol_affine, pts, order=0, dtype=np.float32)``, bit for bit.
+
+    scipy's order 0: the voxel at ``floor(x + 0.5)`` (in float64) of float32 coordinates that
+    lie in ``[0, n - 1]`` on every axis, 0 elsewhere, added to +0.0 (the value passes through
+    float64 exactly).
+    (The atlas labels of the head model: 0.8 s of scipy's spline loop, 0.2 s here.)
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    shape = np.asarray(pts).shape[1:]
+    inv = np.asarray(np.linalg.inv(vol_affine), dtype=np.float32)
+    vox = apply_matrix(inv, np.asarray(pts, dtype=np.float32).reshape(3, -1), dtype=np.float32)
+    last = np.array([[n - 1] for n in vol.shape])
+    inside = ~((vox < 0) | (vox > last.astype(np.float32))).any(axis=0)
+    i = np.floor(vox.astype(np.float64) + 0.5).astype(np.intp)
+    np.maximum(i, 0, out=i)
+    np.minimum(i, last, out=i)
+    out = vol[i[0], i[1], i[2]]
+    out[~inside] = 0.0
+    out += np.float32(0.0)  # scipy's sum starts at +0.0: a -0.0 voxel comes out as +0.0
+    return out.reshape(shape)
 
 
 _CHUNK = 1 << 14  # points per step of trilinear(): its ~12 temporaries stay in the CPU caches
