@@ -227,3 +227,22 @@ def test_trilinear_is_scipy_bit_for_bit():
         got = synth.sample(vol, affine, pts, order=0)
         assert np.array_equal(got.view(np.uint32), labels.view(np.uint32))
         assert not np.array_equal(labels, expected)
+    # mode "nearest" (the displacement field), several volumes sharing the weights
+    from scipy import ndimage
+
+    from bids_siamfuse.synth.geometry import interpolate
+
+    vox = rng.uniform(-1.5, 12.0, (3, 50_000)).astype(np.float32)
+    vox[:, ::5] = np.round(vox[:, ::5])
+    vox[0, ::7], vox[1, ::11], vox[2, ::13] = 8.0, 10.0, 6.0
+    volumes = [vol, vol[::-1].copy(), vol * 3]
+    for got, v in zip(interpolate(volumes, vox, nearest_edge=True), volumes):
+        expected = ndimage.map_coordinates(
+            v, vox, order=1, mode="nearest", prefilter=False, output=np.float32
+        )
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    (got,) = interpolate([vol], vox, nearest_edge=True)  # one volume: zero cells skipped
+    expected = ndimage.map_coordinates(
+        vol, vox, order=1, mode="nearest", prefilter=False, output=np.float32
+    )
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
