@@ -198,3 +198,51 @@ def test_twenty_subjects_under_a_minute(tmp_path):
     t0 = time.time()
     synth.generate(tmp_path / "c", n_per_group=5, seed=0, jobs=2)
     assert time.time() - t0 < 60
+
+
+def test_trilinear_is_scipy_bit_for_bit():
+    """The generator's fast trilinear (and nearest) sampling gives scipy's values exactly
+    (outputs of a fixed seed must not move): edges, exact grid points, zero regions, -0.0 and
+    oblique grids included."""
+    from bids_siamfuse.preproc.registration import sample_at
+    from bids_siamfuse.synth.geometry import trilinear
+
+    rng = np.random.default_rng(3)
+    vol = rng.standard_normal((9, 11, 7)).astype(np.float32)
+    vol[3:6] = 0.0  # a zero slab: its points are skipped, not computed
+    vol[:, :, 0] = -vol[:, :, 0]
+    for affine in (np.eye(4), synth.rigid([7.0, -4.0, 11.0], [1.5, -2.0, 0.3])):
+        affine = affine.copy()
+        affine[:3, 3] += [-3.0, 2.0, -1.0]
+        vox = rng.uniform(-1.5, 12.0, (3, 50_000)).astype(np.float32)
+        vox[:, ::5] = np.round(vox[:, ::5])  # exact grid points
+        vox[0, ::7], vox[1, ::11], vox[2, ::13], vox[2, ::17] = 8.0, 10.0, 6.0, 0.0  # last/first
+        pts = synth.apply_affine(affine, vox).reshape(3, 250, 200)
+        expected = sample_at(vol, affine, pts, dtype=np.float32)
+        got = trilinear(vol, affine, pts)
+        assert got.shape == expected.shape == (250, 200)
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+        assert np.count_nonzero(expected) > 5_000
+        labels = sample_at(vol, affine, pts, order=0, dtype=np.float32)
+        got = synth.sample(vol, affine, pts, order=0)
+        assert np.array_equal(got.view(np.uint32), labels.view(np.uint32))
+        assert not np.array_equal(labels, expected)
+    # mode "nearest" (the displacement field), several volumes sharing the weights
+    from scipy import ndimage
+
+    from bids_siamfuse.synth.geometry import interpolate
+
+    vox = rng.uniform(-1.5, 12.0, (3, 50_000)).astype(np.float32)
+    vox[:, ::5] = np.round(vox[:, ::5])
+    vox[0, ::7], vox[1, ::11], vox[2, ::13] = 8.0, 10.0, 6.0
+    volumes = [vol, vol[::-1].copy(), vol * 3]
+    for got, v in zip(interpolate(volumes, vox, nearest_edge=True), volumes):
+        expected = ndimage.map_coordinates(
+            v, vox, order=1, mode="nearest", prefilter=False, output=np.float32
+        )
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    (got,) = interpolate([vol], vox, nearest_edge=True)  # one volume: zero cells skipped
+    expected = ndimage.map_coordinates(
+        vol, vox, order=1, mode="nearest", prefilter=False, output=np.float32
+    )
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))

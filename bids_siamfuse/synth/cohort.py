@@ -141,9 +141,16 @@ def generate(
     if settings is not None:
         effects.grid_model()
     if jobs > 1 and len(specs) > 1:
+        # Longest first (a two-session subject takes about twice as long), so that the last
+        # subjects to start are short ones and the workers finish together; each subject
+        # depends only on its own seed, and the rows go back in plan order.
+        order = sorted(range(len(specs)), key=lambda i: -len(specs[i].sessions))
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(jobs, len(specs)), initializer=_fork_worker_init) as pool:
-            rows = pool.map(_run_subject, [(s, opts) for s in specs], chunksize=1)
+            done = pool.map(_run_subject, [(specs[i], opts) for i in order], chunksize=1)
+        rows = [None] * len(specs)
+        for i, row in zip(order, done):
+            rows[i] = row
     else:
         rows = [subject_maker(opts)(s, opts) for s in specs]
 

@@ -20,6 +20,7 @@ from .geometry import (
     WARP_SHAPE,
     _affine,
     grid_points,
+    interpolate,
     sample,
 )
 
@@ -74,6 +75,9 @@ class HeadModel:
     fdg_head: np.ndarray
     aal: np.ndarray  # AAL indices 0..116 on the template grid
     aal_names: tuple
+    #: template-grid box holding every voxel with GM plus the smoothing radius (see
+    #: :func:`_smoothed_factor`), as slices
+    gm_box: tuple = ()
 
 
 _HEAD: HeadModel | None = None
@@ -110,9 +114,8 @@ def _build_head_model() -> HeadModel:
     coarse = coarse.reshape(half[0], 2, half[1], 2, half[2], 2).any(axis=(1, 3, 5))
     dist2 = ndimage.distance_transform_edt(~coarse, sampling=2.0).astype(np.float32)
     fine = (np.indices(EXT_SHAPE, dtype=np.float32).reshape(3, -1) - 0.5) / 2.0
-    dist = ndimage.map_coordinates(
-        dist2, fine, order=1, mode="nearest", prefilter=False, output=np.float32
-    ).reshape(EXT_SHAPE)
+    # = map_coordinates(dist2, fine, order=1, mode="nearest", output=np.float32), bit for bit
+    dist = interpolate([dist2], fine, nearest_edge=True)[0].reshape(EXT_SHAPE)
     dist[brain] = 0.0
     del fine
     layer = np.zeros(EXT_SHAPE, dtype=np.uint8)  # 0 air, then HEAD_LAYERS in order
@@ -152,7 +155,34 @@ def _build_head_model() -> HeadModel:
         if code < lut.size:
             lut[code] = index
     aal = lut[raw].reshape(gm.shape)
-    return HeadModel(gm, wm, csf, aff, offset, t1_head, fdg_head, aal, tuple(names))
+    where = np.nonzero(gm)
+    radius = _FACTOR_RADIUS
+    gm_box = tuple(
+        slice(max(0, int(w.min()) - radius), min(n, int(w.max()) + 1 + radius))
+        for w, n in zip(where, gm.shape)
+    )
+    return HeadModel(gm, wm, csf, aff, offset, t1_head, fdg_head, aal, tuple(names), gm_box)
+
+
+_FACTOR_SIGMA, _FACTOR_TRUNCATE = 1.5, 2.0
+_FACTOR_RADIUS = int(_FACTOR_TRUNCATE * _FACTOR_SIGMA + 0.5)  # scipy's kernel radius: 3 voxels
+
+
+def _smoothed_factor(head: HeadModel, factor) -> np.ndarray:
+    """``gaussian_filter(factor[head.aal], 1.5, truncate=2.0)`` (float32) where it is used.
+
+    The factor maps only ever multiply the GM (zero outside ``head.gm_box``): filtering the box
+    alone gives the same values, bit for bit, at every voxel at least one kernel radius inside
+    it (scipy's separable filter reads a 7-voxel window per axis), i.e. wherever there is GM;
+    outside the box the map is 1 (it multiplies zeros). Half the template grid, half the time.
+    """
+    lut = factor.astype(np.float32)
+    out = np.ones(head.aal.shape, dtype=np.float32)
+    box = head.gm_box
+    out[box] = ndimage.gaussian_filter(
+        lut[head.aal[box]], _FACTOR_SIGMA, truncate=_FACTOR_TRUNCATE
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,8 +275,8 @@ def subject_maps(
     region borders; ``texture``: optional (GM, metabolism) relative modulations on the template
     grid (the ``--effect`` families' within-region heterogeneity).
     """
-    gm_fac = ndimage.gaussian_filter(gm_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
-    met_fac = ndimage.gaussian_filter(met_factor.astype(np.float32)[head.aal], 1.5, truncate=2.0)
+    gm_fac = _smoothed_factor(head, gm_factor)
+    met_fac = _smoothed_factor(head, met_factor)
     room = head.gm + head.csf
     gm = head.gm * gm_fac
     if texture is not None:
@@ -256,20 +286,24 @@ def subject_maps(
     wm = head.wm
     sl = tuple(slice(o, o + s) for o, s in zip(head.offset, gm.shape))
     outside = np.clip(1.0 - (gm + wm + csf), 0.0, 1.0)
-    t1 = head.t1_head.copy()
-    t1[sl] = (
-        gm * T1_TISSUE["GM"] + wm * T1_TISSUE["WM"] + csf * T1_TISSUE["CSF"] + outside * t1[sl]
-    )
     uptake = gm * met_fac
     if texture is not None:
         uptake = uptake * (1.0 + texture[1])
-    fdg = head.fdg_head.copy()
-    fdg[sl] = (
-        uptake * fdg_tissue["GM"]
-        + wm * fdg_tissue["WM"]
-        + csf * fdg_tissue["CSF"]
-        + outside * fdg[sl]
-    )
+    # a * ka + wm * kw + csf * kc + outside * head, left to right in float32 as written before,
+    # into two buffers instead of seven temporaries of the template's size
+    term = np.empty_like(gm)
+
+    def mix(first, k_first, k_wm, k_csf, head_image):
+        out = head_image.copy()
+        acc = np.multiply(first, np.float32(k_first))
+        acc += np.multiply(wm, np.float32(k_wm), out=term)
+        acc += np.multiply(csf, np.float32(k_csf), out=term)
+        acc += np.multiply(outside, out[sl], out=term)
+        out[sl] = acc
+        return out
+
+    t1 = mix(gm, T1_TISSUE["GM"], T1_TISSUE["WM"], T1_TISSUE["CSF"], head.t1_head)
+    fdg = mix(uptake, fdg_tissue["GM"], fdg_tissue["WM"], fdg_tissue["CSF"], head.fdg_head)
     return {"gm": gm, "wm": wm, "csf": csf, "t1": t1, "fdg": fdg}
 
 

@@ -44,9 +44,13 @@ def _bias_field(shape, rng) -> np.ndarray:
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
     c = rng.normal(0.0, 0.08, 9)
-    log_b = c[0] * x + c[1] * y + c[2] * z + c[3] * x * x + c[4] * y * y + c[5] * z * z
-    log_b = log_b + c[6] * x * y + c[7] * y * z + c[8] * x * z
-    return np.exp(log_b).astype(np.float32)
+    # The sum in its original order, added in place (float64, as before): the temporaries of
+    # the full-size terms cost more than the arithmetic.
+    log_b = c[0] * x + c[1] * y + c[2] * z
+    for term in (c[3] * x * x, c[4] * y * y, c[5] * z * z, c[6] * x * y, c[7] * y * z):
+        log_b += term
+    log_b += c[8] * x * z
+    return np.exp(log_b, out=log_b).astype(np.float32)
 
 
 def pet_sidecar(frames: int, frame_duration: float, tracer: str, rng) -> dict:
@@ -301,11 +305,20 @@ def _write_raw_session(
     image = sample(maps["t1"], EXT_AFFINE, mni_pts).reshape(shape)
     gm_native = sample(maps["gm"], head.template_affine, mni_pts).reshape(shape)
     del mni_pts
-    image *= _bias_field(shape, noise_rng) * params["t1_gain"]
+    bias = _bias_field(shape, noise_rng)
+    bias *= params["t1_gain"]
+    image *= bias
+    del bias
     sigma = 0.025 * T1_TISSUE["WM"] * params["t1_gain"]
-    n1 = noise_rng.standard_normal(shape, dtype=np.float32) * sigma
-    n2 = noise_rng.standard_normal(shape, dtype=np.float32) * sigma
-    image = np.sqrt((image + n1) ** 2 + n2**2)
+    n1 = noise_rng.standard_normal(shape, dtype=np.float32)
+    n1 *= sigma
+    n2 = noise_rng.standard_normal(shape, dtype=np.float32)
+    n2 *= sigma
+    # sqrt((image + n1) ** 2 + n2 ** 2) in place (the same float32 operations)
+    image += n1
+    np.square(image, out=image)
+    image += np.square(n2, out=n2)
+    np.sqrt(image, out=image)
     del n1, n2
     anat = _session_dir(out, spec.label, session, "anat")
     _save_nifti(anat / f"{prefix}_T1w.nii.gz", np.round(image).astype(np.int16), t1_aff)
