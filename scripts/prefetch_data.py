@@ -40,6 +40,8 @@ TEMPLATE_FILES = {
     "WM": ({"suffix": "probseg", "label": "WM"}, f"tpl-{SPACE}_res-1_label-WM_probseg.nii.gz"),
     "CSF": ({"suffix": "probseg", "label": "CSF"}, f"tpl-{SPACE}_res-1_label-CSF_probseg.nii.gz"),
 }
+
+
 def log(message: str) -> None:
     print(f"prefetch: {message}", file=sys.stderr, flush=True)
 
