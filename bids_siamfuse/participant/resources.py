@@ -129,22 +129,28 @@ def cgroup_memory_gb(
     """What the tightest memory limit of this process's cgroups (v2 or v1) still leaves, GB:
     limit minus usage (reclaimable page cache not counted as used); None without a limit."""
     root, paths = Path(root), _cgroup_paths(Path(proc_cgroup))
-    left = []
+    # (hierarchy key, mount, limit file, usage file, inactive page-cache key): v2, then v1
+    layouts = []
     if "" in paths and (root / "cgroup.controllers").exists():  # v2, unified hierarchy
-        for folder in _candidates(root, paths[""]):
-            limit = _read_int(folder / "memory.max")
-            if limit is None:
-                continue
-            used = _read_int(folder / "memory.current") or 0
-            used -= _inactive_file(folder / "memory.stat", "inactive_file")
-            left.append(limit - max(used, 0))
+        layouts.append(("", root, "memory.max", "memory.current", "inactive_file"))
     if "memory" in paths:  # v1
-        for folder in _candidates(root / "memory", paths["memory"]):
-            limit = _read_int(folder / "memory.limit_in_bytes")
+        layouts.append(
+            (
+                "memory",
+                root / "memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            )
+        )
+    left = []
+    for key, mount, limit_file, usage_file, inactive_key in layouts:
+        for folder in _candidates(mount, paths[key]):
+            limit = _read_int(folder / limit_file)
             if limit is None:
                 continue
-            used = _read_int(folder / "memory.usage_in_bytes") or 0
-            used -= _inactive_file(folder / "memory.stat", "total_inactive_file")
+            used = _read_int(folder / usage_file) or 0
+            used -= _inactive_file(folder / "memory.stat", inactive_key)
             left.append(limit - max(used, 0))
     return max(min(left), 0) / _GB if left else None
 
