@@ -236,9 +236,9 @@ def _conv1_fwd(
 
 @triton.jit
 def _conv2_fwd(
-    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, out_ptr, S, R,
+    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, out_ptr, m_ptr, n_rows2, S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
-    C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
+    C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     # DET: out_ptr is the (S, blocks, C2, P3) partial buffer, reduced by _segment_sum;
     # else the pooled features (S, R, C2, P3), accumulated with atomics
@@ -250,7 +250,11 @@ def _conv2_fwd(
         if s < S:
             s64 = s.to(tl.int64)
             v = tl.load(h_ptr + s64 * n_rows1 * C1 + offs)
-            h2 = tl.maximum(tl.dot(v, w) + b[None, :], 0.0)  # (BR, C2) float32
+            pre = tl.dot(v, w) + b[None, :]
+            h2 = tl.maximum(pre, 0.0)  # (BR, C2) float32
+            if MASK:  # ReLU's mask for the backward (which then need not recompute layer 2)
+                m_ptrs = m_ptr + (s64 * n_rows2 + rows[:, None]) * C2 + c2[None, :]
+                tl.store(m_ptrs, (pre > 0).to(tl.int8))
             contrib = tl.dot(pw_t, h2)  # (P3, C2)
             if DET:
                 n_blk = tl.num_programs(0)
@@ -263,7 +267,7 @@ def _conv2_fwd(
 
 @triton.jit
 def _conv2_bwd(
-    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, dp_ptr, dw_ptr,
+    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, m_ptr, dp_ptr, dw_ptr,
     db_ptr, n_rows2, S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
@@ -282,12 +286,13 @@ def _conv2_bwd(
         if s < S:
             s64 = s.to(tl.int64)
             hs = h_ptr + s64 * n_rows1 * C1
-            v = tl.load(hs + offs)
-            pre = tl.dot(v, w) + b[None, :]
+            # the forward's ReLU mask: one contiguous (BR, C2) int8 read instead of a second
+            # (BR x 256) gather of layer 1 and a product (docs/benchmarks.md)
+            m = tl.load(m_ptr + (s64 * n_rows2 + rows[:, None]) * C2 + c2[None, :])
             g = tl.load(dout_ptr + ((s64 * R + region) * C2 + c2[None, :]) * P3 + p3[:, None])
             dh2 = tl.dot(pw, g)  # (BR, C2)
-            dpre = tl.where(pre > 0, dh2, 0.0)
-            dpre_lo = dpre.to(v.dtype)
+            dpre = tl.where(m != 0, dh2, 0.0)
+            dpre_lo = dpre.to(h_ptr.dtype.element_ty)
             v_t = tl.load(hs + offs_t)
             acc_w += tl.dot(v_t, dpre_lo)
             acc_b += tl.sum(dpre, axis=0)
@@ -300,7 +305,7 @@ def _conv2_bwd(
 
 @triton.jit
 def _conv1_bwd(
-    x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, sc_ptr, dp_ptr, n_rows2, dw_ptr, S,
+    x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, h_ptr, n_rows1, sc_ptr, dp_ptr, n_rows2, dw_ptr, S,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     NP: tl.constexpr, SCW: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
@@ -316,10 +321,14 @@ def _conv1_bwd(
         if s < S:
             s64 = s.to(tl.int64)
             xs = x_ptr + s64 * x_stride
-            pre = tl.dot(tl.load(xs + idx), w)
+            # ReLU's mask from the stored layer 1 (h > 0 exactly where the pre-activation is,
+            # bar float32 values below bfloat16's smallest subnormal): a contiguous read
+            # instead of a second (BR x 32) gather of the input and a product
+            h_ptrs = h_ptr + (s64 * n_rows1 + rows[:, None]) * C1 + cols[None, :]
+            h = tl.load(h_ptrs, mask=cols[None, :] < C1, other=0.0)
             base = dp_ptr + s64 * n_rows2 * TAPS * C1
             dh = tl.sum(tl.load(base + dp_offs, mask=dp_mask, other=0.0).to(tl.float32), axis=1)
-            dpre = tl.where(pre > 0, dh, 0.0)
+            dpre = tl.where(h > 0, dh, 0.0)
             v_t = tl.load(xs + idx_t)
             acc += tl.dot(v_t, dpre.to(v_t.dtype))
     _add_gradient(dw_ptr, pid, region, TAPS * NP, taps[:, None] * NP + cols[None, :], acc, DET)
@@ -369,7 +378,9 @@ def _segment_reduce(part: torch.Tensor, seg: torch.Tensor, scale: int, n_regions
     return out
 
 
-def _forward(x, w1, w2, b2, t: RaggedTables, n_regions: int, deterministic: bool = True):
+def _forward(
+    x, w1, w2, b2, t: RaggedTables, n_regions: int, deterministic: bool = True, mask=False
+):
     s_count = x.shape[0]
     dev = x.device
     h1 = torch.empty((s_count, t.rows1, C1), device=dev, dtype=x.dtype)
@@ -384,13 +395,16 @@ def _forward(x, w1, w2, b2, t: RaggedTables, n_regions: int, deterministic: bool
         out = torch.empty((s_count, n_blk2, C2, t.pool3), device=dev, dtype=torch.float32)
     else:
         out = torch.zeros((s_count, n_regions, C2, t.pool3), device=dev, dtype=torch.float32)
+    # layer 2's ReLU mask, for a backward (int8, 16 values per row)
+    m2 = torch.empty((s_count, t.rows2, C2), device=dev, dtype=torch.int8) if mask else h1
     _conv2_fwd[grid2](
-        h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, out, s_count, n_regions,
-        BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=deterministic, num_warps=4,
+        h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, out, m2, t.rows2, s_count, n_regions,
+        BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=deterministic, MASK=mask,
+        num_warps=4,
     )  # fmt: skip
     if deterministic:
         out = _segment_reduce(out.view(s_count, n_blk2, -1), t.seg2, 1, n_regions)
-    return h1, out.view(s_count, n_regions, C2, t.pool3)
+    return h1, m2, out.view(s_count, n_regions, C2, t.pool3)
 
 
 class FusedConvs(torch.autograd.Function):
@@ -402,14 +416,15 @@ class FusedConvs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, b2, tables: RaggedTables, n_regions: int, deterministic=True):
         deterministic = bool(deterministic)
-        h1, pooled = _forward(x, w1, w2, b2, tables, n_regions, deterministic)
-        ctx.save_for_backward(x, w1, w2, b2, h1)
+        grad = any(ctx.needs_input_grad[:4])
+        h1, m2, pooled = _forward(x, w1, w2, b2, tables, n_regions, deterministic, grad)
+        ctx.save_for_backward(x, w1, w2, b2, h1, m2)
         ctx.tables, ctx.n_regions, ctx.deterministic = tables, n_regions, deterministic
         return pooled.view(x.shape[0], n_regions, C2 * tables.pool3)
 
     @staticmethod
     def backward(ctx, dpooled):
-        x, w1, w2, b2, h1 = ctx.saved_tensors
+        x, w1, w2, b2, h1, m2 = ctx.saved_tensors
         t, n_regions, det = ctx.tables, ctx.n_regions, ctx.deterministic
         s_count = x.shape[0]
         dev = x.device
@@ -428,12 +443,12 @@ class FusedConvs(torch.autograd.Function):
             dw1 = torch.zeros(w1.shape, device=dev, dtype=torch.float32)
         dp = torch.empty((s_count, t.rows2, TAPS * C1), device=dev, dtype=x.dtype)
         _conv2_bwd[(n_blk2, n_sg)](
-            h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, dpooled, dp, dw2, db2, t.rows2,
+            h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, dpooled, m2, dp, dw2, db2, t.rows2,
             s_count, n_regions,
             BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=det, num_warps=4,
         )  # fmt: skip
         _conv1_bwd[(n_blk1, n_sg)](
-            x, x.stride(0), t.tab1, t.blk1, w1, t.sc1, dp, t.rows2, dw1, s_count,
+            x, x.stride(0), t.tab1, t.blk1, w1, h1, t.rows1, t.sc1, dp, t.rows2, dw1, s_count,
             BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, SCW=t.sc1.shape[1], DET=det,
             num_warps=4,
         )  # fmt: skip
