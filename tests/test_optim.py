@@ -281,3 +281,55 @@ def test_gpu_float32_moments_match_fused_adam_and_capture():
         assert opt.step_count() == len(grads)
         for a, b in zip(ps, want, strict=True):
             assert torch.equal(a.detach(), b), moments
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_siamese_step_graphed_equals_eager():
+    """``SiameseStep`` with bfloat16 moments runs the Triton Adam, and a graphed run (3 eager
+    warm-up steps, capture, replays) ends with the eager run's bits; float32 moments (torch's
+    fused Adam) are checked alike, as the reference for what the graphs preserve."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_model_siamese import toy_layout
+
+    from bids_siamfuse.model.geometry import RegionGrid
+    from bids_siamfuse.model.optim import TritonAdam
+    from bids_siamfuse.model.siamese import SiameseBank, extend
+    from bids_siamfuse.model.siamese_stage import SiameseStep
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    grid = RegionGrid.from_layout(toy_layout())
+    g = torch.Generator().manual_seed(2)
+    n = 12
+    xm = extend(torch.randn(n, grid.n_voxels, generator=g)).to(dev, dt)
+    xp = extend(torch.randn(n, grid.n_voxels, generator=g)).to(dev, dt)
+    t = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(dev)
+
+    def run(graphs, moments):
+        bank = SiameseBank(grid, generator=torch.Generator().manual_seed(3)).to(dev)
+        step = SiameseStep(bank, xm, xp, t, dt, 1e-3, 4, graphs, moments)
+        assert isinstance(step.opt, TritonAdam) == (moments == "bfloat16")
+        order = torch.Generator().manual_seed(4)
+        for _ in range(8):
+            step(torch.randperm(n, generator=order)[:4].to(dev))
+        assert (step.graph is not None) == graphs
+        return [p.detach().clone() for p in step.params]
+
+    for moments in ("float32", "bfloat16"):
+        eager, graphed = run(False, moments), run(True, moments)
+        assert all(torch.equal(a, b) for a, b in zip(eager, graphed, strict=True)), moments
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_cv_with_bfloat16_moments_is_reproducible():
+    """The full-resolution CV of ``tests/test_determinism.py`` with bfloat16 moments, twice:
+    bit-identical predictions, metrics, histories, relevance and final weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_determinism import _cv, _same
+
+    first = _cv(["cuda:0"], adam_moments="bfloat16")
+    _same(first, _cv(["cuda:0"], adam_moments="bfloat16"))
+    assert first.final["meta"]["config"]["adam_moments"] == "bfloat16"
