@@ -60,6 +60,12 @@ def test_cli_adam_moments_reaches_train_config():
     assert train_config(parse_args(["/d", "/o", "group"])).adam_moments == "float32"
     with pytest.raises(SystemExit):
         parse_args(["/d", "/o", "group", "--adam-moments", "float16"])
+    # a config file can hold anything: the one validation of settings refuses it (exit 64)
+    from bids_siamfuse.config import Settings
+    from bids_siamfuse.errors import UsageError
+
+    with pytest.raises(UsageError, match="adam_moments"):
+        Settings.from_sources({"model": {"adam_moments": "float16"}}, {})
 
 
 def test_methods_text_names_bfloat16_moments():
