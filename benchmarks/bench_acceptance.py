@@ -14,8 +14,7 @@ Three sub-commands::
     python benchmarks/bench_acceptance.py cv .acc/coupling-1101.npz --folds 5 --repeats 1 \\
         --permutations 19 --sloppy --device cpu --threads 4 --json out/coupling.json
     #    --shuffle-labels S: labels permuted between subjects first (seed S), the "shuffled
-    #    labels" control; --gate / --fusion: the variants compared on development cohorts;
-    #    --adam-moments bfloat16: the Triton Adam with bfloat16 moments (issue 16, CUDA)
+    #    labels" control; --gate / --fusion: the variants compared on development cohorts
 
     # 3. markdown tables of several JSON results
     python benchmarks/bench_acceptance.py table out/*.json
@@ -130,7 +129,6 @@ def cmd_cv(args) -> None:
         "sloppy": args.sloppy,
         "gate": args.gate or TrainConfig.gate,
         "fusion": args.fusion or TrainConfig.fusion,
-        "adam_moments": args.adam_moments or TrainConfig.adam_moments,
     }
     if args.epochs:
         train_kwargs["epochs"] = args.epochs
@@ -296,9 +294,6 @@ def main(argv=None) -> None:
     c.add_argument("--epochs", type=int, default=0)
     c.add_argument("--gate", default=None, help="default: TrainConfig's")
     c.add_argument("--fusion", default=None, help="default: TrainConfig's")
-    c.add_argument(
-        "--adam-moments", choices=("float32", "bfloat16"), help="default: TrainConfig's (CUDA)"
-    )
     c.add_argument("--device", default="cpu")
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--threads", type=int, default=0)

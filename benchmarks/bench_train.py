@@ -15,9 +15,6 @@ other, on box crops precomputed on the device so that only the networks are time
   path, interleaved (det, atomic, det, atomic) in the same run, each inside the numerics
   context that ``fit`` uses; the reproducibility of each (two trainings from the same weights,
   max |difference| of the final weights) and, with ``--profile``, the kernels of a step of each;
-* with ``--compare-adam`` (CUDA): the engine with Adam's moments in float32 (torch's fused
-  Adam, the baseline) and in bfloat16 (the Triton Adam of ``model/optim.py``), interleaved,
-  twice, fresh weights each; the optimizer alone is timed by ``bench_adam.py``;
 * with ``--fit-folds K``: ``fit()`` itself, end to end (standardization, siamese training,
   embedding, attention), ``--epochs`` epochs with early stopping off, on K folds of a
   ``--subjects`` cohort (each fold trains on (folds - 1) / folds of it); the CV estimate is
@@ -133,16 +130,13 @@ def check_grads(bank: SiameseBank, grid: RegionGrid, device, dtype) -> dict:
     return out
 
 
-def time_engine(
-    bank, xm, xp, t, n_tr, n_va, epochs, batch, dtype, graphs, device, moments="float32"
-):
-    kw = {"batch_size": batch, "early_stop_loss": -1.0, "patience": 10**9}
-    cfg = TrainConfig(epochs=epochs, adam_moments=moments, **kw)
+def time_engine(bank, xm, xp, t, n_tr, n_va, epochs, batch, dtype, graphs, device):
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, early_stop_loss=-1.0, patience=10**9)
     idx = np.arange(n_tr + n_va)
     hist: list = []
     gen = torch.Generator().manual_seed(0)
     # warm-up epoch (allocator, cuBLAS handles, graph capture), then the timed epochs
-    warm = TrainConfig(epochs=1, adam_moments=moments, **kw)
+    warm = TrainConfig(epochs=1, batch_size=batch, early_stop_loss=-1.0, patience=10**9)
     train_siamese(bank, xm, xp, t, idx[:n_tr], idx[n_tr:], warm, dtype, gen, [], 64, graphs)
     sync(device)
     t0 = time.perf_counter()
@@ -426,12 +420,6 @@ def main(argv=None) -> int:
         action="store_true",
         help="time deterministic vs atomic fused kernels (CUDA), interleaved",
     )
-    ap.add_argument(
-        "--compare-adam",
-        action="store_true",
-        help="time the engine with Adam's moments in float32 (torch's fused Adam, the "
-        "baseline) and bfloat16 (model/optim.py), fresh weights each, interleaved, twice (CUDA)",
-    )
     ap.add_argument("--skip-loop", action="store_true", help="do not time the reference loop")
     ap.add_argument("--fit-folds", type=int, default=0, help="time fit() on this many folds")
     ap.add_argument("--folds", type=int, default=5)
@@ -520,24 +508,6 @@ def main(argv=None) -> int:
             results["variants"][label] = rate
             del vb
             torch.cuda.empty_cache()
-
-    if args.compare_adam and device.type == "cuda":
-        rates: dict = {"float32": [], "bfloat16": []}
-        common = (xm, xp, t, n_tr, n_va, args.epochs, args.batch_size, dtype, graphs, device)
-        for _ in range(2):
-            for moments in rates:
-                vb = SiameseBank(grid, arch, generator=torch.Generator().manual_seed(0))
-                vb = vb.to(device)
-                rates[moments].append(time_engine(vb, *common, moments=moments))
-                del vb
-                torch.cuda.empty_cache()
-        best = {k: max(v) for k, v in rates.items()}
-        print(
-            f"Adam moments: float32 {best['float32']:.1f}, bfloat16 {best['bfloat16']:.1f} "
-            f"subject-epochs/s (best of 2; {best['bfloat16'] / best['float32']:.3f}x)",
-            flush=True,
-        )
-        results["adam_moments"] = rates
 
     if args.batch_sizes:
         results["batch_sizes"] = sweep_batches(

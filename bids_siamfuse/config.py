@@ -92,7 +92,6 @@ class ModelSettings:
     repeats: int = 1
     epochs: int = 200
     batch_size: int = 32  # chosen on speed and accuracy (docs/benchmarks.md)
-    adam_moments: str = "float32"  # "bfloat16": Triton Adam on CUDA (model/optim.py)
     learning_rate: float = 1e-3
     early_stop_loss: float = 0.01
     patience: int = 20
@@ -301,7 +300,6 @@ def train_config(settings):
     return TrainConfig(
         epochs=mo.epochs,
         batch_size=mo.batch_size,
-        adam_moments=mo.adam_moments,
         learning_rate=mo.learning_rate,
         early_stop_loss=mo.early_stop_loss,
         patience=mo.patience,

@@ -131,7 +131,6 @@ RULES = {
     "repeats": _int_range(1, 10000),
     "epochs": _int_range(1, 1_000_000),
     "batch_size": _int_range(1, 1_000_000),
-    "adam_moments": _choice("float32", "bfloat16"),
     "learning_rate": _float_range(0, 10),
     "early_stop_loss": _float_range(0, None),
     "patience": _int_range(1, 1_000_000),

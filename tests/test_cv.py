@@ -468,7 +468,6 @@ def test_resolve_decides_device_threads_and_training_once():
         "deterministic",
         "fusion",
         "gate",
-        "adam_moments",
     ]
     part = resolve(settings("participant", device="cuda", nprocs=2, omp_nthreads=1))
     assert (part.device, part.nprocs, part.omp_nthreads, part.train) == ("cpu", 2, 1, None)

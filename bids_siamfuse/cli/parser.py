@@ -273,14 +273,6 @@ def _add_model_args(parser):
     g.add_argument(
         "--batch-size", "--batch_size", dest="batch_size", type=positive_int, help="batch size"
     )
-    g.add_argument(
-        "--adam-moments",
-        dest="adam_moments",
-        choices=["float32", "bfloat16"],
-        help="GPU training: Adam's moments of the region networks in float32 (torch's fused "
-        "Adam, default) or bfloat16 (a Triton Adam with stochastic rounding, 20 instead of 28 "
-        "bytes of memory traffic per parameter); the CPU always uses float32",
-    )
     flag(
         g,
         "--learning-rate",

@@ -21,7 +21,6 @@ SLOPPY_EPOCHS = 30
 SLOPPY_PATIENCE = 8
 FUSIONS = ("paper", "similarity")
 GATES = ("paired", "constant", "se", "none")
-ADAM_MOMENTS = ("float32", "bfloat16")
 
 
 #: The batch below which :func:`step_batch` does not shrink a batch (the default before 32).
@@ -65,9 +64,6 @@ class TrainConfig:
     fusion: str = "paper"
     gate: str = "paired"  # which epochs may replace the untrained network (see _RegionEarlyStop)
     ablations: bool = False  # also train the ablation heads (ABLATIONS; cross-validation only)
-    # siamese stage on CUDA: Adam's moments in float32 (torch's fused Adam) or bfloat16 (the
-    # Triton Adam of optim.py, 20 instead of 28 bytes per parameter); the CPU keeps float32
-    adam_moments: str = "float32"
     progress: Callable[[dict], None] | None = None  # per epoch: stage, epoch, losses
 
     def __post_init__(self):
@@ -75,10 +71,6 @@ class TrainConfig:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, not {self.gate!r}")
-        if self.adam_moments not in ADAM_MOMENTS:
-            raise ValueError(
-                f"adam_moments must be one of {', '.join(ADAM_MOMENTS)}, not {self.adam_moments!r}"
-            )
 
     def effective(self) -> TrainConfig:
         """The numbers actually used (sloppy mode caps epochs and patience)."""

@@ -6,7 +6,6 @@ captured CUDA graph of the whole step (:class:`SiameseStep`). See :mod:`.train`,
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from .graphed import GraphedStep
 from .losses import hinge, siamese_loss, similarity
 from .numerics import _batch, _embed
 from .options import TrainConfig, _emit, step_batch
-from .siamese import PARAM_NAMES, SiameseBank, _triton_ok
+from .siamese import PARAM_NAMES, SiameseBank
 
 #: One-sided level of the paired gate (see :class:`_RegionEarlyStop`).
 GATE_ALPHA = 0.05
@@ -142,24 +141,6 @@ class _RegionEarlyStop:
             p.copy_(b)
 
 
-def make_optimizer(params, lr, device, graphs: bool, moments: str = "float32"):
-    """The siamese stage's Adam: on CUDA torch's fused Adam (float32 moments; unchanged, so
-    float32 runs keep their bits) or, with ``moments="bfloat16"``, the Triton Adam of
-    :mod:`.optim` (bfloat16 moments, stochastic rounding; 20 instead of 28 bytes per
-    parameter); on the CPU torch's foreach Adam whatever ``moments`` says (the saving is a GPU
-    memory-bandwidth one, and CPU machines may not have Triton)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.optim.Adam(params, lr=lr, foreach=True)
-    if moments == "bfloat16":
-        if _triton_ok():
-            from .optim import TritonAdam
-
-            return TritonAdam(params, lr=lr, moments="bfloat16")
-        warnings.warn("adam_moments bfloat16 needs Triton: float32 moments", stacklevel=2)
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=graphs)
-
-
 class SiameseStep(GraphedStep):
     """One optimizer step of all region networks on a batch of subject indices.
 
@@ -170,13 +151,14 @@ class SiameseStep(GraphedStep):
     paths run the same kernels on the same tensors.
     """
 
-    def __init__(
-        self, bank, xm, xp, t, dtype, lr, batch_size, graphs: bool, moments: str = "float32"
-    ):
+    def __init__(self, bank, xm, xp, t, dtype, lr, batch_size, graphs: bool):
         self.bank, self.xm, self.xp, self.t, self.dtype = bank, xm, xp, t, dtype
         self.params = [bank.param(n) for n in PARAM_NAMES]
         graphs = bool(graphs) and xm.device.type == "cuda"
-        self.opt = make_optimizer(self.params, lr, xm.device, graphs, moments)
+        if xm.device.type == "cuda":
+            self.opt = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=graphs)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=lr, foreach=True)
         self._setup_graph(xm.device, batch_size, graphs)
 
     def _eager(self, idx: torch.Tensor) -> torch.Tensor:
@@ -208,9 +190,7 @@ def train_siamese(
     kept network (``val_hinge_kept``); NaN without a validation part."""
     device = xm.device
     bs = step_batch(config.batch_size, len(train_idx))
-    step = SiameseStep(
-        bank, xm, xp, t, dtype, config.learning_rate, bs, graphs, config.adam_moments
-    )
+    step = SiameseStep(bank, xm, xp, t, dtype, config.learning_rate, bs, graphs)
     tr = torch.as_tensor(train_idx, dtype=torch.long)
     va = torch.as_tensor(val_idx, dtype=torch.long, device=device)
     xm_va, xp_va, t_va = xm.index_select(0, va), xp.index_select(0, va), t.index_select(0, va)

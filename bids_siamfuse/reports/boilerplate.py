@@ -255,11 +255,6 @@ def group_text(summary: dict) -> str:
             "A region's network replaced its initial weights only with an epoch whose "
             "validation hinge was two standard errors below the untrained network's. "
         )
-    if train.get("adam_moments") == "bfloat16":
-        text += (
-            "On GPUs, the Adam optimizer of the region networks stored both moment estimates "
-            "in bfloat16 with stochastic rounding (float32 arithmetic). "
-        )
     if fusion == "similarity":
         text += (
             "Beyond the original method, the attention stage received, per region, the "
