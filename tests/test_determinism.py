@@ -152,6 +152,54 @@ print("ok")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("triton") is None, reason="needs triton"
+)
+def test_regions_that_stopped_are_not_computed():
+    """``SiameseBank.set_active`` (per-region early stopping): the regions still training get
+    bit for bit the outputs and gradients they get with every region active; the stopped
+    ones get pooled features and convolution gradients of 0 (Triton interpreter, both
+    reduction paths); ``None`` brings every region back."""
+    code = f"""
+import sys; sys.path.insert(0, {str(HERE)!r})
+import torch
+from test_model_siamese import toy_layout
+from bids_siamfuse.model.geometry import RegionGrid
+from bids_siamfuse.model.siamese import SiameseBank, extend
+grid = RegionGrid.from_layout(toy_layout())
+bank = SiameseBank(grid, generator=torch.Generator().manual_seed(10))
+bank.fused = True
+x = extend(torch.randn(11, grid.n_voxels, generator=torch.Generator().manual_seed(11)))
+conv = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+def run():
+    bank.zero_grad(set_to_none=True)
+    p = bank.pooled(x, torch.float32)  # (S, R, F) engine order
+    (p * torch.linspace(-1, 1, p.numel()).view_as(p)).sum().backward()
+    return p.detach(), {{n: bank.param(n).grad.clone() for n in conv}}
+on = torch.tensor([True, False, True, False, True])  # engine order
+for det in (True, False):
+    bank.deterministic = det
+    p_all, g_all = run()
+    bank.set_active(on)
+    p, g = run()
+    bank.set_active(None)
+    p_back, _ = run()
+    assert torch.equal(p_back, p_all), det
+    assert torch.equal(p[:, on], p_all[:, on]) and not p[:, ~on].any(), det
+    assert p_all[:, ~on].abs().sum() > 0, det
+    for n in conv:
+        assert torch.equal(g[n][on], g_all[n][on]), (det, n)
+        assert not g[n][~on].any() and g_all[n][~on].abs().sum() > 0, (det, n)
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------

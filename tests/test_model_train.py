@@ -444,3 +444,25 @@ def test_step_batch_keeps_two_steps_per_epoch_down_to_the_small_batch():
     assert step_batch(32, 40) == 20  # shrinks to two steps, not below 16
     assert step_batch(16, 10) == 16 and step_batch(8, 100) == 8  # never grows a batch
     assert step_batch(0, 5) == 1
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_early_stopping_keeps_each_regions_own_snapshot(cohort, seed):
+    """A region's network is trained (differs from its initialisation) exactly when its own
+    early stopping kept an epoch > 0: the stopper's decisions select the parameter rows of
+    the region they were made for (the engine's stacked parameters are not in atlas order; the
+    toy atlas's engine order is checked to be a real permutation). Both seeds failed when the
+    decisions were made in atlas order."""
+    from bids_siamfuse.model.siamese import SiameseBank
+
+    model = fit(cohort, TrainConfig(seed=seed, **FAST))
+    bank = model.bank
+    assert not np.array_equal(bank.order.cpu().numpy(), np.arange(bank.n_regions))
+    init = SiameseBank(bank.grid, bank.arch, generator=torch.Generator().manual_seed(seed))
+    before, after = init.region_state(), bank.region_state()
+    stop = np.asarray(model.info["siamese_stop_epochs"])
+    assert (stop > 0).any() and (stop == 0).any()
+    for a, epoch in enumerate(stop):
+        for name in ("conv1.weight", "fc1.weight"):
+            trained = not torch.equal(after[name][a], before[name][a])
+            assert trained == (epoch > 0), (a, name, int(epoch))

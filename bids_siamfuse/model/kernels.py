@@ -165,13 +165,17 @@ def ragged_tables(geom: Geometry) -> RaggedTables:
 
 
 @triton.jit
-def _block(blk_ptr, BR: tl.constexpr, SB: tl.constexpr):
-    """This program's block of rows: its index, first sample, region (int64) and rows."""
+def _block(blk_ptr, act_ptr, S, BR: tl.constexpr, SB: tl.constexpr):
+    """This program's block of rows: its index, first sample, region (int64), rows and the
+    number of samples to compute: ``S``, or 0 for a block of a region that is not training
+    (``act_ptr``, see :meth:`.siamese.SiameseBank.set_active`); the last block (zero rows, a
+    zero gradient slot of every region) always runs."""
     pid = tl.program_id(0)
     s0 = tl.program_id(1) * SB
     region = tl.load(blk_ptr + pid).to(tl.int64)
     rows = pid * BR + tl.arange(0, BR)
-    return pid, s0, region, rows
+    live = (tl.load(act_ptr + region) != 0) | (pid == tl.num_programs(0) - 1)
+    return pid, s0, region, rows, tl.where(live, S, 0)
 
 
 @triton.jit
@@ -217,11 +221,11 @@ def _add_gradient(ptr, pid, region, size, offs, acc, DET: tl.constexpr):
 
 @triton.jit
 def _conv1_fwd(
-    x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, h_ptr, n_rows, S,
+    x_ptr, x_stride, tab_ptr, blk_ptr, act_ptr, w_ptr, h_ptr, n_rows, S,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     NP: tl.constexpr,
 ):  # fmt: skip
-    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    pid, s0, region, rows, S = _block(blk_ptr, act_ptr, S, BR, SB)
     taps, cols, idx, w = _conv1_operands(tab_ptr, w_ptr, rows, region, TAPS, NP)
     out_mask = cols[None, :] < C1
     for i in range(SB):
@@ -236,13 +240,14 @@ def _conv1_fwd(
 
 @triton.jit
 def _conv2_fwd(
-    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, out_ptr, m_ptr, n_rows2, S, R,
+    h_ptr, n_rows1, tab_ptr, blk_ptr, act_ptr, w_ptr, b_ptr, pool_ptr, out_ptr, m_ptr, n_rows2,
+    S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     # DET: out_ptr is the (S, blocks, C2, P3) partial buffer, reduced by _segment_sum;
     # else the pooled features (S, R, C2, P3), accumulated with atomics
-    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    pid, s0, region, rows, S = _block(blk_ptr, act_ptr, S, BR, SB)
     k, c2, p3, offs, w, b = _conv2_operands(tab_ptr, w_ptr, b_ptr, rows, region, TAPS, C1, C2, P3)
     pw_t = tl.load(pool_ptr + rows[None, :] * P3 + p3[:, None])  # (P3, BR) float32
     for i in range(SB):
@@ -267,13 +272,13 @@ def _conv2_fwd(
 
 @triton.jit
 def _conv2_bwd(
-    h_ptr, n_rows1, tab_ptr, blk_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, m_ptr, dp_ptr, dw_ptr,
-    db_ptr, n_rows2, S, R,
+    h_ptr, n_rows1, tab_ptr, blk_ptr, act_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, m_ptr, dp_ptr,
+    dw_ptr, db_ptr, n_rows2, S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
     # DET: dw_ptr/db_ptr are (blocks, sample groups, ...) partial buffers (see _segment_sum)
-    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    pid, s0, region, rows, S = _block(blk_ptr, act_ptr, S, BR, SB)
     k, c2, p3, offs, w, b = _conv2_operands(tab_ptr, w_ptr, b_ptr, rows, region, TAPS, C1, C2, P3)
     idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + (k // C1)[:, None]).to(tl.int64)
     offs_t = idx_t * C1 + (k % C1)[:, None]  # (256, BR)
@@ -305,11 +310,12 @@ def _conv2_bwd(
 
 @triton.jit
 def _conv1_bwd(
-    x_ptr, x_stride, tab_ptr, blk_ptr, w_ptr, h_ptr, n_rows1, sc_ptr, dp_ptr, n_rows2, dw_ptr, S,
+    x_ptr, x_stride, tab_ptr, blk_ptr, act_ptr, w_ptr, h_ptr, n_rows1, sc_ptr, dp_ptr, n_rows2,
+    dw_ptr, S,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     NP: tl.constexpr, SCW: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
-    pid, s0, region, rows = _block(blk_ptr, BR, SB)
+    pid, s0, region, rows, S = _block(blk_ptr, act_ptr, S, BR, SB)
     taps, cols, idx, w = _conv1_operands(tab_ptr, w_ptr, rows, region, TAPS, NP)  # idx (BR, TAPS)
     idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + taps[:, None]).to(tl.int64)  # (TAPS, BR)
     sc = tl.load(sc_ptr + rows[:, None] * SCW + tl.arange(0, SCW)[None, :]).to(tl.int64)
@@ -336,7 +342,7 @@ def _conv1_bwd(
 
 @triton.jit
 def _segment_sum(
-    p_ptr, p_stride, seg_ptr, scale, out_ptr, out_stride, K,
+    p_ptr, p_stride, seg_ptr, act_ptr, scale, out_ptr, out_stride, K,
     BK: tl.constexpr,
 ):  # fmt: skip
     """out[b, r, :] = sum over j in [seg[r] * scale, seg[r + 1] * scale) of p[b, j, :], j in
@@ -348,6 +354,7 @@ def _segment_sum(
     mask = cols < K
     first = tl.load(seg_ptr + r) * scale
     last = tl.load(seg_ptr + r + 1) * scale
+    last = tl.where(tl.load(act_ptr + r) != 0, last, first)  # not training: 0, not computed
     ptrs = p_ptr + b * p_stride + first.to(tl.int64) * K + cols
     acc = tl.zeros((BK,), dtype=tl.float32)
     # a while loop, not ``range(first, last)``: the Triton interpreter turns a loaded bound into
@@ -366,27 +373,27 @@ def _segment_sum(
 # ---------------------------------------------------------------------------------------------
 
 
-def _segment_reduce(part: torch.Tensor, seg: torch.Tensor, scale: int, n_regions: int):
+def _segment_reduce(part, seg, scale: int, n_regions: int, active: torch.Tensor):
     """Fixed-order sums of a region's partials: ``part`` (B, J, K) -> (B, R, K) float32, row
     ``j`` of region ``r`` for ``seg[r] * scale <= j < seg[r + 1] * scale``."""
     b, _, k = part.shape
     out = torch.empty((b, n_regions, k), device=part.device, dtype=torch.float32)
     bk = min(1024, triton.next_power_of_2(k))
     _segment_sum[(n_regions, b, triton.cdiv(k, bk))](
-        part, part.stride(0), seg, scale, out, out.stride(0), k, BK=bk, num_warps=4
+        part, part.stride(0), seg, active, scale, out, out.stride(0), k, BK=bk, num_warps=4
     )
     return out
 
 
 def _forward(
-    x, w1, w2, b2, t: RaggedTables, n_regions: int, deterministic: bool = True, mask=False
+    x, w1, w2, b2, t: RaggedTables, n_regions: int, active, deterministic=True, mask=False
 ):
     s_count = x.shape[0]
     dev = x.device
     h1 = torch.empty((s_count, t.rows1, C1), device=dev, dtype=x.dtype)
     grid1 = (t.rows1 // BR1, triton.cdiv(s_count, SB))
     _conv1_fwd[grid1](
-        x, x.stride(0), t.tab1, t.blk1, w1, h1, t.rows1, s_count,
+        x, x.stride(0), t.tab1, t.blk1, active, w1, h1, t.rows1, s_count,
         BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, num_warps=4,
     )  # fmt: skip
     n_blk2 = t.rows2 // BR2
@@ -398,12 +405,13 @@ def _forward(
     # layer 2's ReLU mask, for a backward (int8, 16 values per row)
     m2 = torch.empty((s_count, t.rows2, C2), device=dev, dtype=torch.int8) if mask else h1
     _conv2_fwd[grid2](
-        h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, out, m2, t.rows2, s_count, n_regions,
+        h1, t.rows1, t.tab2, t.blk2, active, w2, b2, t.pool2, out, m2, t.rows2, s_count,
+        n_regions,
         BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=deterministic, MASK=mask,
         num_warps=4,
     )  # fmt: skip
     if deterministic:
-        out = _segment_reduce(out.view(s_count, n_blk2, -1), t.seg2, 1, n_regions)
+        out = _segment_reduce(out.view(s_count, n_blk2, -1), t.seg2, 1, n_regions, active)
     return h1, m2, out.view(s_count, n_regions, C2, t.pool3)
 
 
@@ -411,20 +419,24 @@ class FusedConvs(torch.autograd.Function):
     """(x, w1, w2, b2) -> pooled features (S, R, 16 * pool^3) float32 (see module docstring).
 
     ``deterministic`` (default True): fixed-order reductions instead of atomic adds (see the
-    module docstring)."""
+    module docstring). ``active`` (R,) int32, engine order: regions whose entry is 0 are not
+    computed (their pooled features and gradients are 0; the others are bit for bit what they
+    are with every region active)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, b2, tables: RaggedTables, n_regions: int, deterministic=True):
+    def forward(
+        ctx, x, w1, w2, b2, tables: RaggedTables, n_regions: int, active, deterministic=True
+    ):
         deterministic = bool(deterministic)
         grad = any(ctx.needs_input_grad[:4])
-        h1, m2, pooled = _forward(x, w1, w2, b2, tables, n_regions, deterministic, grad)
-        ctx.save_for_backward(x, w1, w2, b2, h1, m2)
+        h1, m2, pooled = _forward(x, w1, w2, b2, tables, n_regions, active, deterministic, grad)
+        ctx.save_for_backward(x, w1, w2, b2, h1, m2, active)
         ctx.tables, ctx.n_regions, ctx.deterministic = tables, n_regions, deterministic
         return pooled.view(x.shape[0], n_regions, C2 * tables.pool3)
 
     @staticmethod
     def backward(ctx, dpooled):
-        x, w1, w2, b2, h1, m2 = ctx.saved_tensors
+        x, w1, w2, b2, h1, m2, active = ctx.saved_tensors
         t, n_regions, det = ctx.tables, ctx.n_regions, ctx.deterministic
         s_count = x.shape[0]
         dev = x.device
@@ -443,21 +455,24 @@ class FusedConvs(torch.autograd.Function):
             dw1 = torch.zeros(w1.shape, device=dev, dtype=torch.float32)
         dp = torch.empty((s_count, t.rows2, TAPS * C1), device=dev, dtype=x.dtype)
         _conv2_bwd[(n_blk2, n_sg)](
-            h1, t.rows1, t.tab2, t.blk2, w2, b2, t.pool2, dpooled, m2, dp, dw2, db2, t.rows2,
-            s_count, n_regions,
+            h1, t.rows1, t.tab2, t.blk2, active, w2, b2, t.pool2, dpooled, m2, dp, dw2, db2,
+            t.rows2, s_count, n_regions,
             BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=det, num_warps=4,
         )  # fmt: skip
         _conv1_bwd[(n_blk1, n_sg)](
-            x, x.stride(0), t.tab1, t.blk1, w1, h1, t.rows1, t.sc1, dp, t.rows2, dw1, s_count,
+            x, x.stride(0), t.tab1, t.blk1, active, w1, h1, t.rows1, t.sc1, dp, t.rows2, dw1,
+            s_count,
             BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, SCW=t.sc1.shape[1], DET=det,
             num_warps=4,
         )  # fmt: skip
         if det:
-            dw2 = _segment_reduce(dw2.view(1, n_blk2 * n_sg, -1), t.seg2, n_sg, n_regions)
-            db2 = _segment_reduce(db2.view(1, n_blk2 * n_sg, -1), t.seg2, n_sg, n_regions)
-            dw1 = _segment_reduce(dw1.view(1, n_blk1 * n_sg, -1), t.seg1, n_sg, n_regions)
+            n, a = n_regions, active
+            dw2 = _segment_reduce(dw2.view(1, n_blk2 * n_sg, -1), t.seg2, n_sg, n, a)
+            db2 = _segment_reduce(db2.view(1, n_blk2 * n_sg, -1), t.seg2, n_sg, n, a)
+            dw1 = _segment_reduce(dw1.view(1, n_blk1 * n_sg, -1), t.seg1, n_sg, n, a)
             dw2, db2, dw1 = dw2.view(w2.shape), db2.view(b2.shape), dw1.view(w1.shape)
-        return None, dw1.to(w1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None, None, None
+        dw = (dw1.to(w1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype))
+        return (None, *dw, None, None, None, None)
 
 
 def pack_weights(conv1_w, conv1_b, conv2_w, conv2_b, dtype):

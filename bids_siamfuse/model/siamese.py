@@ -254,6 +254,10 @@ class SiameseBank(nn.Module):
         order = torch.as_tensor(geom.order, dtype=torch.long)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
+        # regions still training (engine order); see set_active
+        self.register_buffer(
+            "active", torch.ones(self.n_regions, dtype=torch.int32), persistent=False
+        )
         self.bucket_slices = []
         for i, b in enumerate(geom.buckets):
             for name, table in (("g1", b.gather1), ("g2", b.gather2), ("s2", b.scatter2)):
@@ -267,6 +271,21 @@ class SiameseBank(nn.Module):
         self.params = nn.ParameterDict()
         for name in PARAM_NAMES:
             self.params[name.replace(".", "_")] = nn.Parameter(state[name][order].contiguous())
+
+    @torch.no_grad()
+    def set_active(self, mask: torch.Tensor | None) -> None:
+        """Which regions (engine order, bool (R,), on this module's device; ``None``: all) the
+        fused kernels compute. Per-region early stopping freezes a region's kept weights; its
+        network need not run any more: on the 250-subject seed cohort half of the regions
+        have stopped by epoch ~30 of 70-100 (docs/benchmarks.md). The regions that do run
+        get bit for bit the same outputs and gradients; the others get pooled features and
+        convolution gradients of 0 (their linear layers still run, batched with the rest).
+        In place: a captured CUDA graph sees the change. The portable engine computes every
+        region regardless."""
+        if mask is None:
+            self.active.fill_(1)
+        else:
+            self.active.copy_(mask.to(self.active.device, torch.int32))
 
     # ------------------------------------------------------------------ parameters
     def param(self, name: str) -> nn.Parameter:
@@ -352,7 +371,14 @@ class SiameseBank(nn.Module):
             dtype,
         )
         return kernels.FusedConvs.apply(
-            x.contiguous(), w1, w2, b2, self._ragged, self.n_regions, self.deterministic
+            x.contiguous(),
+            w1,
+            w2,
+            b2,
+            self._ragged,
+            self.n_regions,
+            self.active,
+            self.deterministic,
         )
 
     def pooled(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -20,11 +20,15 @@ from .siamese import PARAM_NAMES, SiameseBank
 GATE_ALPHA = 0.05
 
 
-def _region_hinges(emb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Hinge per region and subject of embeddings (N, R, 2E) with targets (N,) -> (R, N)."""
+def _region_hinges(bank, emb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Hinge per region and subject of embeddings (N, R, 2E) with targets (N,) -> (R, N), the
+    regions in the bank's *engine* order, the order of its stacked parameters: the embeddings
+    come in atlas order, and the early stopping's per-region decisions select parameter rows.
+    (Until 2026-12 they were compared in atlas order: each region's snapshot and stop were
+    decided by another region's validation loss; ``tests/test_model_train.py``.)"""
     e = emb.shape[-1] // 2
     y = similarity(emb[..., :e].transpose(0, 1), emb[..., e:].transpose(0, 1))
-    return hinge(y, t.float().unsqueeze(0))
+    return hinge(y, t.float().unsqueeze(0)).index_select(0, bank.order)
 
 
 class _RegionEarlyStop:
@@ -196,7 +200,7 @@ def train_siamese(
     xm_va, xp_va, t_va = xm.index_select(0, va), xp.index_select(0, va), t.index_select(0, va)
     if va.numel():
         bank.eval()
-        h0 = _region_hinges(_embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)  # (R, n)
+        h0 = _region_hinges(bank, _embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)
         stopper = _RegionEarlyStop(
             step.params,
             h0,
@@ -207,40 +211,53 @@ def train_siamese(
         )
     n_tr = tr.numel()
     last = 0
-    for epoch in range(1, config.epochs + 1):
-        bank.train()
-        perm = tr[torch.randperm(n_tr, generator=generator)].to(device)
-        total = torch.zeros(bank.n_regions, device=device)
-        for start in range(0, n_tr, bs):
-            idx = perm[start : start + bs]
-            total += step(idx) * idx.numel()
-        train_loss = total / n_tr
-        last = epoch
-        if va.numel():
-            bank.eval()
-            hinges = _region_hinges(_embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)
-            finished = stopper.update(hinges, epoch)
-            val_mean = float(hinges.mean())
-        else:
-            finished, val_mean = False, float("nan")
-        _emit(
-            config,
-            history,
-            {
-                "stage": "siamese",
-                "epoch": epoch,
-                "train_loss": float(train_loss.mean()),
-                "val_loss": val_mean,
-            },
-        )
-        if finished:
-            break
+    # a stopped region's losses as of its last epoch of training (the history's per-epoch
+    # means use them: the fused kernels no longer compute its network, see set_active)
+    frozen_train = torch.zeros(bank.n_regions, device=device)
+    frozen_val = torch.zeros(bank.n_regions, device=device)
+    running = torch.ones(bank.n_regions, dtype=torch.bool, device=device)
+    try:
+        for epoch in range(1, config.epochs + 1):
+            bank.train()
+            perm = tr[torch.randperm(n_tr, generator=generator)].to(device)
+            total = torch.zeros(bank.n_regions, device=device)
+            for start in range(0, n_tr, bs):
+                idx = perm[start : start + bs]
+                total += step(idx) * idx.numel()
+            train_loss = torch.where(running, total / n_tr, frozen_train)
+            last = epoch
+            if va.numel():
+                bank.eval()
+                hinges = _region_hinges(bank, _embed(bank, xm_va, xp_va, dtype, eval_chunk), t_va)
+                val = torch.where(running, hinges.mean(1), frozen_val)
+                finished = stopper.update(hinges, epoch)
+                val_mean = float(val.mean())
+                frozen_train, frozen_val = train_loss, val
+                running = ~stopper.done
+                bank.set_active(running)
+            else:
+                finished, val_mean = False, float("nan")
+            _emit(
+                config,
+                history,
+                {
+                    "stage": "siamese",
+                    "epoch": epoch,
+                    "train_loss": float(train_loss.mean()),
+                    "val_loss": val_mean,
+                },
+            )
+            if finished:
+                break
+    finally:
+        bank.set_active(None)
     if va.numel():
         stopper.restore()
+        atlas = bank.inverse  # the stopper's engine order back to atlas order
         return {
-            "stop_epoch": stopper.stop_epoch.cpu().numpy(),
-            "val_hinge_initial": stopper.initial.double().cpu().numpy(),
-            "val_hinge_kept": stopper.kept.double().cpu().numpy(),
+            "stop_epoch": stopper.stop_epoch[atlas].cpu().numpy(),
+            "val_hinge_initial": stopper.initial[atlas].double().cpu().numpy(),
+            "val_hinge_kept": stopper.kept[atlas].double().cpu().numpy(),
         }
     nan = np.full(bank.n_regions, np.nan)
     return {
