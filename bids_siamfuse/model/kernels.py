@@ -14,15 +14,22 @@ function is four kernels that never write a patch:
     per block of layer-2 rows: gather 27 x 8 values from layer 1, (BR x 256) @ (256 x 16), bias,
     ReLU, and the adaptive pooling fused in: the block's (64 x BR) pooling weights times its
     output, a partial of the pooled features (S, R, 16, 64) in float32 (see Determinism);
+    before a backward it also stores layer 2's ReLU mask (int8, 16 per row);
 ``_conv2_bwd``
-    recomputes layer 2's pre-activation, pulls the pooled gradient back through the pooling
-    weights, and accumulates dW2/db2 over its samples in registers (one partial per block,
-    reduced in a fixed order; or one atomic add per block on the non-deterministic path);
-    writes the gradient of the layer-2 patches (BR x 256 per sample);
+    reads that mask, pulls the pooled gradient back through the pooling weights, and
+    accumulates dW2/db2 over its samples in registers (one partial per block, reduced in a
+    fixed order; or one atomic add per block on the non-deterministic path); writes the
+    gradient of the layer-2 patches (BR x 256 per sample);
 ``_conv1_bwd``
     per block of layer-1 rows: sums the patch gradients that read each row (the transposed
-    gather table: at most 8 for kernel 3 / stride 2, no atomics), recomputes layer 1's
-    pre-activation for the ReLU mask and accumulates dW1.
+    gather table: at most 8 for kernel 3 / stride 2, no atomics), takes the ReLU mask from the
+    stored layer 1 and accumulates dW1.
+
+Reading the masks instead of recomputing both pre-activations (a second gather and product
+each) took a training step of 32 subjects from 6.13 to 5.40 ms of GPU time on an H200, with
+bitwise the same gradients (docs/benchmarks.md, fifth session). Blocks of regions that
+:meth:`.siamese.SiameseBank.set_active` marks as stopped compute nothing (their pooled
+features and gradients are 0).
 
 Rows are *ragged*: each region's rows are padded to a multiple of the block size only (no
 buckets), so one launch serves all 116 regions. Padded rows read only the ZERO slot, hence
