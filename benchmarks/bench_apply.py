@@ -8,7 +8,9 @@ times ``FittedModel.predict_proba`` on the held-out 20 % (repeated to ``--subjec
 * per-subject latency (ms) at each ``--batches`` size, on the GPU with the inputs standardized on
   the device (the current path) and, as the baseline measured in the same run, on the host
   (``DEVICE_INPUTS = False``: the previous path, NumPy standardization then a copy);
-* on the CPU with ``--cpu-threads`` threads (the "2 CPU cores" of the issue), batch 1 and 8;
+* on the CPU with ``--cpu-threads`` threads (the "2 CPU cores" of the issue), batch 1 and 8,
+  with the portable engine's samples-last inference layout (current) and its training layout
+  (the baseline, same run);
 * agreement: the largest |probability difference| between the float16 and the float32 bundle
   (the acceptance: 1e-3), on each device, and between the GPU and the CPU.
 
@@ -153,15 +155,25 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     torch.set_num_threads(args.cpu_threads)
     cpu_set = test.subset(np.arange(min(len(test), args.cpu_subjects)))
+    from bids_siamfuse.model import siamese
+
     for dt in ("float32", "float16"):
         m = loaded[dt].model("cpu")
         probs[("cpu", dt)] = m.predict_proba(test)
-        for b in args.cpu_batches:
-            ms = latency(m, cpu_set, b, 1)
-            rows.append({"device": f"cpu ({args.cpu_threads} threads)", "bundle": dt,
-                         "inputs": "host", "batch": b, "ms_per_subject": ms})  # fmt: skip
-            print(f"  cpu ({args.cpu_threads} threads) {dt}: batch {b}: {ms:.1f} ms/subject",
-                  flush=True)  # fmt: skip
+        # the portable engine's samples-last inference layout (current) and, as the baseline
+        # measured in the same run, its training layout (INFERENCE_LAYOUT = False)
+        for layout in ("samples-last", "training"):
+            siamese.INFERENCE_LAYOUT = layout == "samples-last"
+            if layout == "training":
+                probs[("cpu training layout", dt)] = m.predict_proba(test)
+            for b in args.cpu_batches:
+                ms = latency(m, cpu_set, b, 1)
+                rows.append({"device": f"cpu ({args.cpu_threads} threads)", "bundle": dt,
+                             "inputs": "host", "layout": layout, "batch": b,
+                             "ms_per_subject": ms})  # fmt: skip
+                print(f"  cpu ({args.cpu_threads} threads) {dt} {layout} layout: batch {b}: "
+                      f"{ms:.1f} ms/subject", flush=True)  # fmt: skip
+        siamese.INFERENCE_LAYOUT = True
         del m
     agree = {}
     for dev in ("cuda", "cpu"):
@@ -169,6 +181,9 @@ def main(argv=None) -> int:
             agree[f"{dev}: float16 vs float32"] = float(
                 np.abs(probs[(dev, "float16")] - probs[(dev, "float32")]).max()
             )
+    agree["cpu float32: samples-last vs training layout"] = float(
+        np.abs(probs[("cpu", "float32")] - probs[("cpu training layout", "float32")]).max()
+    )
     if ("cuda", "float32") in probs:
         agree["float32: cuda vs cpu"] = float(
             np.abs(probs[("cuda", "float32")] - probs[("cpu", "float32")]).max()

@@ -102,6 +102,24 @@ def test_batched_equals_loop_forward_and_gradients(scatter, arch):
         assert rel(got, want) < 1e-4, name
 
 
+@pytest.mark.parametrize("arch", [SiameseArch(), SiameseArch(pool=2, hidden=64)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_inference_layout_equals_the_loop(arch, n):
+    """Without autograd the portable engine gathers samples-last (``_pooled_inference``): the
+    same embeddings as the per-region loop, for one subject and several, and the same as the
+    training layout."""
+    grid = RegionGrid.from_layout(toy_layout())
+    bank = SiameseBank(grid, arch, generator=torch.Generator().manual_seed(3))
+    bank.fused = False
+    assert len(bank.bucket_slices) > 1  # several buckets, each with its own tables
+    x = torch.randn(2 * n, grid.n_voxels, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = bank(extend(x))
+        ref = bank.to_loop()(crops(grid, x))
+    train_layout = bank(extend(x))  # autograd on: the training layout
+    assert rel(out, ref) < 1e-5 and rel(out, train_layout) < 1e-5
+
+
 def test_state_round_trip_between_engine_and_loop():
     grid = RegionGrid.from_layout(toy_layout())
     bank = SiameseBank(grid, generator=torch.Generator().manual_seed(6))

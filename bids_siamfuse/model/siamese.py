@@ -61,6 +61,10 @@ from .ops import batched_linear
 
 __all__ = ["SiameseArch", "RegionNet", "LoopSiamese", "SiameseBank", "extend", "PARAM_NAMES"]
 
+#: Without autograd the portable engine uses :meth:`SiameseBank._pooled_inference`; False: the
+#: training layout (``benchmarks/bench_apply.py`` measures both in one run)
+INFERENCE_LAYOUT = True
+
 PARAM_NAMES = (
     "conv1.weight",
     "conv1.bias",
@@ -386,6 +390,8 @@ class SiameseBank(nn.Module):
         dtype = dtype or x.dtype
         if self.use_fused(x, dtype):
             return self._fused_pooled(x, dtype)
+        if INFERENCE_LAYOUT and not torch.is_grad_enabled():
+            return self._pooled_inference(x, dtype)
         s_count = x.shape[0]
         c1, c2 = self.arch.channels
         k3 = self.arch.kernel**3
@@ -417,6 +423,56 @@ class SiameseBank(nn.Module):
             h2 = F.relu(torch.baddbmm(b2_all[sl].to(dtype).unsqueeze(1), p2, w2))
             # adaptive average pooling: (m, S * c2, rows2) @ (m, rows2, pool^3)
             h2 = h2.view(m, s_count, r2, c2).transpose(2, 3).reshape(m, s_count * c2, r2)
+            pooled = torch.bmm(h2, getattr(self, f"pool_{i}").to(dtype))
+            outs.append(pooled.view(m, s_count, c2 * self.arch.pool**3))
+        return torch.cat(outs, dim=0).transpose(0, 1)
+
+    def _inference_tables(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket ``i``'s gathers reordered for :meth:`_pooled_inference` (built once per
+        bucket and device from the training gathers): layer 1 (m, K, rows1) into the data's
+        voxels, layer 2 (m, taps, c1, rows2) into layer 1 stored (m, c1, rows1)."""
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        g1 = getattr(self, f"g1_{i}")
+        key = (i, str(g1.device))
+        if key not in cache:
+            _, m, r1, r2 = self.bucket_slices[i]
+            c1, k3 = self.arch.channels[0], self.arch.kernel**3
+            t1 = g1.view(m, r1, k3 + 1).transpose(1, 2).reshape(-1)
+            g2 = getattr(self, f"g2_{i}").view(m, r2, k3).long()
+            rows = (g2 // r1) * (c1 * r1) + g2 % r1  # layer-1 row in the (m, c1, r1) layout
+            chan = torch.arange(c1, device=g2.device).view(1, 1, c1, 1) * r1
+            t2 = (rows.transpose(1, 2).unsqueeze(2) + chan).reshape(-1).to(g1.dtype)
+            cache[key] = (t1, t2)
+        return cache[key]
+
+    def _pooled_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`pooled` without autograd, laid out for the products: the samples are the
+        fastest axis of every gathered tensor, so each gather copies rows of S values and
+        lands directly in the layout its product reads (the training path transposes both
+        patch tensors: 27 % of a 4-subject forward on 2 CPU cores went to those copies and 39
+        % to scalar gathers; docs/benchmarks.md). Same products up to float rounding."""
+        s_count = x.shape[0]
+        c1, c2 = self.arch.channels
+        k3 = self.arch.kernel**3
+        xt = x.to(dtype).t().contiguous()  # (V + 2, S)
+        outs = []
+        for i, (start, m, r1, r2) in enumerate(self.bucket_slices):
+            sl = slice(start, start + m)
+            t1, t2 = self._inference_tables(i)
+            w1 = torch.cat(
+                [
+                    self.param("conv1.weight")[sl].reshape(m, c1, k3),
+                    self.param("conv1.bias")[sl].unsqueeze(2),
+                ],
+                2,
+            ).to(dtype)  # (m, c1, K)
+            p1 = xt.index_select(0, t1).view(m, k3 + 1, r1 * s_count)
+            h1 = torch.bmm(w1, p1).relu_()  # (m, c1, r1 * S); padded rows exactly 0
+            p2 = h1.view(m * c1 * r1, s_count).index_select(0, t2)
+            w2 = self.param("conv2.weight")[sl].permute(0, 1, 3, 4, 5, 2).reshape(m, c2, -1)
+            b2 = self.param("conv2.bias")[sl].to(dtype).unsqueeze(2)
+            h2 = torch.baddbmm(b2, w2.to(dtype), p2.view(m, k3 * c1, r2 * s_count)).relu_()
+            h2 = h2.view(m, c2, r2, s_count).permute(0, 3, 1, 2).reshape(m, s_count * c2, r2)
             pooled = torch.bmm(h2, getattr(self, f"pool_{i}").to(dtype))
             outs.append(pooled.view(m, s_count, c2 * self.arch.pool**3))
         return torch.cat(outs, dim=0).transpose(0, 1)
