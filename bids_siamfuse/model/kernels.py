@@ -279,14 +279,16 @@ def _conv2_fwd(
 
 @triton.jit
 def _conv2_bwd(
-    h_ptr, n_rows1, tab_ptr, blk_ptr, act_ptr, w_ptr, b_ptr, pool_ptr, dout_ptr, m_ptr, dp_ptr,
-    dw_ptr, db_ptr, n_rows2, S, R,
+    h_ptr, n_rows1, tab_ptr, blk_ptr, act_ptr, w_ptr, pool_ptr, dout_ptr, m_ptr, dp_ptr, dw_ptr,
+    db_ptr, n_rows2, S, R,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     C2: tl.constexpr, P3: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
     # DET: dw_ptr/db_ptr are (blocks, sample groups, ...) partial buffers (see _segment_sum)
     pid, s0, region, rows, S = _block(blk_ptr, act_ptr, S, BR, SB)
-    k, c2, p3, offs, w, b = _conv2_operands(tab_ptr, w_ptr, b_ptr, rows, region, TAPS, C1, C2, P3)
+    # the pre-activation is not recomputed (the mask comes from the forward): no operands of
+    # _conv2_operands but its ranges
+    k, c2, p3 = tl.arange(0, TAPS * C1), tl.arange(0, C2), tl.arange(0, P3)
     idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + (k // C1)[:, None]).to(tl.int64)
     offs_t = idx_t * C1 + (k % C1)[:, None]  # (256, BR)
     w_t = tl.load(w_ptr + region * TAPS * C1 * C2 + k[None, :] * C2 + c2[:, None])  # (C2, 256)
@@ -317,13 +319,13 @@ def _conv2_bwd(
 
 @triton.jit
 def _conv1_bwd(
-    x_ptr, x_stride, tab_ptr, blk_ptr, act_ptr, w_ptr, h_ptr, n_rows1, sc_ptr, dp_ptr, n_rows2,
-    dw_ptr, S,
+    x_ptr, x_stride, tab_ptr, blk_ptr, act_ptr, h_ptr, n_rows1, sc_ptr, dp_ptr, n_rows2, dw_ptr,
+    S,
     BR: tl.constexpr, SB: tl.constexpr, TAPS: tl.constexpr, C1: tl.constexpr,
     NP: tl.constexpr, SCW: tl.constexpr, DET: tl.constexpr,
 ):  # fmt: skip
     pid, s0, region, rows, S = _block(blk_ptr, act_ptr, S, BR, SB)
-    taps, cols, idx, w = _conv1_operands(tab_ptr, w_ptr, rows, region, TAPS, NP)  # idx (BR, TAPS)
+    taps, cols = tl.arange(0, TAPS), tl.arange(0, NP)  # (the mask comes from the forward)
     idx_t = tl.load(tab_ptr + rows[None, :] * TAPS + taps[:, None]).to(tl.int64)  # (TAPS, BR)
     sc = tl.load(sc_ptr + rows[:, None] * SCW + tl.arange(0, SCW)[None, :]).to(tl.int64)
     dp_offs = sc[:, :, None] * C1 + cols[None, None, :]  # (BR, SCW, NP)
@@ -462,13 +464,12 @@ class FusedConvs(torch.autograd.Function):
             dw1 = torch.zeros(w1.shape, device=dev, dtype=torch.float32)
         dp = torch.empty((s_count, t.rows2, TAPS * C1), device=dev, dtype=x.dtype)
         _conv2_bwd[(n_blk2, n_sg)](
-            h1, t.rows1, t.tab2, t.blk2, active, w2, b2, t.pool2, dpooled, m2, dp, dw2, db2,
-            t.rows2, s_count, n_regions,
+            h1, t.rows1, t.tab2, t.blk2, active, w2, t.pool2, dpooled, m2, dp, dw2, db2, t.rows2,
+            s_count, n_regions,
             BR=BR2, SB=SB, TAPS=TAPS, C1=C1, C2=C2, P3=t.pool3, DET=det, num_warps=4,
         )  # fmt: skip
         _conv1_bwd[(n_blk1, n_sg)](
-            x, x.stride(0), t.tab1, t.blk1, active, w1, h1, t.rows1, t.sc1, dp, t.rows2, dw1,
-            s_count,
+            x, x.stride(0), t.tab1, t.blk1, active, h1, t.rows1, t.sc1, dp, t.rows2, dw1, s_count,
             BR=BR1, SB=SB, TAPS=TAPS, C1=C1, NP=NP1, SCW=t.sc1.shape[1], DET=det,
             num_warps=4,
         )  # fmt: skip

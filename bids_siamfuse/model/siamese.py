@@ -263,6 +263,7 @@ class SiameseBank(nn.Module):
             "active", torch.ones(self.n_regions, dtype=torch.int32), persistent=False
         )
         self.bucket_slices = []
+        self._inference_cache: dict = {}  # (bucket, device) -> _inference_tables
         for i, b in enumerate(geom.buckets):
             for name, table in (("g1", b.gather1), ("g2", b.gather2), ("s2", b.scatter2)):
                 index = torch.as_tensor(table.reshape(-1)).to(index_dtype)
@@ -431,7 +432,7 @@ class SiameseBank(nn.Module):
         """Bucket ``i``'s gathers reordered for :meth:`_pooled_inference` (built once per
         bucket and device from the training gathers): layer 1 (m, K, rows1) into the data's
         voxels, layer 2 (m, taps, c1, rows2) into layer 1 stored (m, c1, rows1)."""
-        cache = self.__dict__.setdefault("_inference_cache", {})
+        cache = self._inference_cache
         g1 = getattr(self, f"g1_{i}")
         key = (i, str(g1.device))
         if key not in cache:
