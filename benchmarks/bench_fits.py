@@ -9,10 +9,12 @@ Subcommands (the seed file comes from ``bench_group.py seed``; CUDA unless ``--d
     (quantiles) and the phases timed with device syncs (``bench_train.PhaseTimer``). The first
     fold of a process includes Triton compilation and graph capture.
 ``save``
-    the same fits; writes the held-out probabilities of the model and of every ablation and
-    the regions' kept epochs to an .npz. ``--no-skip`` disables ``SiameseBank.set_active`` (every
-    region computed until the fit ends): two files, one with and one without, compare equal
-    when skipping stopped regions changes nothing.
+    the same fits; writes the held-out probabilities of the model and of every ablation, the
+    regions' kept epochs and the history's losses to an .npz. ``--no-skip`` disables
+    ``SiameseBank.set_active`` (every region computed until the fit ends): two files, one
+    with and one without, compare equal when skipping stopped regions changes nothing.
+    ``--no-row-adam`` (either subcommand): torch's Adam over every region inside the graph
+    instead of ``siamese_stage._RowAdam``.
 ``grads``
     one bfloat16 forward/backward of the bank on the AAL grid (32 random subjects, fused
     kernels); writes the output and the 8 parameter gradients to a .pt file: run it with two
@@ -82,6 +84,9 @@ def _fits(args, record=None):
         if record is not None:
             record[f"prob{k}"] = prob
             record[f"stop{k}"] = stop
+            record[f"history{k}"] = np.array(
+                [[h["epoch"], h["train_loss"], h["val_loss"]] for h in model.history]
+            )
             for name, value in ablations.items():
                 record[f"ablation{k}_{name}"] = np.asarray(value)
     if phases is not None:
@@ -139,6 +144,11 @@ def main(argv=None) -> int:
             p.add_argument("--no-skip", action="store_true", help="compute stopped regions")
         p.add_argument("--folds-run", type=int, default=3)
         p.add_argument("--device", default="cuda")
+        p.add_argument(
+            "--no-row-adam",
+            action="store_true",
+            help="torch's Adam over every region inside the graph (siamese_stage.ROW_ADAM)",
+        )
     p = sub.add_parser("grads")
     p.add_argument("layout")
     p.add_argument("out")
@@ -147,6 +157,10 @@ def main(argv=None) -> int:
     p.add_argument("a")
     p.add_argument("b")
     args = ap.parse_args(argv)
+    if getattr(args, "no_row_adam", False):
+        from bids_siamfuse.model import siamese_stage
+
+        siamese_stage.ROW_ADAM = False
     if args.command == "phases":
         _fits(args)
         return 0

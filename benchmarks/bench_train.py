@@ -320,6 +320,12 @@ class PhaseTimer:
         self.device, self.totals, self.saved = device, {}, []
         targets = [(train_mod, n) for n in self.NAMES if hasattr(train_mod, n)]
         targets += [(data_mod.Standardizer, "fit"), (data_mod.Standardizer, "transform")]
+        targets += [
+            (data_mod.Standardizer, n)
+            for n in ("fit_tensors",)
+            if hasattr(data_mod.Standardizer, n)
+        ]
+        targets += [(train_mod, n) for n in ("_new_bank",) if hasattr(train_mod, n)]
         if hasattr(train_mod, "_Inputs"):
             targets.append((train_mod._Inputs, "tensors"))
         for owner, name in targets:

@@ -466,3 +466,169 @@ def test_early_stopping_keeps_each_regions_own_snapshot(cohort, seed):
         for name in ("conv1.weight", "fc1.weight"):
             trained = not torch.equal(after[name][a], before[name][a])
             assert trained == (epoch > 0), (a, name, int(epoch))
+
+
+def _attention_reference(att, emb_tr, y_tr, emb_va, y_va, config, generator, history):
+    """The attention stage as it was until 2026-12: decided on the host after every epoch."""
+    import math
+
+    import torch.nn.functional as F
+
+    from bids_siamfuse.model.attention_stage import _AttentionStep
+    from bids_siamfuse.model.options import _emit, step_batch
+
+    counts = torch.bincount(y_tr, minlength=att.n_classes).float()
+    weight = torch.where(counts > 0, counts.sum() / (att.n_classes * counts.clamp(min=1)), 0.0)
+    n = emb_tr.shape[0]
+    bs = step_batch(config.batch_size, n)
+    step = _AttentionStep(att, emb_tr, y_tr, weight, config.learning_rate, bs)
+    best, best_epoch, stale = math.inf, 0, 0
+    best_state = {k: v.detach().clone() for k, v in att.state_dict().items()}
+    for epoch in range(1, config.epochs + 1):
+        att.train()
+        perm = torch.randperm(n, generator=generator)
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs]
+            total += step(idx).double() * idx.numel()
+        total = float(total)
+        att.eval()
+        if emb_va.shape[0]:
+            with torch.no_grad():
+                val = float(F.cross_entropy(att(emb_va), y_va, weight=weight))
+        else:
+            val = float("nan")
+        _emit(
+            config,
+            history,
+            {"stage": "attention", "epoch": epoch, "train_loss": total / n, "val_loss": val},
+        )
+        if not emb_va.shape[0]:
+            best_epoch = epoch
+            continue
+        if val < best:
+            best, best_epoch, stale = val, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in att.state_dict().items()}
+        else:
+            stale += 1
+        if best < config.early_stop_loss or stale >= config.patience:
+            break
+    if emb_va.shape[0]:
+        att.load_state_dict(best_state)
+    att.eval()
+    return best_epoch
+
+
+@pytest.mark.parametrize(
+    "patience, stop_loss, n_val", [(3, 0.01, 12), (50, 0.01, 12), (4, 0.6, 12), (3, 0.01, 0)]
+)
+def test_attention_stage_decides_on_the_device_as_the_host_did(patience, stop_loss, n_val):
+    """Epochs in chunks, early stopping on the device, the generator rewound to the stop: the
+    same head, kept epoch, history and generator state as the per-epoch host loop, for every
+    chunk size (stops by patience, by the loss threshold, at the epoch limit, no validation)."""
+    from bids_siamfuse.model.attention import AttentionClassifier
+    from bids_siamfuse.model.attention_stage import train_attention
+
+    g = torch.Generator().manual_seed(5)
+    n_tr, regions = 40, 6
+    y = torch.arange(n_tr + n_val) % 2
+    emb = torch.randn(n_tr + n_val, regions, 8, generator=g) + 0.4 * y.view(-1, 1, 1)
+    config = TrainConfig(
+        epochs=30, patience=patience, early_stop_loss=stop_loss, batch_size=16, learning_rate=3e-2
+    )
+    results = []
+    for chunk in (None, 1, 3, 8, 64):
+        torch.manual_seed(0)
+        att = AttentionClassifier(regions, 8, 2, 16)
+        att.fit_scaling(emb[:n_tr])
+        gen = torch.Generator().manual_seed(11)
+        history: list = []
+        args = (att, emb[:n_tr], y[:n_tr], emb[n_tr:], y[n_tr:], config, gen, history)
+        if chunk is None:
+            epoch = _attention_reference(*args)
+        else:
+            epoch = train_attention(*args, chunk=chunk)
+        results.append((epoch, history, att.state_dict(), torch.rand(3, generator=gen)))
+    ref_epoch, ref_history, ref_state, ref_next = results[0]
+    # patience 3: stops at epoch 12 (kept 9); loss threshold 0.6: stops at epoch 4
+    assert len(ref_history) == {3: 12, 4: 4, 50: 30}[patience] or n_val == 0
+    for epoch, history, state, next_draw in results[1:]:
+        assert epoch == ref_epoch
+        assert json.dumps(history) == json.dumps(ref_history)
+        for k, v in ref_state.items():
+            assert torch.equal(state[k], v), k
+        assert torch.equal(next_draw, ref_next)
+
+
+def test_row_adam_is_torchs_fused_adam_on_the_rows_still_training():
+    """The regions' optimizer: rows that train get bit for bit torch's fused Adam (CPU kernel
+    here, the CUDA one on the GPU), rows switched off keep their values."""
+    from bids_siamfuse.model.siamese_stage import _RowAdam
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 3, 5), (7, 4)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    mine = [torch.nn.Parameter(t.clone()) for t in start]
+    torch_adam = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    row_adam = _RowAdam(mine, lr=1e-2)
+    running = np.array([True, False, True, True, False, False, True])
+    frozen = None
+    for k in range(6):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, q, gr in zip(ref, mine, grads, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        torch_adam.step()
+        if k == 2:  # from the fourth step on, only some rows train
+            row_adam.set_rows(running)
+            frozen = [q.detach().clone() for q in mine]
+        row_adam.step()
+    for p, q, f in zip(ref, mine, frozen, strict=True):
+        assert torch.equal(q[running], p[running])
+        assert torch.equal(q[~running], f[~running])
+        assert not torch.equal(p[~running], f[~running])
+    row_adam.set_rows(np.zeros(7, dtype=bool))
+    before = [q.detach().clone() for q in mine]
+    row_adam.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, mine, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_adam_fits_the_same_model_as_adam_over_every_region(cohort, split, monkeypatch):
+    """CUDA: Adam over the regions still training (after the graph replay) and torch's Adam
+    over every region (inside the graph) fit identical models."""
+    from bids_siamfuse.model import siamese_stage
+
+    train, test = cohort.subset(split[0]), cohort.subset(split[1])
+    config = TrainConfig(device="cuda", epochs=25, patience=4, seed=1)
+    out = []
+    for row_adam in (False, True):
+        monkeypatch.setattr(siamese_stage, "ROW_ADAM", row_adam)
+        model = fit(train, config)
+        out.append((model.predict_proba(test), model.info["siamese_stop_epochs"], model.history))
+    assert np.array_equal(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1] and len(set(out[0][1])) > 1  # regions stopped apart
+    assert json.dumps(out[0][2]) == json.dumps(out[1][2])
+
+
+def test_prefetched_initial_weights_fit_the_same_model(cohort, split):
+    """Initial weights drawn ahead on a host thread (``train.prefetch``, as run_tasks does for
+    its next task) give the model drawn in the fit; a prefetch for another seed is ignored."""
+    from bids_siamfuse.model import train as train_mod
+
+    data = cohort.subset(split[0])
+    config = TrainConfig(epochs=3, seed=4, sloppy=True)
+    plain = fit(data, config)
+    train_mod.prefetch(data.layout, config)
+    assert train_mod._PREFETCHED
+    ahead = fit(data, config)
+    assert not train_mod._PREFETCHED  # taken by the fit
+    train_mod.prefetch(data.layout, TrainConfig(epochs=3, seed=5, sloppy=True))
+    other = fit(data, config)
+    train_mod._PREFETCHED.clear()
+    test = cohort.subset(split[1])
+    for model in (ahead, other):
+        assert np.array_equal(model.predict_proba(test), plain.predict_proba(test))
+        for name, value in plain.bank.region_state().items():
+            assert torch.equal(model.bank.region_state()[name], value)

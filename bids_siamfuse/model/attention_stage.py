@@ -103,6 +103,77 @@ class _AttentionStep(GraphedStep):
         return loss.detach()
 
 
+#: Epochs an attention head runs between two reads of its losses on the host. Early stopping
+#: is decided on the device (the same comparisons as on the host, in float64), the
+#: generator's state is rewound to the epoch that stopped, and the epochs run past the stop
+#: are dropped: the same head, history and generator as deciding after every epoch
+#: (``tests/test_model_train.py``).
+ATTENTION_CHUNK = 8
+
+
+@torch.no_grad()
+def _track_best(val, epoch, best, best_epoch, stale, done, best_state, live, config):
+    """One epoch of the early stopping on device tensors, in place: the head's state is kept
+    when ``val`` improves on ``best`` (before ``done``); ``done`` once the best loss is below
+    ``early_stop_loss`` or ``patience`` epochs passed without an improvement."""
+    v = val.double()  # float32 -> float64 is exact: the host compared these Python floats
+    improved = (v < best) & ~done
+    best.copy_(torch.where(improved, v, best))
+    best_epoch.copy_(torch.where(improved, epoch, best_epoch))
+    stale.copy_(torch.where(improved, 0, stale + 1))
+    for kept, current in zip(best_state, live, strict=True):
+        kept.copy_(torch.where(improved, current, kept))
+    done |= (best < config.early_stop_loss) | (stale >= config.patience)
+
+
+class _AttentionEpoch(GraphedStep):
+    """One epoch of an attention head on a permutation of its training rows (device tensor):
+    the Adam steps, the validation loss and the early stopping's bookkeeping
+    (:func:`_track_best`), all on the device; returns (training loss sum, validation loss,
+    done) as float64.
+
+    A head is small (a few thousand to 500k weights): its step is ~40 short kernels and an
+    epoch a few hundred, so the stage was bound by launching them (1.0-1.6 s of a 4.5-5 s CV
+    fit for six heads on an H200, docs/benchmarks.md), not by the GPU. On CUDA the whole
+    epoch is one captured graph, replayed from the second epoch on (the first runs eagerly on
+    a side stream: the same kernels).
+    """
+
+    WHAT = "attention"
+    WARMUP = 1
+
+    def __init__(self, step: _AttentionStep, x_va, y_va, tracking, config):
+        self.step, self.x_va, self.y_va = step, x_va, y_va
+        self.tracking, self.config = tracking, config
+        self.opt = step.opt
+        device = step.x.device
+        self.n = step.x.shape[0]
+        self.epoch = torch.zeros((), dtype=torch.long, device=device)
+        self._setup_graph(device, self.n, device.type == "cuda")
+
+    def __call__(self, perm: torch.Tensor, epoch: int) -> torch.Tensor:
+        self.epoch.fill_(epoch)
+        return super().__call__(perm)
+
+    def _eager(self, perm):
+        bs = self.step.batch_size
+        att = self.step.att
+        att.train()
+        # summed on the device in float64 (the same sum as Python floats)
+        total = torch.zeros((), dtype=torch.float64, device=perm.device)
+        for start in range(0, self.n, bs):
+            idx = perm[start : start + bs]
+            total += self.step._eager(idx).double() * idx.numel()
+        att.eval()
+        if not self.x_va.shape[0]:
+            return torch.stack([total, torch.full_like(total, math.nan), torch.zeros_like(total)])
+        with torch.no_grad():
+            val = F.cross_entropy(att(self.x_va), self.y_va, weight=self.step.weight)
+        done = self.tracking[3]
+        _track_best(val, self.epoch, *self.tracking, self.config)
+        return torch.stack([total, val.double(), done.double()])
+
+
 def train_attention(
     att: AttentionClassifier,
     emb_tr: torch.Tensor,
@@ -112,48 +183,58 @@ def train_attention(
     config: TrainConfig,
     generator: torch.Generator,
     history: list,
+    chunk: int = ATTENTION_CHUNK,
 ) -> int:
-    """Stage 2 (see the module docstring); returns the kept epoch."""
+    """Stage 2 (see the module docstring); returns the kept epoch.
+
+    Per epoch: a permutation of the training rows from ``generator``, Adam steps of
+    ``step_batch`` rows, the class-weighted validation loss; the state of the epoch with the
+    lowest validation loss is kept, and training stops once that loss is below
+    ``early_stop_loss`` or has not improved for ``patience`` epochs. ``chunk`` epochs run
+    between two reads on the host (:data:`ATTENTION_CHUNK`); the result does not depend on it.
+    """
     device = emb_tr.device
     counts = torch.bincount(y_tr, minlength=att.n_classes).float()
     weight = torch.where(counts > 0, counts.sum() / (att.n_classes * counts.clamp(min=1)), 0.0)
     n = emb_tr.shape[0]
     bs = step_batch(config.batch_size, n)
     step = _AttentionStep(att, emb_tr, y_tr, weight, config.learning_rate, bs)
-    best, best_epoch, stale = math.inf, 0, 0
-    best_state = {k: v.detach().clone() for k, v in att.state_dict().items()}
-    for epoch in range(1, config.epochs + 1):
-        att.train()
-        perm = torch.randperm(n, generator=generator).to(device)
-        # summed on the device in float64 (the same sum as Python floats) and read once per
-        # epoch: a read per step made the host wait for the GPU ~2600 times per 200-epoch head
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, n, bs):
-            idx = perm[start : start + bs]
-            total += step(idx).double() * idx.numel()
-        total = float(total)
-        att.eval()
-        if emb_va.shape[0]:
-            with torch.no_grad():
-                val = float(F.cross_entropy(att(emb_va), y_va, weight=weight))
-        else:
-            val = float("nan")
-        _emit(
-            config,
-            history,
-            {"stage": "attention", "epoch": epoch, "train_loss": total / n, "val_loss": val},
-        )
-        if not emb_va.shape[0]:
-            best_epoch = epoch
-            continue
-        if val < best:
-            best, best_epoch, stale = val, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in att.state_dict().items()}
-        else:
-            stale += 1
-        if best < config.early_stop_loss or stale >= config.patience:
-            break
-    if emb_va.shape[0]:
-        att.load_state_dict(best_state)
+    validate = bool(emb_va.shape[0])
+    live = list(att.state_dict().values())  # aliases of the head's tensors
+    best_state = [v.detach().clone() for v in live]
+    tracking = (
+        torch.full((), math.inf, dtype=torch.float64, device=device),  # best validation loss
+        torch.zeros((), dtype=torch.long, device=device),  # its epoch
+        torch.zeros((), dtype=torch.long, device=device),  # epochs since
+        torch.zeros((), dtype=torch.bool, device=device),  # done
+        best_state,
+        live,
+    )
+    run_epoch = _AttentionEpoch(step, emb_va, y_va, tracking, config)
+    epoch, stopped = 0, False
+    while epoch < config.epochs and not stopped:
+        epochs = range(epoch + 1, min(epoch + max(1, chunk), config.epochs) + 1)
+        states, perms = [], []
+        for _ in epochs:
+            states.append(generator.get_state())
+            perms.append(torch.randperm(n, generator=generator))
+        states.append(generator.get_state())
+        perms = torch.stack(perms).to(device)
+        rows = torch.stack([run_epoch(perms[j], e) for j, e in enumerate(epochs)]).tolist()
+        for (total, val, done), e, state in zip(rows, epochs, states[1:], strict=True):
+            row = {"stage": "attention", "epoch": e, "train_loss": total / n}
+            _emit(config, history, {**row, "val_loss": val})
+            epoch = e
+            if done:
+                # the epochs after the stop ran on permutations the host loop never drew
+                generator.set_state(state)
+                stopped = True
+                break
+    del run_epoch  # its graph and memory pool
     att.eval()
-    return best_epoch
+    if not validate:
+        return epoch
+    with torch.no_grad():
+        for current, kept in zip(live, best_state, strict=True):
+            current.copy_(kept)
+    return int(tracking[1])

@@ -194,7 +194,10 @@ class FittedModel:
         config = TrainConfig(**cfg)
         arch = SiameseArch.from_dict(meta["architecture"])
         dev = torch.device(device)
-        bank = SiameseBank(coarsen(RegionGrid.from_layout(layout), arch.downsample)[0], arch)
+        grid = coarsen(RegionGrid.from_layout(layout), arch.downsample)[0]
+        # the stored weights replace the initial ones: nothing to draw (125M values, 0.6 s)
+        blank = {n: torch.zeros(shape) for n, shape in arch.shapes(grid.n_regions).items()}
+        bank = SiameseBank(grid, arch, uniforms=blank)
         bank.deterministic = config.deterministic
         bank.load_region_state(
             {n: torch.as_tensor(np.asarray(tensors[f"siamese.{n}"])) for n in PARAM_NAMES}

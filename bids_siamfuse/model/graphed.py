@@ -34,6 +34,14 @@ class GraphedStep:
         """One real step on ``idx``; returns the loss(es) before the step (detached)."""
         raise NotImplementedError
 
+    def _captured(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the graph records (default: the whole step); :meth:`_replayed` runs the rest
+        eagerly after every replay."""
+        return self._eager(idx)
+
+    def _replayed(self) -> None:
+        """The part of a step run eagerly after each replay (default: none)."""
+
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if not self.graphs or idx.numel() != self.batch_size:
             return self._eager(idx)
@@ -51,7 +59,7 @@ class GraphedStep:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    self.static_out = self._eager(self.static_idx)
+                    self.static_out = self._captured(self.static_idx)
             except RuntimeError as exc:  # capture unsupported here: stay eager
                 warnings.warn(
                     f"CUDA graph capture failed ({exc}); {self.WHAT} without graphs",
@@ -63,4 +71,5 @@ class GraphedStep:
             self.graph = graph
         self.static_idx.copy_(idx)
         self.graph.replay()
+        self._replayed()
         return self.static_out.clone()

@@ -145,6 +145,93 @@ class _RegionEarlyStop:
             p.copy_(b)
 
 
+#: Adam updates only the regions still training (CUDA; :class:`_RowAdam`). A stopped region's
+#: weights are restored from its snapshot when the stage ends, so updating them changes
+#: nothing; the fused optimizer over all 125M parameters was 1.29 ms of a 5.4 ms step while
+#: half of the regions stop by epoch ~30 of 70-100 (docs/benchmarks.md). ``False`` gives back
+#: torch's optimizer inside the captured graph (benchmarks).
+ROW_ADAM = True
+
+
+class _RowAdam:
+    """Adam over the rows (regions) of stacked parameters that are still training: torch's
+    fused Adam kernel (``torch._fused_adam_``, as ``torch.optim.Adam(fused=True)`` runs it:
+    the same arithmetic per element, one float32 step count) on row views of the parameters,
+    gradients and moments. Bit for bit ``torch.optim.Adam(fused=True)`` on those rows
+    (``tests/test_model_train.py``); the other rows are left as they are."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps = float(lr), betas, float(eps)
+
+        def zeros():
+            return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+
+        self.exp_avg, self.exp_avg_sq = zeros(), zeros()
+        self.step_count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
+        self.runs: list[tuple[int, int]] | None = None  # row ranges; None: every row
+        self._views = None
+        self._grads = (None, None)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def set_rows(self, rows) -> None:
+        """Which rows (bool (R,), host) are updated from now on; ``None``: all."""
+        if rows is None:
+            self.runs = None
+        else:
+            rows = np.asarray(rows, dtype=bool)
+            flips = np.diff(np.concatenate([[False], rows, [False]]).astype(np.int8))
+            edges = np.flatnonzero(flips)
+            self.runs = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+        # row views, made once per change: slicing hundreds of views per step cost more host
+        # time than the GPU spent on the step
+        self._views = [self._rows_of(t) for t in (self.params, self.exp_avg, self.exp_avg_sq)]
+        self._grads = (None, None)
+
+    def _rows_of(self, tensors) -> list:
+        if self.runs is None:
+            return list(tensors)
+        return [t[a:b] for t in tensors for a, b in self.runs]
+
+    @torch.no_grad()
+    def step(self, grads=None) -> None:
+        """One Adam step of the selected rows on ``grads`` (default: the parameters' .grad);
+        the same list object in every call (a graph's gradients) reuses its row views."""
+        if self._views is None:
+            self.set_rows(None)
+        if grads is None:
+            grad_rows = self._rows_of([p.grad for p in self.params])
+        elif self._grads[0] is grads:
+            grad_rows = self._grads[1]
+        else:
+            grad_rows = self._rows_of(grads)
+            self._grads = (grads, grad_rows)
+        params, exp_avg, exp_avg_sq = self._views
+        self.step_count.add_(1)
+        if not params:
+            return
+        torch._fused_adam_(
+            params,
+            grad_rows,
+            exp_avg,
+            exp_avg_sq,
+            [],
+            [self.step_count] * len(params),
+            amsgrad=False,
+            lr=self.lr,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            weight_decay=0,
+            eps=self.eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+
 class SiameseStep(GraphedStep):
     """One optimizer step of all region networks on a batch of subject indices.
 
@@ -159,20 +246,55 @@ class SiameseStep(GraphedStep):
         self.bank, self.xm, self.xp, self.t, self.dtype = bank, xm, xp, t, dtype
         self.params = [bank.param(n) for n in PARAM_NAMES]
         graphs = bool(graphs) and xm.device.type == "cuda"
-        if xm.device.type == "cuda":
+        self.row_adam = ROW_ADAM and xm.device.type == "cuda"
+        if self.row_adam:
+            self.opt = _RowAdam(self.params, lr=lr)
+        elif xm.device.type == "cuda":
             self.opt = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=graphs)
         else:
             self.opt = torch.optim.Adam(self.params, lr=lr, foreach=True)
+        self.static_grads = None
+        self._rows = None
         self._setup_graph(xm.device, batch_size, graphs)
 
-    def _eager(self, idx: torch.Tensor) -> torch.Tensor:
+    def set_running(self, running) -> None:
+        """The regions (engine order, bool (R,) on the host) that Adam still updates."""
+        if not self.row_adam:
+            return
+        rows = None if running is None or running.all() else np.asarray(running, dtype=bool)
+        if rows is None and self.opt.runs is None:
+            return
+        if rows is not None and self._rows is not None and np.array_equal(rows, self._rows):
+            return
+        self._rows = rows
+        self.opt.set_rows(rows)
+
+    def _forward_backward(self, idx: torch.Tensor) -> torch.Tensor:
         b = idx.numel()
         out = self.bank(_batch(self.xm, self.xp, idx), self.dtype)
         losses = siamese_loss(out[:, :b], out[:, b:], self.t.index_select(0, idx))
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()
-        self.opt.step()
         return losses.detach()
+
+    def _eager(self, idx: torch.Tensor) -> torch.Tensor:
+        losses = self._forward_backward(idx)
+        self.opt.step()
+        return losses
+
+    def _captured(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.row_adam:
+            return self._eager(idx)
+        # the graph holds forward and backward; Adam runs after each replay over the rows of
+        # the regions still training (they change from epoch to epoch), on the gradients the
+        # graph writes (an eager partial batch may have replaced the parameters' .grad since)
+        losses = self._forward_backward(idx)
+        self.static_grads = [p.grad for p in self.params]
+        return losses
+
+    def _replayed(self) -> None:
+        if self.row_adam:
+            self.opt.step(self.static_grads)
 
 
 def train_siamese(
@@ -235,6 +357,7 @@ def train_siamese(
                 frozen_train, frozen_val = train_loss, val
                 running = ~stopper.done
                 bank.set_active(running)
+                step.set_running(running.cpu().numpy())
             else:
                 finished, val_mean = False, float("nan")
             _emit(

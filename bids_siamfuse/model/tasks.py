@@ -101,6 +101,15 @@ def default_config() -> TrainConfig:
     return TrainConfig()
 
 
+def task_config(
+    config: TrainConfig, task: Task, device: str, progress: Callable | None = None
+) -> TrainConfig:
+    """The configuration a task's fit runs with: its seed, device, progress, ablations."""
+    return dataclasses.replace(
+        config, seed=task.seed, device=device, progress=progress, ablations=task.ablations
+    )
+
+
 def run_task(
     data: RegionDataset,
     task: Task,
@@ -115,10 +124,7 @@ def run_task(
     labels = data.labels if task.labels is None else task.labels
     full = dataclasses.replace(data, labels=labels) if task.labels is not None else data
     train = full.subset(task.train_index)
-    config = dataclasses.replace(
-        config, seed=task.seed, device=device, progress=progress, ablations=task.ablations
-    )
-    model = fit(train, config)
+    model = fit(train, task_config(config, task, device, progress))
     out: dict = {"key": task.key}
     if task.kind == KIND_FINAL:
         tensors, meta = model.state()

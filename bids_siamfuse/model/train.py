@@ -31,8 +31,9 @@ What :func:`fit` does, seeing nothing but ``train``
        keeps its untrained weights rather than a state that memorised the training subjects,
        which made the attention stage trust features that separate the training subjects and
        nobody else (first two folds of a 32-subject strong-effect sloppy CV: balanced accuracy
-       0.60/0.90 without the gate, 0.90/1.00 with it). Stopped regions keep being computed (one
-       batched computation) but no longer change their kept weights. History rows hold the
+       0.60/0.90 without the gate, 0.90/1.00 with it). Stopped regions keep their kept weights;
+       on CUDA the fused kernels and Adam skip them (``SiameseBank.set_active``,
+       ``siamese_stage._RowAdam``: the same result as computing them). History rows hold the
        means over regions; ``FittedModel.info`` has each region's kept epoch.
     4. Embeds both parts (R x 40 per subject) and trains the attention module
        (:mod:`.attention`) on the training part with Adam (L2 weight decay
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -71,7 +73,7 @@ from .options import (
     architecture,
     split_validation,
 )
-from .siamese import SiameseBank
+from .siamese import SiameseBank, draw_region_uniforms
 from .siamese_stage import train_siamese
 
 __all__ = [
@@ -83,6 +85,40 @@ __all__ = [
     "SLOPPY_PATIENCE",
     "FORMAT",
 ]
+
+
+def _new_bank(grid, arch, generator, device, uniforms=None) -> SiameseBank:
+    return SiameseBank(grid, arch, generator=generator, uniforms=uniforms, device=device).to(
+        device
+    )
+
+
+#: The next fit's initial draws, being made on a host thread (:func:`prefetch`):
+#: (architecture, regions, seed) -> future of (draws, the generator's state after them).
+_PREFETCHED: dict = {}
+_PREFETCH_POOL: ThreadPoolExecutor | None = None
+
+
+def _draw(arch, n_regions: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return draw_region_uniforms(arch, n_regions, generator), generator.get_state()
+
+
+def prefetch(layout, config: TrainConfig) -> None:
+    """Start drawing, on a host thread, the initial weights of a later :func:`fit` with
+    ``config`` on data of ``layout``; that fit takes them instead of drawing (the same
+    values and generator state). The draws are 125M values from the seeded CPU generator,
+    0.6 s of one core that a fit otherwise waits for; a runner that knows its next task calls
+    this while the current one trains (``workers.run_tasks``). One prefetch is kept at a time.
+    """
+    global _PREFETCH_POOL
+    key = (architecture(config.sloppy), layout.n_regions, int(config.effective().seed))
+    if key in _PREFETCHED:
+        return
+    _PREFETCHED.clear()
+    if _PREFETCH_POOL is None:
+        _PREFETCH_POOL = ThreadPoolExecutor(1, thread_name_prefix="siamfuse-prefetch")
+    _PREFETCHED[key] = _PREFETCH_POOL.submit(_draw, *key)
 
 
 def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
@@ -103,25 +139,37 @@ def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
     layout = train.layout
     t0 = time.perf_counter()
 
-    # on CUDA the raw rows come from the cohort kept on the device and the
-    # standardizer is fit there (1.1 s on the host per 200-subject fit before)
-    raw = device_rows(train, device) if numerics.device_inputs(device) else None
-    if raw is not None:
-        standardizer = Standardizer().fit_tensors(raw, layout)
-    else:
-        standardizer = Standardizer().fit({"gm": train.gm, "pet": train.pet}, layout)
-    tr_idx, va_idx = split_validation(labels, train.subjects, eff.val_fraction, eff.seed)
     generator = torch.Generator().manual_seed(int(eff.seed))
-    inputs = _Inputs(layout, arch, standardizer)
-    bank = SiameseBank(inputs.grid, arch, generator=generator).to(device)
+    inputs = _Inputs(layout, arch, None)
+    uniforms = None
+    ahead = _PREFETCHED.pop((arch, layout.n_regions, int(eff.seed)), None)
+    if ahead is not None:
+        uniforms, state = ahead.result()
+        generator.set_state(state)
+    # the bank (its geometry, and the initial draws unless they were made ahead: 125M values
+    # from the seeded generator, 0.6 s of a host core) is made while the standardizer is fit
+    # and the inputs are built; nothing else uses the generator before it
+    with ThreadPoolExecutor(1, thread_name_prefix="siamfuse-init") as pool:
+        pending = pool.submit(_new_bank, inputs.grid, arch, generator, device, uniforms)
+        # on CUDA the raw rows come from the cohort kept on the device and the
+        # standardizer is fit there (1.1 s on the host per 200-subject fit before)
+        raw = device_rows(train, device) if numerics.device_inputs(device) else None
+        if raw is not None:
+            standardizer = Standardizer().fit_tensors(raw, layout)
+        else:
+            standardizer = Standardizer().fit({"gm": train.gm, "pet": train.pet}, layout)
+        inputs.standardizer = standardizer
+        tr_idx, va_idx = split_validation(labels, train.subjects, eff.val_fraction, eff.seed)
+        with _tf32(device.type == "cuda", config.deterministic):
+            xm, xp = inputs.tensors(train, device, dtype, rows=raw)
+        del raw
+        bank = pending.result()
     bank.deterministic = config.deterministic
     history: list = []
     eval_chunk = 64 if device.type == "cuda" else 8
     # the untrained control (ablations) keeps a copy of the networks at initialisation
     init_bank = copy.deepcopy(bank) if eff.ablations else None
     with _tf32(device.type == "cuda", config.deterministic):
-        xm, xp = inputs.tensors(train, device, dtype, rows=raw)
-        del raw
         t = torch.as_tensor(siamese_targets(labels), device=device)
         stage1 = train_siamese(
             bank, xm, xp, t, tr_idx, va_idx, eff, dtype, generator, history, eval_chunk
@@ -199,3 +247,7 @@ def fit(train: RegionDataset, config: TrainConfig | None = None) -> FittedModel:
     model.ablation_heads = ablation_heads
     model.init_bank = init_bank
     return model
+
+
+#: runners that know their next task draw its initial weights ahead (``workers.run_tasks``)
+fit.prefetch = prefetch

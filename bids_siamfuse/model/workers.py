@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import SiamFuseError, UsageError
 from ..threads import set_threads
 from .data import RegionDataset, RegionLayout
-from .tasks import Fit, Task, default_config, default_fit, run_task
+from .tasks import Fit, Task, default_config, default_fit, run_task, task_config
 
 if TYPE_CHECKING:
     from .options import TrainConfig
@@ -276,7 +276,11 @@ def run_tasks(
         before = set_threads(threads, environment=False)
         try:
             results = {}
-            for task in tasks:
+            ahead = getattr(fit, "prefetch", None)
+            for i, task in enumerate(tasks):
+                if ahead is not None and i + 1 < len(tasks):
+                    # the next fit's initial weights are drawn on a host thread meanwhile
+                    ahead(data.layout, task_config(config, tasks[i + 1], device))
                 cb = None if progress is None else (lambda info, _t=task: progress(_t, info))
                 results[task.key] = run_task(
                     data,
