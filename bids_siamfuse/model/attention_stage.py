@@ -230,7 +230,8 @@ def train_attention(
                 generator.set_state(state)
                 stopped = True
                 break
-    del run_epoch  # its graph and memory pool
+    step.opt.zero_grad(set_to_none=True)  # gradients in the graph's memory pool
+    del run_epoch, step  # the graph and its pool
     att.eval()
     if not validate:
         return epoch
