@@ -311,7 +311,7 @@ class PhaseTimer:
     :mod:`bids_siamfuse.model.train` (and the standardizer) with timers that synchronize the
     device, so each phase's GPU work is counted in it (nested phases count in both)."""
 
-    NAMES = ("train_siamese", "train_attention", "_embed")
+    NAMES = ("train_siamese", "train_attention", "_embed", "_new_bank")
 
     def __init__(self, device):
         from bids_siamfuse.model import data as data_mod
@@ -319,13 +319,8 @@ class PhaseTimer:
 
         self.device, self.totals, self.saved = device, {}, []
         targets = [(train_mod, n) for n in self.NAMES if hasattr(train_mod, n)]
-        targets += [(data_mod.Standardizer, "fit"), (data_mod.Standardizer, "transform")]
-        targets += [
-            (data_mod.Standardizer, n)
-            for n in ("fit_tensors",)
-            if hasattr(data_mod.Standardizer, n)
-        ]
-        targets += [(train_mod, n) for n in ("_new_bank",) if hasattr(train_mod, n)]
+        std = data_mod.Standardizer
+        targets += [(std, n) for n in ("fit", "transform", "fit_tensors") if hasattr(std, n)]
         if hasattr(train_mod, "_Inputs"):
             targets.append((train_mod._Inputs, "tensors"))
         for owner, name in targets:

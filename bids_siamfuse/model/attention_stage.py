@@ -77,10 +77,10 @@ def region_feature_set(emb: torch.Tensor, fset: str) -> tuple[torch.Tensor, tupl
 class _AttentionStep(GraphedStep):
     """One Adam step of an attention head on a batch of row indices (device tensor).
 
-    The head is small (a few thousand to 500k weights) and its step is ~40 short kernels:
-    launch-bound. On CUDA, full batches replay a captured graph of the whole step (gather,
-    forward, loss, backward, Adam), as :class:`SiameseStep` does for the siamese networks;
-    the first ``WARMUP`` full batches and partial batches run eagerly (the same kernels).
+    :func:`train_attention` runs its steps through :class:`_AttentionEpoch`, which captures
+    a whole epoch of them in one graph; called on its own, a step replays its own graph on
+    full batches as :class:`GraphedStep` does (the first ``WARMUP`` full batches and partial
+    batches eagerly: the same kernels).
     """
 
     WHAT = "attention"

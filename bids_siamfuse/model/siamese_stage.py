@@ -170,24 +170,34 @@ class _RowAdam:
         self.exp_avg, self.exp_avg_sq = zeros(), zeros()
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         self.runs: list[tuple[int, int]] | None = None  # row ranges; None: every row
-        self._views = None
-        self._grads = (None, None)
+        self._rows = None  # the mask the runs came from
+        self._make_views()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
 
     def set_rows(self, rows) -> None:
-        """Which rows (bool (R,), host) are updated from now on; ``None``: all."""
+        """Which rows (bool (R,), host) are updated from now on; ``None`` or all: every row.
+        Called once per epoch; the views are remade only when the rows change."""
+        rows = None if rows is None or np.all(rows) else np.asarray(rows, dtype=bool)
+        if rows is None or self._rows is None:
+            if rows is self._rows:
+                return
+        elif np.array_equal(rows, self._rows):
+            return
+        self._rows = rows
         if rows is None:
             self.runs = None
         else:
-            rows = np.asarray(rows, dtype=bool)
             flips = np.diff(np.concatenate([[False], rows, [False]]).astype(np.int8))
             edges = np.flatnonzero(flips)
             self.runs = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+        self._make_views()
+
+    def _make_views(self) -> None:
         # row views, made once per change: slicing hundreds of views per step cost more host
-        # time than the GPU spent on the step
+        # time than the GPU spent on the step (docs/benchmarks.md, sixth session)
         self._views = [self._rows_of(t) for t in (self.params, self.exp_avg, self.exp_avg_sq)]
         self._grads = (None, None)
 
@@ -200,8 +210,6 @@ class _RowAdam:
     def step(self, grads=None) -> None:
         """One Adam step of the selected rows on ``grads`` (default: the parameters' .grad);
         the same list object in every call (a graph's gradients) reuses its row views."""
-        if self._views is None:
-            self.set_rows(None)
         if grads is None:
             grad_rows = self._rows_of([p.grad for p in self.params])
         elif self._grads[0] is grads:
@@ -254,20 +262,12 @@ class SiameseStep(GraphedStep):
         else:
             self.opt = torch.optim.Adam(self.params, lr=lr, foreach=True)
         self.static_grads = None
-        self._rows = None
         self._setup_graph(xm.device, batch_size, graphs)
 
     def set_running(self, running) -> None:
         """The regions (engine order, bool (R,) on the host) that Adam still updates."""
-        if not self.row_adam:
-            return
-        rows = None if running is None or running.all() else np.asarray(running, dtype=bool)
-        if rows is None and self.opt.runs is None:
-            return
-        if rows is not None and self._rows is not None and np.array_equal(rows, self._rows):
-            return
-        self._rows = rows
-        self.opt.set_rows(rows)
+        if self.row_adam:
+            self.opt.set_rows(running)
 
     def _forward_backward(self, idx: torch.Tensor) -> torch.Tensor:
         b = idx.numel()
